@@ -1,0 +1,186 @@
+//! The one error type of the service and its mapping to `tonic::Status`.
+//!
+//! Handlers and store calls fail with [`Error`]; it becomes a status in one
+//! place ([`From<Error> for Status`]). Infrastructure errors are classified
+//! here by kind; their causes are logged, never sent to the caller.
+
+use std::collections::HashMap;
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::FieldViolation;
+
+/// `google.rpc.ErrorInfo.domain` of every error this service reports.
+pub const ERROR_DOMAIN: &str = "users-service";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// INVALID_ARGUMENT, with one `google.rpc.BadRequest` violation per bad
+    /// field (all of them, not only the first) and `ErrorInfo`
+    /// (reason `INVALID_ARGUMENT`).
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    /// NOT_FOUND: no `resource` ("user", "tenant") has the requested id.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// ALREADY_EXISTS: a unique field clashes; `ErrorInfo` (reason
+    /// `ALREADY_EXISTS`) names the resource and the field.
+    #[error("a {resource} with this {field} already exists")]
+    AlreadyExists {
+        resource: &'static str,
+        field: &'static str,
+    },
+    /// UNAVAILABLE: the database cannot be reached or has no free connection
+    /// in time. Safe to retry.
+    #[error("database unavailable")]
+    Unavailable(#[source] BoxError),
+    /// INTERNAL: anything else. Logged with its cause; the caller sees a
+    /// generic message.
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+}
+
+impl Error {
+    /// An INVALID_ARGUMENT about one field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
+    }
+}
+
+/// Unique indexes whose violation is the caller's clash, by index name.
+const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
+    ("users_tenant_email_key", "user", "email"),
+    ("users_tenant_reference_key", "user", "reference"),
+    ("tenants_reference_key", "tenant", "reference"),
+];
+
+/// Server messages that mean the database went away or is not ready; diesel
+/// reports them with kind `Unknown`, so they are recognised by text.
+const UNAVAILABLE_MESSAGES: &[&str] = &[
+    "terminating connection",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is in recovery mode",
+    "canceling statement due to statement timeout",
+    "connection closed",
+];
+
+impl From<DieselError> for Error {
+    fn from(error: DieselError) -> Self {
+        match &error {
+            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                let constraint = info.constraint_name().unwrap_or_default();
+                match UNIQUE_FIELDS.iter().find(|(name, ..)| *name == constraint) {
+                    Some((_, resource, field)) => Self::AlreadyExists { resource, field },
+                    None => Self::Internal(error.into()),
+                }
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info)
+                if info.constraint_name() == Some("users_tenant_id_fkey") =>
+            {
+                Self::invalid("user.tenant_id", "no tenant has this id")
+            }
+            DieselError::DatabaseError(
+                DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection,
+                _,
+            ) => Self::Unavailable(error.into()),
+            DieselError::DatabaseError(_, info)
+                if UNAVAILABLE_MESSAGES
+                    .iter()
+                    .any(|m| info.message().contains(m)) =>
+            {
+                Self::Unavailable(error.into())
+            }
+            _ => Self::Internal(error.into()),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
+    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        use deadpool::managed::PoolError;
+        match error {
+            // No connection free in time, or none could be opened: the
+            // database is overloaded or unreachable.
+            PoolError::Timeout(_) | PoolError::Backend(_) | PoolError::Closed => {
+                Self::Unavailable(error.into())
+            }
+            PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+                Self::Internal(error.into())
+            }
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::InvalidArgument(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|v| format!("{}: {}", v.field, v.description))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let fields = violations
+                    .iter()
+                    .map(|v| v.field.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut details = ErrorDetails::new();
+                for violation in &violations {
+                    details.add_bad_request_violation(&violation.field, &violation.description);
+                }
+                details.set_error_info(
+                    "INVALID_ARGUMENT",
+                    ERROR_DOMAIN,
+                    HashMap::from([("fields".to_owned(), fields)]),
+                );
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    format!("invalid request: {message}"),
+                    details,
+                )
+            }
+            Error::NotFound(resource) => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "NOT_FOUND",
+                    ERROR_DOMAIN,
+                    HashMap::from([("resource".to_owned(), resource.to_owned())]),
+                );
+                Status::with_error_details(Code::NotFound, format!("{resource} not found"), details)
+            }
+            Error::AlreadyExists { resource, field } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "ALREADY_EXISTS",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("resource".to_owned(), resource.to_owned()),
+                        ("field".to_owned(), field.to_owned()),
+                    ]),
+                );
+                Status::with_error_details(
+                    Code::AlreadyExists,
+                    format!("a {resource} with this {field} already exists"),
+                    details,
+                )
+            }
+            Error::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                Status::unavailable("database unavailable, retry later")
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = %cause, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Conversions between wire types (`pb`) and rows, parsing every input field
+//! into its domain type on the way in.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone, Violations};
+use crate::error::Error;
+use crate::pb::v1 as pb;
+use crate::store::models::{NewTenant, NewUser, TenantChanges, TenantRow, UserChanges, UserRow};
+
+/// Parses an id: malformed is INVALID_ARGUMENT (a well-formed unknown id is
+/// NOT_FOUND later).
+pub fn parse_id(field: &str, input: &str) -> Result<Uuid, Error> {
+    let mut violations = Violations::new();
+    match violations.check(field, uuid(input)) {
+        Some(id) => Ok(id),
+        None => Err(Error::InvalidArgument(violations.into_vec())),
+    }
+}
+
+pub fn uuid(input: &str) -> Result<Uuid, String> {
+    if input.is_empty() {
+        return Err("is required".to_owned());
+    }
+    Uuid::try_parse(input).map_err(|_| "must be a UUID such as 0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e".to_owned())
+}
+
+/// A text field where empty means "not set"; otherwise `parse` decides.
+fn optional_text<T>(
+    violations: &mut Violations,
+    field: &str,
+    input: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+    into_string: impl FnOnce(T) -> String,
+) -> Option<String> {
+    if input.is_empty() {
+        return Some(String::new());
+    }
+    violations.check(field, parse(input)).map(into_string)
+}
+
+fn email(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+    optional_text(v, field, input, Email::parse, Email::into_inner)
+}
+
+fn phone(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+    optional_text(v, field, input, Phone::parse, Phone::into_inner)
+}
+
+fn time_zone(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+    optional_text(v, field, input, TimeZone::parse, TimeZone::into_inner)
+}
+
+fn avatar_url(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+    optional_text(v, field, input, AvatarUrl::parse, AvatarUrl::into_inner)
+}
+
+/// Empty means the service default, `en-US`.
+fn locale(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+    if input.is_empty() {
+        return Some(Locale::default().into_inner());
+    }
+    v.check(field, Locale::parse(input)).map(Locale::into_inner)
+}
+
+fn short_text(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+    v.check(field, ShortText::parse(input)).map(ShortText::into_inner)
+}
+
+fn custom_data(
+    v: &mut Violations,
+    field: &str,
+    input: &prost_types::Struct,
+) -> Option<serde_json::Value> {
+    v.check(field, CustomData::from_struct(input))
+        .map(CustomData::into_value)
+}
+
+/// Parses the user of a CreateUser request. Output-only fields are ignored.
+pub fn new_user(
+    user: Option<pb::User>,
+    default_tenant: Uuid,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<NewUser, Error> {
+    let Some(user) = user else {
+        return Err(Error::invalid("user", "is required"));
+    };
+    let mut v = Violations::new();
+    let tenant_id = if user.tenant_id.is_empty() {
+        Some(default_tenant)
+    } else {
+        v.check("user.tenant_id", uuid(&user.tenant_id))
+    };
+    let fields = (
+        tenant_id,
+        short_text(&mut v, "user.reference", &user.reference),
+        email(&mut v, "user.email", &user.email),
+        phone(&mut v, "user.phone", user.phone.as_deref().unwrap_or_default()),
+        short_text(&mut v, "user.first_name", &user.first_name),
+        short_text(&mut v, "user.last_name", &user.last_name),
+        locale(&mut v, "user.locale", &user.locale),
+        time_zone(&mut v, "user.timezone", user.timezone.as_deref().unwrap_or_default()),
+        avatar_url(&mut v, "user.avatar_url", &user.avatar_url),
+        match &user.custom_data {
+            Some(data) => custom_data(&mut v, "user.custom_data", data),
+            None => Some(CustomData::default().into_value()),
+        },
+    );
+    let (
+        Some(tenant_id),
+        Some(reference),
+        Some(email),
+        Some(phone),
+        Some(first_name),
+        Some(last_name),
+        Some(locale),
+        Some(timezone),
+        Some(avatar_url),
+        Some(custom_data),
+    ) = fields
+    else {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    };
+    Ok(NewUser {
+        tenant_id,
+        id,
+        reference,
+        email,
+        phone,
+        first_name,
+        last_name,
+        locale,
+        timezone,
+        is_opted_in: user.is_opted_in,
+        active: user.active.unwrap_or(true),
+        custom_data,
+        avatar_url,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+/// Parses the changes of an UpdateUser request: absent fields stay as they are.
+pub fn user_changes(update: Option<pb::UserUpdate>, now: DateTime<Utc>) -> Result<UserChanges, Error> {
+    let update = update.unwrap_or_default();
+    let mut v = Violations::new();
+    // A present field that fails to parse becomes `None` here, but it also
+    // leaves a violation, so the request is rejected below.
+    let changes = UserChanges {
+        email: update.email.as_deref().and_then(|s| email(&mut v, "user.email", s)),
+        phone: update.phone.as_deref().and_then(|s| phone(&mut v, "user.phone", s)),
+        first_name: update
+            .first_name
+            .as_deref()
+            .and_then(|s| short_text(&mut v, "user.first_name", s)),
+        last_name: update
+            .last_name
+            .as_deref()
+            .and_then(|s| short_text(&mut v, "user.last_name", s)),
+        locale: update.locale.as_deref().and_then(|s| locale(&mut v, "user.locale", s)),
+        timezone: update
+            .timezone
+            .as_deref()
+            .and_then(|s| time_zone(&mut v, "user.timezone", s)),
+        avatar_url: update
+            .avatar_url
+            .as_deref()
+            .and_then(|s| avatar_url(&mut v, "user.avatar_url", s)),
+        custom_data: update
+            .custom_data
+            .as_ref()
+            .and_then(|data| custom_data(&mut v, "user.custom_data", data)),
+        is_opted_in: update.is_opted_in,
+        active: update.active,
+        updated_at: Some(now),
+    };
+    if !v.is_empty() {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    }
+    Ok(changes)
+}
+
+/// Parses the tenant of a CreateTenant request.
+pub fn new_tenant(tenant: Option<pb::Tenant>, id: Uuid, now: DateTime<Utc>) -> Result<NewTenant, Error> {
+    let Some(tenant) = tenant else {
+        return Err(Error::invalid("tenant", "is required"));
+    };
+    let mut v = Violations::new();
+    let name = tenant_name(&mut v, &tenant.name);
+    let reference = short_text(&mut v, "tenant.reference", &tenant.reference);
+    let (Some(name), Some(reference)) = (name, reference) else {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    };
+    Ok(NewTenant {
+        id,
+        name,
+        reference,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+fn tenant_name(v: &mut Violations, input: &str) -> Option<String> {
+    if input.is_empty() {
+        v.push("tenant.name", "is required");
+        return None;
+    }
+    short_text(v, "tenant.name", input)
+}
+
+/// Parses the changes of an UpdateTenant request.
+pub fn tenant_changes(update: Option<pb::TenantUpdate>, now: DateTime<Utc>) -> Result<TenantChanges, Error> {
+    let update = update.unwrap_or_default();
+    let mut v = Violations::new();
+    let changes = TenantChanges {
+        name: update.name.as_deref().and_then(|s| tenant_name(&mut v, s)),
+        reference: update
+            .reference
+            .as_deref()
+            .and_then(|s| short_text(&mut v, "tenant.reference", s)),
+        updated_at: Some(now),
+    };
+    if !v.is_empty() {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    }
+    Ok(changes)
+}
+
+pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn from_timestamp(time: &prost_types::Timestamp) -> Result<DateTime<Utc>, String> {
+    u32::try_from(time.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(time.seconds, nanos))
+        .ok_or_else(|| "must be a valid timestamp".to_owned())
+}
+
+impl From<UserRow> for pb::User {
+    fn from(row: UserRow) -> Self {
+        let custom_data = match &row.custom_data {
+            serde_json::Value::Object(map) => CustomData::json_to_struct(map),
+            _ => prost_types::Struct::default(),
+        };
+        Self {
+            id: row.id.to_string(),
+            reference: row.reference,
+            email: row.email,
+            phone: Some(row.phone).filter(|p| !p.is_empty()),
+            first_name: row.first_name,
+            last_name: row.last_name,
+            locale: row.locale,
+            timezone: Some(row.timezone).filter(|t| !t.is_empty()),
+            is_opted_in: row.is_opted_in,
+            active: Some(row.active),
+            synced: true,
+            tenant_id: row.tenant_id.to_string(),
+            custom_data: Some(custom_data),
+            avatar_url: row.avatar_url,
+            created_at: Some(timestamp(row.created_at)),
+            updated_at: Some(timestamp(row.updated_at)),
+        }
+    }
+}
+
+impl From<TenantRow> for pb::Tenant {
+    fn from(row: TenantRow) -> Self {
+        Self {
+            id: row.id.to_string(),
+            name: row.name,
+            reference: row.reference,
+            created_at: Some(timestamp(row.created_at)),
+            updated_at: Some(timestamp(row.updated_at)),
+        }
+    }
+}

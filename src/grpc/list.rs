@@ -1,0 +1,355 @@
+//! Parsing of list requests (filters, order, paging) and page tokens.
+//!
+//! A page token is the keyset cursor of the last row of a page plus a
+//! fingerprint of the request it was made for (filters, search, order), so a
+//! token replayed with another request is rejected instead of silently
+//! returning the wrong rows. It is opaque to clients: base64url of JSON.
+
+use chrono::{DateTime, Utc};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use super::convert::{from_timestamp, uuid};
+use crate::domain::{CustomData, Violations};
+use crate::error::Error;
+use crate::pb::v1 as pb;
+use crate::store::filter::{CursorValue, Direction, TextOp, TimeOp, UuidOp};
+use crate::store::{tenants, users};
+
+/// Page size when the request does not set one.
+pub const DEFAULT_LIMIT: i32 = 20;
+/// Largest page a request may ask for.
+pub const MAX_LIMIT: i32 = 1000;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Token {
+    /// Fingerprint of the request the token belongs to.
+    f: String,
+    /// Keyset cursor.
+    k: Vec<CursorValue>,
+}
+
+fn fingerprint(kind: &str, request: &[u8]) -> String {
+    let digest = Sha256::new()
+        .chain_update(kind.as_bytes())
+        .chain_update(request)
+        .finalize();
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn encode_token(fingerprint: &str, cursor: Vec<CursorValue>) -> String {
+    let token = Token {
+        f: fingerprint.to_owned(),
+        k: cursor,
+    };
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).expect("cursor values serialize"))
+}
+
+fn decode_token(v: &mut Violations, token: &str, fingerprint: &str) -> Option<Vec<CursorValue>> {
+    let decoded = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Token>(&bytes).ok());
+    match decoded {
+        Some(token) if token.f == fingerprint => Some(token.k),
+        Some(_) => {
+            v.push(
+                "page_token",
+                "was made for another filter, search or order; start again without a token",
+            );
+            None
+        }
+        None => {
+            v.push("page_token", "is not a page token of this service");
+            None
+        }
+    }
+}
+
+/// Paging fields shared by the list requests.
+struct Paging {
+    limit: i64,
+    offset: i64,
+}
+
+fn paging(v: &mut Violations, limit: Option<i32>, offset: i32, token: &str) -> Paging {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if !(0..=MAX_LIMIT).contains(&limit) {
+        v.push("limit", format!("must be between 0 and {MAX_LIMIT}"));
+    }
+    if offset < 0 {
+        v.push("offset", "must not be negative");
+    }
+    if offset > 0 && !token.is_empty() {
+        v.push("offset", "cannot be combined with page_token");
+    }
+    Paging {
+        limit: i64::from(limit.clamp(0, MAX_LIMIT)),
+        offset: i64::from(offset.max(0)),
+    }
+}
+
+fn text_ops(filter: &pb::StringFilter) -> Vec<TextOp> {
+    let mut ops = Vec::new();
+    if let Some(value) = &filter.equal_to {
+        ops.push(TextOp::EqualTo(value.clone()));
+    }
+    if let Some(value) = &filter.not_equal_to {
+        ops.push(TextOp::NotEqualTo(value.clone()));
+    }
+    if !filter.value_in.is_empty() {
+        ops.push(TextOp::ValueIn(filter.value_in.clone()));
+    }
+    if !filter.value_not_in.is_empty() {
+        ops.push(TextOp::ValueNotIn(filter.value_not_in.clone()));
+    }
+    if let Some(value) = &filter.like {
+        ops.push(TextOp::Like(value.clone()));
+    }
+    if let Some(value) = &filter.i_like {
+        ops.push(TextOp::ILike(value.clone()));
+    }
+    ops
+}
+
+/// Equality operators of a UUID field need UUIDs; patterns stay text.
+fn uuid_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<UuidOp> {
+    let mut one = |name: &str, value: &str| v.check(&format!("{field}.{name}"), uuid(value));
+    let mut ops = Vec::new();
+    if let Some(id) = filter.equal_to.as_deref().and_then(|s| one("equal_to", s)) {
+        ops.push(UuidOp::EqualTo(id));
+    }
+    if let Some(id) = filter.not_equal_to.as_deref().and_then(|s| one("not_equal_to", s)) {
+        ops.push(UuidOp::NotEqualTo(id));
+    }
+    if !filter.value_in.is_empty() {
+        let ids: Vec<_> = filter.value_in.iter().filter_map(|s| one("value_in", s)).collect();
+        ops.push(UuidOp::ValueIn(ids));
+    }
+    if !filter.value_not_in.is_empty() {
+        let ids: Vec<_> = filter.value_not_in.iter().filter_map(|s| one("value_not_in", s)).collect();
+        ops.push(UuidOp::ValueNotIn(ids));
+    }
+    if let Some(pattern) = &filter.like {
+        ops.push(UuidOp::Like(pattern.clone()));
+    }
+    if let Some(pattern) = &filter.i_like {
+        ops.push(UuidOp::ILike(pattern.clone()));
+    }
+    ops
+}
+
+fn time_ops(v: &mut Violations, field: &str, filter: &pb::TimestampFilter) -> Vec<TimeOp> {
+    type Operator<'a> = (&'a str, &'a Option<prost_types::Timestamp>, fn(DateTime<Utc>) -> TimeOp);
+    let candidates: [Operator; 6] = [
+        ("equal_to", &filter.equal_to, TimeOp::EqualTo),
+        ("not_equal_to", &filter.not_equal_to, TimeOp::NotEqualTo),
+        ("less_than", &filter.less_than, TimeOp::LessThan),
+        ("less_than_equal", &filter.less_than_equal, TimeOp::LessThanEqual),
+        ("more_than", &filter.more_than, TimeOp::MoreThan),
+        ("more_than_equal", &filter.more_than_equal, TimeOp::MoreThanEqual),
+    ];
+    candidates
+        .into_iter()
+        .filter_map(|(name, value, op)| {
+            let value = value.as_ref()?;
+            v.check(&format!("{field}.{name}"), from_timestamp(value)).map(op)
+        })
+        .collect()
+}
+
+fn bool_conditions(filter: &pb::BoolFilter) -> Vec<bool> {
+    filter
+        .equal_to
+        .into_iter()
+        .chain(filter.not_equal_to.map(|value| !value))
+        .collect()
+}
+
+fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Condition> {
+    use users::{BoolField, Condition, TextField, TimeField, UuidField};
+    let mut conditions = Vec::new();
+    let text_fields = [
+        (&filter.reference, TextField::Reference),
+        (&filter.email, TextField::Email),
+        (&filter.phone, TextField::Phone),
+        (&filter.first_name, TextField::FirstName),
+        (&filter.last_name, TextField::LastName),
+        (&filter.locale, TextField::Locale),
+        (&filter.timezone, TextField::Timezone),
+    ];
+    for (filter, field) in text_fields {
+        if let Some(filter) = filter {
+            conditions.extend(text_ops(filter).into_iter().map(|op| Condition::Text(field, op)));
+        }
+    }
+    for (filter, field, name) in [
+        (&filter.id, UuidField::Id, "filter.id"),
+        (&filter.tenant_id, UuidField::TenantId, "filter.tenant_id"),
+    ] {
+        if let Some(filter) = filter {
+            conditions.extend(uuid_ops(v, name, filter).into_iter().map(|op| Condition::Uuid(field, op)));
+        }
+    }
+    for (filter, field) in [
+        (&filter.active, BoolField::Active),
+        (&filter.is_opted_in, BoolField::IsOptedIn),
+    ] {
+        if let Some(filter) = filter {
+            conditions.extend(bool_conditions(filter).into_iter().map(|value| Condition::Bool(field, value)));
+        }
+    }
+    for (filter, field, name) in [
+        (&filter.created_at, TimeField::CreatedAt, "filter.created_at"),
+        (&filter.updated_at, TimeField::UpdatedAt, "filter.updated_at"),
+    ] {
+        if let Some(filter) = filter {
+            conditions.extend(time_ops(v, name, filter).into_iter().map(|op| Condition::Time(field, op)));
+        }
+    }
+    if let Some(contains) = filter.custom_data.as_ref().and_then(|f| f.contains.as_ref()) {
+        if let Some(data) = v.check("filter.custom_data.contains", CustomData::from_struct(contains)) {
+            conditions.push(Condition::CustomDataContains(data.into_value()));
+        }
+    }
+    conditions
+}
+
+fn user_order(v: &mut Violations, order: &[pb::UserOrder]) -> Vec<(users::OrderField, Direction)> {
+    use pb::UserOrderField as F;
+    use users::OrderField;
+    if order.is_empty() {
+        return vec![(OrderField::CreatedAt, Direction::Asc)];
+    }
+    order
+        .iter()
+        .enumerate()
+        .filter_map(|(i, term)| {
+            let field = match F::try_from(term.field) {
+                Ok(F::CreatedAt) => OrderField::CreatedAt,
+                Ok(F::UpdatedAt) => OrderField::UpdatedAt,
+                Ok(F::Email) => OrderField::Email,
+                Ok(F::FirstName) => OrderField::FirstName,
+                Ok(F::LastName) => OrderField::LastName,
+                Ok(F::Locale) => OrderField::Locale,
+                Ok(F::Phone) => OrderField::Phone,
+                Ok(F::Timezone) => OrderField::Timezone,
+                Ok(F::Reference) => OrderField::Reference,
+                Ok(F::Active) => OrderField::Active,
+                Ok(F::Unspecified) | Err(_) => {
+                    v.push(format!("order[{i}].field"), "must name a field to order by");
+                    return None;
+                }
+            };
+            let direction = match pb::SortDirection::try_from(term.direction) {
+                Ok(pb::SortDirection::Unspecified | pb::SortDirection::Asc) => Direction::Asc,
+                Ok(pb::SortDirection::Desc) => Direction::Desc,
+                Err(_) => {
+                    v.push(format!("order[{i}].direction"), "must be ASC or DESC");
+                    return None;
+                }
+            };
+            Some((field, direction))
+        })
+        .collect()
+}
+
+/// A parsed ListUsers request and the fingerprint its page tokens carry.
+pub struct UserList {
+    pub query: users::ListQuery,
+    pub fingerprint: String,
+}
+
+pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
+    let mut v = Violations::new();
+    let paging = paging(&mut v, request.limit, request.offset, &request.page_token);
+    let mut conditions = request
+        .filter
+        .as_ref()
+        .map(|filter| user_conditions(&mut v, filter))
+        .unwrap_or_default();
+    if !request.search.is_empty() {
+        conditions.push(users::Condition::Search(request.search.clone()));
+    }
+    let order = user_order(&mut v, &request.order);
+    let fingerprint = fingerprint(
+        "users",
+        &pb::ListUsersRequest {
+            filter: request.filter.clone(),
+            search: request.search.clone(),
+            order: request.order.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let after = if request.page_token.is_empty() {
+        None
+    } else {
+        decode_token(&mut v, &request.page_token, &fingerprint)
+    };
+    if !v.is_empty() {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    }
+    Ok(UserList {
+        query: users::ListQuery {
+            conditions,
+            order,
+            after,
+            limit: paging.limit,
+            offset: paging.offset,
+            count_total: !request.skip_total_count,
+        },
+        fingerprint,
+    })
+}
+
+/// A parsed ListTenants request and the fingerprint its page tokens carry.
+pub struct TenantList {
+    pub query: tenants::ListQuery,
+    pub fingerprint: String,
+}
+
+pub fn tenant_list(request: &pb::ListTenantsRequest) -> Result<TenantList, Error> {
+    let mut v = Violations::new();
+    let paging = paging(&mut v, request.limit, request.offset, &request.page_token);
+    let mut conditions = Vec::new();
+    if let Some(filter) = &request.filter {
+        if let Some(id) = &filter.id {
+            conditions.extend(uuid_ops(&mut v, "filter.id", id).into_iter().map(tenants::Condition::Id));
+        }
+        if let Some(reference) = &filter.reference {
+            conditions.extend(
+                text_ops(reference)
+                    .into_iter()
+                    .map(tenants::Condition::Reference),
+            );
+        }
+    }
+    let fingerprint = fingerprint(
+        "tenants",
+        &pb::ListTenantsRequest {
+            filter: request.filter.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let after = if request.page_token.is_empty() {
+        None
+    } else {
+        decode_token(&mut v, &request.page_token, &fingerprint)
+    };
+    if !v.is_empty() {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    }
+    Ok(TenantList {
+        query: tenants::ListQuery {
+            conditions,
+            after,
+            limit: paging.limit,
+            offset: paging.offset,
+            count_total: !request.skip_total_count,
+        },
+        fingerprint,
+    })
+}

@@ -1,0 +1,55 @@
+//! gRPC handlers: parse the request into domain types, make one store call,
+//! convert the rows back.
+
+pub mod convert;
+pub mod list;
+pub mod tenants;
+pub mod users;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::store::db::{DbConn, DbPool};
+
+/// Where handlers read the time from; tests may pin it.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: DbPool,
+    /// The tenant of users created without one.
+    pub default_tenant: Uuid,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("default_tenant", &self.default_tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(pool: DbPool, default_tenant: Uuid) -> Self {
+        Self {
+            pool,
+            default_tenant,
+            clock: Arc::new(Utc::now),
+        }
+    }
+
+    /// The current time at the precision Postgres stores (microseconds), so
+    /// what a create returns equals what a later read returns.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)().trunc_subsecs(6)
+    }
+
+    pub async fn conn(&self) -> Result<DbConn, Error> {
+        Ok(self.pool.get().await?)
+    }
+}

@@ -1,0 +1,3 @@
+//! Tower layers wrapped around every gRPC call.
+
+pub mod call_log;

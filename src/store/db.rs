@@ -1,0 +1,133 @@
+//! The connection pool, database creation and migrations.
+
+use std::{sync::Arc, time::Duration};
+
+use deadpool::Runtime;
+use diesel::ConnectionError;
+use diesel_async::{
+    AsyncPgConnection,
+    async_connection_wrapper::AsyncConnectionWrapper,
+    pooled_connection::{
+        AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+        deadpool::{Object, Pool},
+    },
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt;
+use tokio_postgres::NoTls;
+
+/// The SQL migrations of `migrations/`, compiled into the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// The pool every request borrows its connection from.
+pub type DbPool = Pool<AsyncPgConnection>;
+/// A connection borrowed from [`DbPool`].
+pub type DbConn = Object<AsyncPgConnection>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the pool opens and hands out connections.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Most connections open at once.
+    pub max_size: usize,
+    /// Longest wait to open one connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for a free connection before a call fails with UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// Server-side limit on one statement.
+    pub statement_timeout: Duration,
+}
+
+/// Builds the pool. Connections are opened lazily, so this succeeds while the
+/// database is down; calls then fail fast with UNAVAILABLE and the pool
+/// reconnects by itself once the database is back.
+pub fn build_pool(
+    mut config: tokio_postgres::Config,
+    settings: &PoolSettings,
+) -> Result<DbPool, BoxError> {
+    config
+        .application_name("users-service")
+        .connect_timeout(settings.connect_timeout)
+        .options(format!(
+            "-c statement_timeout={}",
+            settings.statement_timeout.as_millis()
+        ));
+    let config = Arc::new(config);
+
+    let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+    // A broken connection is detected when it is used; a ping on every
+    // checkout would cost a round trip per call.
+    manager_config.recycling_method = RecyclingMethod::Fast;
+    manager_config.custom_setup = Box::new(move |_url| {
+        let config = Arc::clone(&config);
+        async move {
+            let (client, connection) = config
+                .connect(NoTls)
+                .await
+                .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+        }
+        .boxed()
+    });
+    let manager = AsyncDieselConnectionManager::new_with_config("", manager_config);
+    let pool = Pool::builder(manager)
+        .max_size(settings.max_size)
+        .wait_timeout(Some(settings.acquire_timeout))
+        .create_timeout(Some(settings.connect_timeout))
+        .recycle_timeout(Some(settings.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()?;
+    Ok(pool)
+}
+
+/// Creates the database named in `config` when it does not exist yet, by
+/// connecting to the `postgres` maintenance database of the same server.
+pub async fn create_database_if_missing(config: &tokio_postgres::Config) -> Result<(), BoxError> {
+    let Some(name) = config.get_dbname().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        // Identifiers cannot be bound as parameters; quote it as Postgres does.
+        let statement = format!("CREATE DATABASE {}", quote_identifier(&name));
+        match client.batch_execute(&statement).await {
+            Ok(()) => tracing::info!(database = %name, "created database"),
+            // Another replica created it at the same moment.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
+
+/// Quotes an SQL identifier: wraps it in double quotes, doubling any inside.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Applies the pending migrations of [`MIGRATIONS`] on a fresh connection.
+pub async fn run_migrations(config: &tokio_postgres::Config) -> Result<(), BoxError> {
+    let (client, connection) = config.connect(NoTls).await?;
+    let connection = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+    // diesel's migration harness is synchronous: run it on a blocking thread,
+    // where the wrapper drives the async connection with the runtime's handle.
+    tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
+        let mut wrapper = AsyncConnectionWrapper::<AsyncPgConnection>::from(connection);
+        let applied = wrapper.run_pending_migrations(MIGRATIONS)?;
+        for version in applied {
+            tracing::info!(%version, "applied migration");
+        }
+        Ok(())
+    })
+    .await?
+}

@@ -1,0 +1,9 @@
+//! Persistence: embedded Postgres, pool, schema and query functions.
+
+pub mod embedded;
+pub mod db;
+pub mod filter;
+pub mod models;
+pub mod schema;
+pub mod tenants;
+pub mod users;

@@ -1,0 +1,98 @@
+//! Row types: what the tables hold, and what inserts and updates write.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::schema::{tenants, users};
+
+/// One row of `users`.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
+pub struct UserRow {
+    pub tenant_id: Uuid,
+    pub id: Uuid,
+    pub reference: String,
+    pub email: String,
+    pub phone: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub locale: String,
+    pub timezone: String,
+    pub is_opted_in: bool,
+    pub active: bool,
+    pub custom_data: serde_json::Value,
+    pub avatar_url: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user to insert; every value is already validated and normalized.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = users)]
+pub struct NewUser {
+    pub tenant_id: Uuid,
+    pub id: Uuid,
+    pub reference: String,
+    pub email: String,
+    pub phone: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub locale: String,
+    pub timezone: String,
+    pub is_opted_in: bool,
+    pub active: bool,
+    pub custom_data: serde_json::Value,
+    pub avatar_url: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A partial update of a user: `None` leaves the column as it is.
+#[derive(Debug, Clone, Default, AsChangeset)]
+#[diesel(table_name = users)]
+pub struct UserChanges {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub locale: Option<String>,
+    pub timezone: Option<String>,
+    pub is_opted_in: Option<bool>,
+    pub active: Option<bool>,
+    pub custom_data: Option<serde_json::Value>,
+    pub avatar_url: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `tenants`.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = tenants, check_for_backend(diesel::pg::Pg))]
+pub struct TenantRow {
+    pub id: Uuid,
+    pub name: String,
+    pub reference: String,
+    pub is_default: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A tenant to insert.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = tenants)]
+pub struct NewTenant {
+    pub id: Uuid,
+    pub name: String,
+    pub reference: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A partial update of a tenant: `None` leaves the column as it is.
+#[derive(Debug, Clone, Default, AsChangeset)]
+#[diesel(table_name = tenants)]
+pub struct TenantChanges {
+    pub name: Option<String>,
+    pub reference: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,36 @@
+// @generated in the layout of `diesel print-schema` for the tables in `migrations/`.
+
+diesel::table! {
+    tenants (id) {
+        id -> Uuid,
+        name -> Text,
+        reference -> Text,
+        is_default -> Bool,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    users (tenant_id, id) {
+        tenant_id -> Uuid,
+        id -> Uuid,
+        reference -> Text,
+        email -> Text,
+        phone -> Text,
+        first_name -> Text,
+        last_name -> Text,
+        locale -> Text,
+        timezone -> Text,
+        is_opted_in -> Bool,
+        active -> Bool,
+        custom_data -> Jsonb,
+        avatar_url -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(users -> tenants (tenant_id));
+
+diesel::allow_tables_to_appear_in_same_query!(tenants, users);

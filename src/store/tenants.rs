@@ -1,0 +1,148 @@
+//! Queries on `tenants`.
+
+use diesel::{BoolExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper, pg::Pg};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::filter::{Boxed, CursorValue, TextOp, UuidOp, text_condition, uuid_condition};
+use super::models::{NewTenant, TenantChanges, TenantRow};
+use super::schema::tenants;
+use super::users::{CursorMismatch, Page};
+
+/// One condition of a tenant list; a list ANDs all of its conditions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    Id(UuidOp),
+    Reference(TextOp),
+}
+
+/// What a page of tenants is made of; tenants are ordered by (created_at, id).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ListQuery {
+    pub conditions: Vec<Condition>,
+    /// Keyset cursor: `[created_at micros, id]` of the last tenant already seen.
+    pub after: Option<Vec<CursorValue>>,
+    pub limit: i64,
+    pub offset: i64,
+    pub count_total: bool,
+}
+
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    tenant: &NewTenant,
+) -> diesel::QueryResult<TenantRow> {
+    diesel::insert_into(tenants::table)
+        .values(tenant)
+        .returning(TenantRow::as_returning())
+        .get_result(conn)
+        .await
+}
+
+pub async fn find(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> diesel::QueryResult<Option<TenantRow>> {
+    tenants::table
+        .find(id)
+        .select(TenantRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The tenant that users created without a tenant land in.
+pub async fn default_id(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Uuid> {
+    tenants::table
+        .filter(tenants::is_default)
+        .select(tenants::id)
+        .first(conn)
+        .await
+}
+
+/// Applies `changes`; `None` when no tenant has this id.
+pub async fn update(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    changes: &TenantChanges,
+) -> diesel::QueryResult<Option<TenantRow>> {
+    diesel::update(tenants::table.find(id))
+        .set(changes)
+        .returning(TenantRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+/// One page of tenants, with the total count when asked for.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    query: &ListQuery,
+) -> diesel::QueryResult<Result<Page<TenantRow>, CursorMismatch>> {
+    let after = match &query.after {
+        Some(values) => match after_cursor(values) {
+            Some(condition) => Some(condition),
+            None => return Ok(Err(CursorMismatch)),
+        },
+        None => None,
+    };
+    let total = if query.count_total {
+        Some(
+            filtered(&query.conditions)
+                .count()
+                .get_result::<i64>(conn)
+                .await?,
+        )
+    } else {
+        None
+    };
+    let mut rows_query = filtered(&query.conditions);
+    if let Some(after) = after {
+        rows_query = rows_query.filter(after);
+    }
+    let mut rows = rows_query
+        .order_by((tenants::created_at.asc(), tenants::id.asc()))
+        .select(TenantRow::as_select())
+        .limit(query.limit + 1)
+        .offset(query.offset)
+        .load::<TenantRow>(conn)
+        .await?;
+    let next = if rows.len() as i64 > query.limit {
+        rows.truncate(query.limit as usize);
+        rows.last().map(|row| {
+            vec![
+                CursorValue::time(row.created_at),
+                CursorValue::Text(row.id.to_string()),
+            ]
+        })
+    } else {
+        None
+    };
+    Ok(Ok(Page { rows, total, next }))
+}
+
+fn filtered(conditions: &[Condition]) -> tenants::BoxedQuery<'static, Pg> {
+    let mut query = tenants::table.into_boxed();
+    for condition in conditions {
+        let expression: Boxed<tenants::table> = match condition {
+            Condition::Id(op) => uuid_condition!(tenants::id, op),
+            Condition::Reference(op) => text_condition!(tenants::reference, op),
+        };
+        query = query.filter(expression);
+    }
+    query
+}
+
+/// `(created_at, id) > (t, id)`: a row comparison that the
+/// `(created_at, id)` index serves directly.
+fn after_cursor(values: &[CursorValue]) -> Option<Boxed<tenants::table>> {
+    let [CursorValue::Micros(micros), CursorValue::Text(id)] = values else {
+        return None;
+    };
+    let created_at = chrono::DateTime::from_timestamp_micros(*micros)?;
+    let id = Uuid::parse_str(id).ok()?;
+    Some(Box::new(
+        tenants::created_at.gt(created_at).or(tenants::created_at
+            .eq(created_at)
+            .and(tenants::id.gt(id))),
+    ))
+}

@@ -1,0 +1,401 @@
+//! Queries on `users`: small async functions that return `QueryResult`.
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    BoolExpressionMethods, ExpressionMethods, OptionalExtension, PgJsonbExpressionMethods, PgTextExpressionMethods,
+    QueryDsl, SelectableHelper, pg::Pg,
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::filter::{
+    Boxed, CursorValue, Direction, TextOp, TimeOp, UuidOp, escape_like, text_condition,
+    time_condition, uuid_condition,
+};
+use super::models::{NewUser, UserChanges, UserRow};
+use super::schema::users;
+
+/// A text column of `users` that lists can filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextField {
+    Reference,
+    Email,
+    Phone,
+    FirstName,
+    LastName,
+    Locale,
+    Timezone,
+}
+
+/// A UUID column of `users` that lists can filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UuidField {
+    Id,
+    TenantId,
+}
+
+/// A boolean column of `users` that lists can filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoolField {
+    Active,
+    IsOptedIn,
+}
+
+/// A timestamp column of `users` that lists can filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeField {
+    CreatedAt,
+    UpdatedAt,
+}
+
+/// One condition of a user list; a list ANDs all of its conditions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    Text(TextField, TextOp),
+    Uuid(UuidField, UuidOp),
+    /// The column equals the value.
+    Bool(BoolField, bool),
+    Time(TimeField, TimeOp),
+    /// `custom_data @> value`.
+    CustomDataContains(serde_json::Value),
+    /// Case-insensitive substring of email, first name or last name.
+    Search(String),
+}
+
+/// A column users can be ordered by. `Id` is the final tie-breaker of every order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderField {
+    CreatedAt,
+    UpdatedAt,
+    Email,
+    FirstName,
+    LastName,
+    Locale,
+    Phone,
+    Timezone,
+    Reference,
+    Active,
+    Id,
+}
+
+/// What a page of users is made of.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ListQuery {
+    pub conditions: Vec<Condition>,
+    /// Ordering terms, most significant first, not including the `Id` tie-breaker.
+    pub order: Vec<(OrderField, Direction)>,
+    /// Keyset cursor: the sort key of the last row already seen, one value per
+    /// term of [`ListQuery::terms`].
+    pub after: Option<Vec<CursorValue>>,
+    pub limit: i64,
+    pub offset: i64,
+    pub count_total: bool,
+}
+
+/// A page of rows, the number of matches, and the cursor of the next page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub rows: Vec<T>,
+    pub total: Option<i64>,
+    /// Present when more rows follow this page.
+    pub next: Option<Vec<CursorValue>>,
+}
+
+/// A keyset cursor that does not fit the order it is used with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("page token does not match this request")]
+pub struct CursorMismatch;
+
+impl ListQuery {
+    /// The ordering terms including the `Id` tie-breaker.
+    pub fn terms(&self) -> Vec<(OrderField, Direction)> {
+        let mut terms = self.order.clone();
+        terms.push((OrderField::Id, Direction::Asc));
+        terms
+    }
+}
+
+pub async fn insert(conn: &mut AsyncPgConnection, user: &NewUser) -> diesel::QueryResult<UserRow> {
+    diesel::insert_into(users::table)
+        .values(user)
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+}
+
+pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> diesel::QueryResult<Option<UserRow>> {
+    users::table
+        .filter(users::id.eq(id))
+        .select(UserRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Applies `changes`; `None` when no user has this id.
+pub async fn update(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    changes: &UserChanges,
+) -> diesel::QueryResult<Option<UserRow>> {
+    diesel::update(users::table.filter(users::id.eq(id)))
+        .set(changes)
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+/// Sets the active flag. A user already in that state is returned unchanged
+/// (its `updated_at` stays), which makes (de)activation idempotent.
+pub async fn set_active(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    active: bool,
+    now: DateTime<Utc>,
+) -> diesel::QueryResult<Option<UserRow>> {
+    let changed = diesel::update(
+        users::table
+            .filter(users::id.eq(id))
+            .filter(users::active.ne(active)),
+    )
+    .set((users::active.eq(active), users::updated_at.eq(now)))
+    .returning(UserRow::as_returning())
+    .get_result(conn)
+    .await
+    .optional()?;
+    match changed {
+        Some(row) => Ok(Some(row)),
+        None => find(conn, id).await,
+    }
+}
+
+/// One page of users, with the total count when asked for.
+///
+/// Fails with [`CursorMismatch`] (inside `Ok`) when `query.after` does not fit
+/// the order, which callers report as a bad page token.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    query: &ListQuery,
+) -> diesel::QueryResult<Result<Page<UserRow>, CursorMismatch>> {
+    let terms = query.terms();
+    let after = match &query.after {
+        Some(values) => match keyset_condition(&terms, values) {
+            Some(condition) => Some(condition),
+            None => return Ok(Err(CursorMismatch)),
+        },
+        None => None,
+    };
+
+    let total = if query.count_total {
+        let count = filtered(&query.conditions)
+            .count()
+            .get_result::<i64>(conn)
+            .await?;
+        Some(count)
+    } else {
+        None
+    };
+
+    let mut rows_query = filtered(&query.conditions);
+    if let Some(after) = after {
+        rows_query = rows_query.filter(after);
+    }
+    for (field, direction) in &terms {
+        rows_query = order_by(rows_query, *field, *direction);
+    }
+    // One row more than asked tells whether another page follows.
+    let mut rows = rows_query
+        .select(UserRow::as_select())
+        .limit(query.limit + 1)
+        .offset(query.offset)
+        .load::<UserRow>(conn)
+        .await?;
+    let next = if rows.len() as i64 > query.limit {
+        rows.truncate(query.limit as usize);
+        rows.last().map(|row| cursor_of(row, &terms))
+    } else {
+        None
+    };
+    Ok(Ok(Page { rows, total, next }))
+}
+
+/// The rows matching every condition, unordered.
+fn filtered(conditions: &[Condition]) -> users::BoxedQuery<'static, Pg> {
+    let mut query = users::table.into_boxed();
+    for condition in conditions {
+        query = query.filter(condition_expression(condition));
+    }
+    query
+}
+
+fn condition_expression(condition: &Condition) -> Boxed<users::table> {
+    match condition {
+        Condition::Text(field, op) => match field {
+            TextField::Reference => text_condition!(users::reference, op),
+            TextField::Email => text_condition!(users::email, op),
+            TextField::Phone => text_condition!(users::phone, op),
+            TextField::FirstName => text_condition!(users::first_name, op),
+            TextField::LastName => text_condition!(users::last_name, op),
+            TextField::Locale => text_condition!(users::locale, op),
+            TextField::Timezone => text_condition!(users::timezone, op),
+        },
+        Condition::Uuid(field, op) => match field {
+            UuidField::Id => uuid_condition!(users::id, op),
+            UuidField::TenantId => uuid_condition!(users::tenant_id, op),
+        },
+        Condition::Bool(field, value) => match field {
+            BoolField::Active => Box::new(users::active.eq(*value)),
+            BoolField::IsOptedIn => Box::new(users::is_opted_in.eq(*value)),
+        },
+        Condition::Time(field, op) => match field {
+            TimeField::CreatedAt => time_condition!(users::created_at, *op),
+            TimeField::UpdatedAt => time_condition!(users::updated_at, *op),
+        },
+        Condition::CustomDataContains(value) => {
+            Box::new(users::custom_data.contains(value.clone()))
+        }
+        Condition::Search(text) => {
+            let pattern = format!("%{}%", escape_like(text));
+            Box::new(
+                users::email
+                    .ilike(pattern.clone())
+                    .or(users::first_name.ilike(pattern.clone()))
+                    .or(users::last_name.ilike(pattern)),
+            )
+        }
+    }
+}
+
+fn order_by(
+    query: users::BoxedQuery<'static, Pg>,
+    field: OrderField,
+    direction: Direction,
+) -> users::BoxedQuery<'static, Pg> {
+    macro_rules! by {
+        ($column:expr) => {
+            match direction {
+                Direction::Asc => query.then_order_by($column.asc()),
+                Direction::Desc => query.then_order_by($column.desc()),
+            }
+        };
+    }
+    match field {
+        OrderField::CreatedAt => by!(users::created_at),
+        OrderField::UpdatedAt => by!(users::updated_at),
+        OrderField::Email => by!(users::email),
+        OrderField::FirstName => by!(users::first_name),
+        OrderField::LastName => by!(users::last_name),
+        OrderField::Locale => by!(users::locale),
+        OrderField::Phone => by!(users::phone),
+        OrderField::Timezone => by!(users::timezone),
+        OrderField::Reference => by!(users::reference),
+        OrderField::Active => by!(users::active),
+        OrderField::Id => by!(users::id),
+    }
+}
+
+/// The sort key of `row` under `terms`, as a cursor.
+fn cursor_of(row: &UserRow, terms: &[(OrderField, Direction)]) -> Vec<CursorValue> {
+    terms
+        .iter()
+        .map(|(field, _)| match field {
+            OrderField::CreatedAt => CursorValue::time(row.created_at),
+            OrderField::UpdatedAt => CursorValue::time(row.updated_at),
+            OrderField::Email => CursorValue::Text(row.email.clone()),
+            OrderField::FirstName => CursorValue::Text(row.first_name.clone()),
+            OrderField::LastName => CursorValue::Text(row.last_name.clone()),
+            OrderField::Locale => CursorValue::Text(row.locale.clone()),
+            OrderField::Phone => CursorValue::Text(row.phone.clone()),
+            OrderField::Timezone => CursorValue::Text(row.timezone.clone()),
+            OrderField::Reference => CursorValue::Text(row.reference.clone()),
+            OrderField::Active => CursorValue::Bool(row.active),
+            OrderField::Id => CursorValue::Text(row.id.to_string()),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cmp {
+    Eq,
+    Before,
+    After,
+    AtOrAfter,
+}
+
+/// Rows strictly after the cursor in the order of `terms`:
+/// `k1 > v1 OR (k1 = v1 AND k2 > v2) OR ...` (with `<` for descending terms),
+/// plus the redundant `k1 >= v1`, which lets Postgres start the index scan at
+/// the cursor instead of filtering every earlier row.
+fn keyset_condition(
+    terms: &[(OrderField, Direction)],
+    values: &[CursorValue],
+) -> Option<Boxed<users::table>> {
+    if terms.len() != values.len() {
+        return None;
+    }
+    let mut any: Option<Boxed<users::table>> = None;
+    for i in 0..terms.len() {
+        let (field, direction) = terms[i];
+        let past = match direction {
+            Direction::Asc => Cmp::After,
+            Direction::Desc => Cmp::Before,
+        };
+        let mut all = compare(field, past, &values[i])?;
+        for j in 0..i {
+            all = Box::new(diesel::BoolExpressionMethods::and(
+                compare(terms[j].0, Cmp::Eq, &values[j])?,
+                all,
+            ));
+        }
+        any = Some(match any {
+            None => all,
+            Some(any) => Box::new(diesel::BoolExpressionMethods::or(any, all)),
+        });
+    }
+    let (first, direction) = terms[0];
+    let bound = match direction {
+        Direction::Asc => compare(first, Cmp::AtOrAfter, &values[0])?,
+        Direction::Desc => {
+            // `k1 <= v1` for descending order.
+            let before = compare(first, Cmp::Before, &values[0])?;
+            let equal = compare(first, Cmp::Eq, &values[0])?;
+            Box::new(diesel::BoolExpressionMethods::or(before, equal))
+        }
+    };
+    Some(Box::new(diesel::BoolExpressionMethods::and(bound, any?)))
+}
+
+/// `field <cmp> value`, or `None` when the value has the wrong type for the field.
+fn compare(field: OrderField, cmp: Cmp, value: &CursorValue) -> Option<Boxed<users::table>> {
+    macro_rules! compare {
+        ($column:expr, $value:expr) => {{
+            let value = $value;
+            let expression: Boxed<users::table> = match cmp {
+                Cmp::Eq => Box::new($column.eq(value)),
+                Cmp::Before => Box::new($column.lt(value)),
+                Cmp::After => Box::new($column.gt(value)),
+                Cmp::AtOrAfter => Box::new($column.ge(value)),
+            };
+            Some(expression)
+        }};
+    }
+    match (field, value) {
+        (OrderField::CreatedAt, CursorValue::Micros(m)) => {
+            compare!(users::created_at, DateTime::<Utc>::from_timestamp_micros(*m)?)
+        }
+        (OrderField::UpdatedAt, CursorValue::Micros(m)) => {
+            compare!(users::updated_at, DateTime::<Utc>::from_timestamp_micros(*m)?)
+        }
+        (OrderField::Email, CursorValue::Text(s)) => compare!(users::email, s.clone()),
+        (OrderField::FirstName, CursorValue::Text(s)) => compare!(users::first_name, s.clone()),
+        (OrderField::LastName, CursorValue::Text(s)) => compare!(users::last_name, s.clone()),
+        (OrderField::Locale, CursorValue::Text(s)) => compare!(users::locale, s.clone()),
+        (OrderField::Phone, CursorValue::Text(s)) => compare!(users::phone, s.clone()),
+        (OrderField::Timezone, CursorValue::Text(s)) => compare!(users::timezone, s.clone()),
+        (OrderField::Reference, CursorValue::Text(s)) => compare!(users::reference, s.clone()),
+        (OrderField::Active, CursorValue::Bool(b)) => compare!(users::active, *b),
+        (OrderField::Id, CursorValue::Text(s)) => compare!(users::id, Uuid::parse_str(s).ok()?),
+        _ => None,
+    }
+}
