@@ -75,20 +75,25 @@ impl Application {
         db::run_migrations(&pg_config)
             .await
             .map_err(StartError::Database)?;
-        let pool = db::build_pool(pg_config, &config.pool_settings()).map_err(StartError::Database)?;
+        let pool =
+            db::build_pool(pg_config, &config.pool_settings()).map_err(StartError::Database)?;
         let default_tenant = {
-            let mut conn = pool.get().await.map_err(|e| StartError::Database(e.into()))?;
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|e| StartError::Database(e.into()))?;
             tenants::default_id(&mut conn)
                 .await
                 .map_err(|e| StartError::Database(e.into()))?
         };
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -132,7 +137,9 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(UsersServiceServer::new(UsersApi::new(self.state.clone())))
-            .add_service(TenantsServiceServer::new(TenantsApi::new(self.state.clone())));
+            .add_service(TenantsServiceServer::new(TenantsApi::new(
+                self.state.clone(),
+            )));
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;

@@ -23,7 +23,8 @@ pub fn uuid(input: &str) -> Result<Uuid, String> {
     if input.is_empty() {
         return Err("is required".to_owned());
     }
-    Uuid::try_parse(input).map_err(|_| "must be a UUID such as 0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e".to_owned())
+    Uuid::try_parse(input)
+        .map_err(|_| "must be a UUID such as 0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e".to_owned())
 }
 
 /// A text field where empty means "not set"; otherwise `parse` decides.
@@ -65,7 +66,8 @@ fn locale(v: &mut Violations, field: &str, input: &str) -> Option<String> {
 }
 
 fn short_text(v: &mut Violations, field: &str, input: &str) -> Option<String> {
-    v.check(field, ShortText::parse(input)).map(ShortText::into_inner)
+    v.check(field, ShortText::parse(input))
+        .map(ShortText::into_inner)
 }
 
 fn custom_data(
@@ -97,11 +99,19 @@ pub fn new_user(
         tenant_id,
         short_text(&mut v, "user.reference", &user.reference),
         email(&mut v, "user.email", &user.email),
-        phone(&mut v, "user.phone", user.phone.as_deref().unwrap_or_default()),
+        phone(
+            &mut v,
+            "user.phone",
+            user.phone.as_deref().unwrap_or_default(),
+        ),
         short_text(&mut v, "user.first_name", &user.first_name),
         short_text(&mut v, "user.last_name", &user.last_name),
         locale(&mut v, "user.locale", &user.locale),
-        time_zone(&mut v, "user.timezone", user.timezone.as_deref().unwrap_or_default()),
+        time_zone(
+            &mut v,
+            "user.timezone",
+            user.timezone.as_deref().unwrap_or_default(),
+        ),
         avatar_url(&mut v, "user.avatar_url", &user.avatar_url),
         match &user.custom_data {
             Some(data) => custom_data(&mut v, "user.custom_data", data),
@@ -143,14 +153,23 @@ pub fn new_user(
 }
 
 /// Parses the changes of an UpdateUser request: absent fields stay as they are.
-pub fn user_changes(update: Option<pb::UserUpdate>, now: DateTime<Utc>) -> Result<UserChanges, Error> {
+pub fn user_changes(
+    update: Option<pb::UserUpdate>,
+    now: DateTime<Utc>,
+) -> Result<UserChanges, Error> {
     let update = update.unwrap_or_default();
     let mut v = Violations::new();
     // A present field that fails to parse becomes `None` here, but it also
     // leaves a violation, so the request is rejected below.
     let changes = UserChanges {
-        email: update.email.as_deref().and_then(|s| email(&mut v, "user.email", s)),
-        phone: update.phone.as_deref().and_then(|s| phone(&mut v, "user.phone", s)),
+        email: update
+            .email
+            .as_deref()
+            .and_then(|s| email(&mut v, "user.email", s)),
+        phone: update
+            .phone
+            .as_deref()
+            .and_then(|s| phone(&mut v, "user.phone", s)),
         first_name: update
             .first_name
             .as_deref()
@@ -159,7 +178,10 @@ pub fn user_changes(update: Option<pb::UserUpdate>, now: DateTime<Utc>) -> Resul
             .last_name
             .as_deref()
             .and_then(|s| short_text(&mut v, "user.last_name", s)),
-        locale: update.locale.as_deref().and_then(|s| locale(&mut v, "user.locale", s)),
+        locale: update
+            .locale
+            .as_deref()
+            .and_then(|s| locale(&mut v, "user.locale", s)),
         timezone: update
             .timezone
             .as_deref()
@@ -183,7 +205,11 @@ pub fn user_changes(update: Option<pb::UserUpdate>, now: DateTime<Utc>) -> Resul
 }
 
 /// Parses the tenant of a CreateTenant request.
-pub fn new_tenant(tenant: Option<pb::Tenant>, id: Uuid, now: DateTime<Utc>) -> Result<NewTenant, Error> {
+pub fn new_tenant(
+    tenant: Option<pb::Tenant>,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<NewTenant, Error> {
     let Some(tenant) = tenant else {
         return Err(Error::invalid("tenant", "is required"));
     };
@@ -211,7 +237,10 @@ fn tenant_name(v: &mut Violations, input: &str) -> Option<String> {
 }
 
 /// Parses the changes of an UpdateTenant request.
-pub fn tenant_changes(update: Option<pb::TenantUpdate>, now: DateTime<Utc>) -> Result<TenantChanges, Error> {
+pub fn tenant_changes(
+    update: Option<pb::TenantUpdate>,
+    now: DateTime<Utc>,
+) -> Result<TenantChanges, Error> {
     let update = update.unwrap_or_default();
     let mut v = Violations::new();
     let changes = TenantChanges {

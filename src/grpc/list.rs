@@ -5,8 +5,8 @@
 //! token replayed with another request is rejected instead of silently
 //! returning the wrong rows. It is opaque to clients: base64url of JSON.
 
-use chrono::{DateTime, Utc};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, SubsecRound, Utc};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
@@ -120,15 +120,27 @@ fn uuid_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<U
     if let Some(id) = filter.equal_to.as_deref().and_then(|s| one("equal_to", s)) {
         ops.push(UuidOp::EqualTo(id));
     }
-    if let Some(id) = filter.not_equal_to.as_deref().and_then(|s| one("not_equal_to", s)) {
+    if let Some(id) = filter
+        .not_equal_to
+        .as_deref()
+        .and_then(|s| one("not_equal_to", s))
+    {
         ops.push(UuidOp::NotEqualTo(id));
     }
     if !filter.value_in.is_empty() {
-        let ids: Vec<_> = filter.value_in.iter().filter_map(|s| one("value_in", s)).collect();
+        let ids: Vec<_> = filter
+            .value_in
+            .iter()
+            .filter_map(|s| one("value_in", s))
+            .collect();
         ops.push(UuidOp::ValueIn(ids));
     }
     if !filter.value_not_in.is_empty() {
-        let ids: Vec<_> = filter.value_not_in.iter().filter_map(|s| one("value_not_in", s)).collect();
+        let ids: Vec<_> = filter
+            .value_not_in
+            .iter()
+            .filter_map(|s| one("value_not_in", s))
+            .collect();
         ops.push(UuidOp::ValueNotIn(ids));
     }
     if let Some(pattern) = &filter.like {
@@ -141,22 +153,48 @@ fn uuid_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<U
 }
 
 fn time_ops(v: &mut Violations, field: &str, filter: &pb::TimestampFilter) -> Vec<TimeOp> {
-    type Operator<'a> = (&'a str, &'a Option<prost_types::Timestamp>, fn(DateTime<Utc>) -> TimeOp);
-    let candidates: [Operator; 6] = [
-        ("equal_to", &filter.equal_to, TimeOp::EqualTo),
-        ("not_equal_to", &filter.not_equal_to, TimeOp::NotEqualTo),
-        ("less_than", &filter.less_than, TimeOp::LessThan),
-        ("less_than_equal", &filter.less_than_equal, TimeOp::LessThanEqual),
-        ("more_than", &filter.more_than, TimeOp::MoreThan),
-        ("more_than_equal", &filter.more_than_equal, TimeOp::MoreThanEqual),
+    let bounds = [
+        ("equal_to", &filter.equal_to),
+        ("not_equal_to", &filter.not_equal_to),
+        ("less_than", &filter.less_than),
+        ("less_than_equal", &filter.less_than_equal),
+        ("more_than", &filter.more_than),
+        ("more_than_equal", &filter.more_than_equal),
     ];
-    candidates
-        .into_iter()
-        .filter_map(|(name, value, op)| {
-            let value = value.as_ref()?;
-            v.check(&format!("{field}.{name}"), from_timestamp(value)).map(op)
-        })
-        .collect()
+    let mut ops = Vec::new();
+    for (name, value) in bounds {
+        let Some(value) = value else { continue };
+        let Some(time) = v.check(&format!("{field}.{name}"), from_timestamp(value)) else {
+            continue;
+        };
+        ops.extend(exact_time_ops(name, time));
+    }
+    ops
+}
+
+/// Stored times have microsecond precision, and a finer bound would be cut
+/// to whole microseconds on its way to Postgres; these are the conditions on
+/// whole microseconds that match exactly what the bound means.
+fn exact_time_ops(operator: &str, time: DateTime<Utc>) -> Vec<TimeOp> {
+    let floor = time.trunc_subsecs(6);
+    let exact = floor == time;
+    let ceil = if exact {
+        floor
+    } else {
+        floor + chrono::TimeDelta::microseconds(1)
+    };
+    match operator {
+        "equal_to" if exact => vec![TimeOp::EqualTo(time)],
+        // Nothing stored lies strictly between two whole microseconds.
+        "equal_to" => vec![TimeOp::MoreThanEqual(ceil), TimeOp::LessThanEqual(floor)],
+        "not_equal_to" if exact => vec![TimeOp::NotEqualTo(time)],
+        "not_equal_to" => Vec::new(),
+        "less_than" => vec![TimeOp::LessThan(ceil)],
+        "less_than_equal" => vec![TimeOp::LessThanEqual(floor)],
+        "more_than" => vec![TimeOp::MoreThan(floor)],
+        "more_than_equal" => vec![TimeOp::MoreThanEqual(ceil)],
+        _ => unreachable!("operators are listed in time_ops"),
+    }
 }
 
 fn bool_conditions(filter: &pb::BoolFilter) -> Vec<bool> {
@@ -181,7 +219,11 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
     ];
     for (filter, field) in text_fields {
         if let Some(filter) = filter {
-            conditions.extend(text_ops(filter).into_iter().map(|op| Condition::Text(field, op)));
+            conditions.extend(
+                text_ops(filter)
+                    .into_iter()
+                    .map(|op| Condition::Text(field, op)),
+            );
         }
     }
     for (filter, field, name) in [
@@ -189,7 +231,11 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
         (&filter.tenant_id, UuidField::TenantId, "filter.tenant_id"),
     ] {
         if let Some(filter) = filter {
-            conditions.extend(uuid_ops(v, name, filter).into_iter().map(|op| Condition::Uuid(field, op)));
+            conditions.extend(
+                uuid_ops(v, name, filter)
+                    .into_iter()
+                    .map(|op| Condition::Uuid(field, op)),
+            );
         }
     }
     for (filter, field) in [
@@ -197,19 +243,42 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
         (&filter.is_opted_in, BoolField::IsOptedIn),
     ] {
         if let Some(filter) = filter {
-            conditions.extend(bool_conditions(filter).into_iter().map(|value| Condition::Bool(field, value)));
+            conditions.extend(
+                bool_conditions(filter)
+                    .into_iter()
+                    .map(|value| Condition::Bool(field, value)),
+            );
         }
     }
     for (filter, field, name) in [
-        (&filter.created_at, TimeField::CreatedAt, "filter.created_at"),
-        (&filter.updated_at, TimeField::UpdatedAt, "filter.updated_at"),
+        (
+            &filter.created_at,
+            TimeField::CreatedAt,
+            "filter.created_at",
+        ),
+        (
+            &filter.updated_at,
+            TimeField::UpdatedAt,
+            "filter.updated_at",
+        ),
     ] {
         if let Some(filter) = filter {
-            conditions.extend(time_ops(v, name, filter).into_iter().map(|op| Condition::Time(field, op)));
+            conditions.extend(
+                time_ops(v, name, filter)
+                    .into_iter()
+                    .map(|op| Condition::Time(field, op)),
+            );
         }
     }
-    if let Some(contains) = filter.custom_data.as_ref().and_then(|f| f.contains.as_ref()) {
-        if let Some(data) = v.check("filter.custom_data.contains", CustomData::from_struct(contains)) {
+    if let Some(contains) = filter
+        .custom_data
+        .as_ref()
+        .and_then(|f| f.contains.as_ref())
+    {
+        if let Some(data) = v.check(
+            "filter.custom_data.contains",
+            CustomData::from_struct(contains),
+        ) {
             conditions.push(Condition::CustomDataContains(data.into_value()));
         }
     }
@@ -316,7 +385,11 @@ pub fn tenant_list(request: &pb::ListTenantsRequest) -> Result<TenantList, Error
     let mut conditions = Vec::new();
     if let Some(filter) = &request.filter {
         if let Some(id) = &filter.id {
-            conditions.extend(uuid_ops(&mut v, "filter.id", id).into_iter().map(tenants::Condition::Id));
+            conditions.extend(
+                uuid_ops(&mut v, "filter.id", id)
+                    .into_iter()
+                    .map(tenants::Condition::Id),
+            );
         }
         if let Some(reference) = &filter.reference {
             conditions.extend(

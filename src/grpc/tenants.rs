@@ -40,7 +40,10 @@ impl TenantsApi {
         row.map(Into::into).ok_or(Error::NotFound("tenant"))
     }
 
-    async fn list(&self, request: pb::ListTenantsRequest) -> Result<pb::ListTenantsResponse, Error> {
+    async fn list(
+        &self,
+        request: pb::ListTenantsRequest,
+    ) -> Result<pb::ListTenantsResponse, Error> {
         let list = list::tenant_list(&request)?;
         let mut conn = self.state.conn().await?;
         let page = tenants::list(&mut conn, &list.query)
@@ -64,7 +67,9 @@ impl TenantsService for TenantsApi {
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
         let tenant = self.create(request.into_inner()).await?;
-        Ok(Response::new(pb::CreateTenantResponse { tenant: Some(tenant) }))
+        Ok(Response::new(pb::CreateTenantResponse {
+            tenant: Some(tenant),
+        }))
     }
 
     async fn get_tenant(
@@ -72,7 +77,9 @@ impl TenantsService for TenantsApi {
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
         let tenant = self.get(request.into_inner()).await?;
-        Ok(Response::new(pb::GetTenantResponse { tenant: Some(tenant) }))
+        Ok(Response::new(pb::GetTenantResponse {
+            tenant: Some(tenant),
+        }))
     }
 
     async fn update_tenant(
@@ -80,7 +87,9 @@ impl TenantsService for TenantsApi {
         request: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
         let tenant = self.update(request.into_inner()).await?;
-        Ok(Response::new(pb::UpdateTenantResponse { tenant: Some(tenant) }))
+        Ok(Response::new(pb::UpdateTenantResponse {
+            tenant: Some(tenant),
+        }))
     }
 
     async fn list_tenants(

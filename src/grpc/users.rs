@@ -70,7 +70,10 @@ impl UsersApi {
 }
 
 /// Both results, or every violation of both.
-pub(super) fn merge_violations<A, B>(a: Result<A, Error>, b: Result<B, Error>) -> Result<(A, B), Error> {
+pub(super) fn merge_violations<A, B>(
+    a: Result<A, Error>,
+    b: Result<B, Error>,
+) -> Result<(A, B), Error> {
     match (a, b) {
         (Ok(a), Ok(b)) => Ok((a, b)),
         (Err(Error::InvalidArgument(mut first)), Err(Error::InvalidArgument(second))) => {
@@ -112,7 +115,9 @@ impl UsersService for UsersApi {
         request: Request<pb::DeactivateUserRequest>,
     ) -> Result<Response<pb::DeactivateUserResponse>, Status> {
         let user = self.set_active(&request.into_inner().id, false).await?;
-        Ok(Response::new(pb::DeactivateUserResponse { user: Some(user) }))
+        Ok(Response::new(pb::DeactivateUserResponse {
+            user: Some(user),
+        }))
     }
 
     async fn reactivate_user(
@@ -120,7 +125,9 @@ impl UsersService for UsersApi {
         request: Request<pb::ReactivateUserRequest>,
     ) -> Result<Response<pb::ReactivateUserResponse>, Status> {
         let user = self.set_active(&request.into_inner().id, true).await?;
-        Ok(Response::new(pb::ReactivateUserResponse { user: Some(user) }))
+        Ok(Response::new(pb::ReactivateUserResponse {
+            user: Some(user),
+        }))
     }
 
     async fn list_users(

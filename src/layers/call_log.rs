@@ -74,14 +74,23 @@ struct Call {
 
 impl Call {
     fn finish(&self, code: Code) {
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // Milliseconds with microsecond resolution.
+        let duration_ms = (self.started.elapsed().as_micros() as f64) / 1000.0;
         let method = self.method.as_str();
         let code_name = format!("{code:?}");
         match code {
             Code::Internal | Code::Unknown | Code::DataLoss => tracing::error!(
-                grpc.method = method, grpc.code = code_name, duration_ms, "call"
+                grpc.method = method,
+                grpc.code = code_name,
+                duration_ms,
+                "call"
             ),
-            _ => tracing::info!(grpc.method = method, grpc.code = code_name, duration_ms, "call"),
+            _ => tracing::info!(
+                grpc.method = method,
+                grpc.code = code_name,
+                duration_ms,
+                "call"
+            ),
         }
     }
 }

@@ -14,7 +14,7 @@ use diesel_async::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, error::SqlState};
 
 /// The SQL migrations of `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -100,8 +100,11 @@ pub async fn create_database_if_missing(config: &tokio_postgres::Config) -> Resu
         let statement = format!("CREATE DATABASE {}", quote_identifier(&name));
         match client.batch_execute(&statement).await {
             Ok(()) => tracing::info!(database = %name, "created database"),
-            // Another replica created it at the same moment.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            // Another replica created it at the same moment: Postgres reports
+            // either "database exists" or the catalog's unique violation.
+            Err(e)
+                if e.code() == Some(&SqlState::DUPLICATE_DATABASE)
+                    || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -115,13 +118,24 @@ pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Key of the advisory lock that serializes migrations between replicas
+/// starting at the same time.
+const MIGRATION_LOCK: i64 = 0x7573_6572_735f_7631; // "users_v1"
+
 /// Applies the pending migrations of [`MIGRATIONS`] on a fresh connection.
 pub async fn run_migrations(config: &tokio_postgres::Config) -> Result<(), BoxError> {
+    // Another replica may be migrating right now: wait for it, on a session of
+    // our own, so that this one then finds nothing left to do.
+    let (lock, lock_connection) = config.connect(NoTls).await?;
+    let lock_driver = tokio::spawn(lock_connection);
+    lock.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+
     let (client, connection) = config.connect(NoTls).await?;
     let connection = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
     // diesel's migration harness is synchronous: run it on a blocking thread,
     // where the wrapper drives the async connection with the runtime's handle.
-    tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
+    let result = tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
         let mut wrapper = AsyncConnectionWrapper::<AsyncPgConnection>::from(connection);
         let applied = wrapper.run_pending_migrations(MIGRATIONS)?;
         for version in applied {
@@ -129,5 +143,10 @@ pub async fn run_migrations(config: &tokio_postgres::Config) -> Result<(), BoxEr
         }
         Ok(())
     })
-    .await?
+    .await?;
+
+    // Closing the session releases the lock.
+    drop(lock);
+    let _ = lock_driver.await;
+    result
 }

@@ -133,4 +133,5 @@ pub(crate) use {text_condition, time_condition, uuid_condition};
 
 /// A boolean condition on the rows of table `T`, boxed so that conditions of
 /// different shapes can be combined at run time.
-pub type Boxed<T> = Box<dyn diesel::BoxableExpression<T, diesel::pg::Pg, SqlType = diesel::sql_types::Bool>>;
+pub type Boxed<T> =
+    Box<dyn diesel::BoxableExpression<T, diesel::pg::Pg, SqlType = diesel::sql_types::Bool>>;

@@ -1,7 +1,7 @@
 //! Persistence: embedded Postgres, pool, schema and query functions.
 
-pub mod embedded;
 pub mod db;
+pub mod embedded;
 pub mod filter;
 pub mod models;
 pub mod schema;

@@ -1,6 +1,8 @@
 //! Queries on `tenants`.
 
-use diesel::{BoolExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper, pg::Pg};
+use diesel::{
+    BoolExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper, pg::Pg,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -140,9 +142,7 @@ fn after_cursor(values: &[CursorValue]) -> Option<Boxed<tenants::table>> {
     };
     let created_at = chrono::DateTime::from_timestamp_micros(*micros)?;
     let id = Uuid::parse_str(id).ok()?;
-    Some(Box::new(
-        tenants::created_at.gt(created_at).or(tenants::created_at
-            .eq(created_at)
-            .and(tenants::id.gt(id))),
-    ))
+    Some(Box::new(tenants::created_at.gt(created_at).or(
+        tenants::created_at.eq(created_at).and(tenants::id.gt(id)),
+    )))
 }

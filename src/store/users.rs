@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    BoolExpressionMethods, ExpressionMethods, OptionalExtension, PgJsonbExpressionMethods, PgTextExpressionMethods,
-    QueryDsl, SelectableHelper, pg::Pg,
+    BoolExpressionMethods, ExpressionMethods, OptionalExtension, PgJsonbExpressionMethods,
+    PgTextExpressionMethods, QueryDsl, SelectableHelper, pg::Pg,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -382,10 +382,16 @@ fn compare(field: OrderField, cmp: Cmp, value: &CursorValue) -> Option<Boxed<use
     }
     match (field, value) {
         (OrderField::CreatedAt, CursorValue::Micros(m)) => {
-            compare!(users::created_at, DateTime::<Utc>::from_timestamp_micros(*m)?)
+            compare!(
+                users::created_at,
+                DateTime::<Utc>::from_timestamp_micros(*m)?
+            )
         }
         (OrderField::UpdatedAt, CursorValue::Micros(m)) => {
-            compare!(users::updated_at, DateTime::<Utc>::from_timestamp_micros(*m)?)
+            compare!(
+                users::updated_at,
+                DateTime::<Utc>::from_timestamp_micros(*m)?
+            )
         }
         (OrderField::Email, CursorValue::Text(s)) => compare!(users::email, s.clone()),
         (OrderField::FirstName, CursorValue::Text(s)) => compare!(users::first_name, s.clone()),

@@ -1,0 +1,477 @@
+//! CreateUser, GetUser, UpdateUser, DeactivateUser, ReactivateUser.
+
+use tonic::Code;
+use users_service::pb::v1::{
+    CreateUserRequest, DeactivateUserRequest, GetUserRequest, ReactivateUserRequest,
+    UpdateUserRequest, User, UserUpdate,
+};
+
+use crate::helpers::{error_info, spawn_app, violated_fields};
+
+/// The user of the ROQ createUser example.
+pub fn roq_user() -> User {
+    User {
+        reference: "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa".into(),
+        email: String::new(),
+        phone: Some("+15550001234".into()),
+        first_name: "Anna".into(),
+        last_name: "W".into(),
+        locale: "en-Us".into(),
+        timezone: Some("Asia/Bangkok".into()),
+        is_opted_in: false,
+        active: Some(true),
+        ..Default::default()
+    }
+}
+
+pub fn user(reference: &str, email: &str) -> User {
+    User {
+        reference: reference.into(),
+        email: email.into(),
+        ..Default::default()
+    }
+}
+
+pub async fn create(app: &mut crate::helpers::TestApp, user: User) -> User {
+    app.users
+        .create_user(CreateUserRequest { user: Some(user) })
+        .await
+        .expect("create succeeds")
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+#[tokio::test]
+async fn create_user_stores_the_roq_example_normalized_in_the_default_tenant() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+
+    let id = uuid::Uuid::parse_str(&created.id).expect("id is a UUID");
+    assert_eq!(id.get_version_num(), 7);
+    assert_eq!(created.locale, "en-US");
+    assert_eq!(created.tenant_id, app.default_tenant().await);
+    assert!(created.synced);
+    assert_eq!(created.active, Some(true));
+    assert_eq!(created.phone.as_deref(), Some("+15550001234"));
+    assert_eq!(created.timezone.as_deref(), Some("Asia/Bangkok"));
+    assert_eq!(created.created_at, created.updated_at);
+    assert!(created.created_at.is_some());
+
+    let row = app
+        .db
+        .query_one(
+            "SELECT reference, email, phone, first_name, last_name, locale, timezone, \
+             is_opted_in, active, tenant_id::text FROM users WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa"
+    );
+    assert_eq!(row.get::<_, String>(1), "");
+    assert_eq!(row.get::<_, String>(2), "+15550001234");
+    assert_eq!(row.get::<_, String>(3), "Anna");
+    assert_eq!(row.get::<_, String>(4), "W");
+    assert_eq!(row.get::<_, String>(5), "en-US");
+    assert_eq!(row.get::<_, String>(6), "Asia/Bangkok");
+    assert!(!row.get::<_, bool>(7));
+    assert!(row.get::<_, bool>(8));
+    assert_eq!(row.get::<_, String>(9), created.tenant_id);
+}
+
+#[tokio::test]
+async fn create_user_ignores_output_only_fields_and_defaults_to_active() {
+    let mut app = spawn_app().await;
+    let created = create(
+        &mut app,
+        User {
+            id: "00000000-0000-0000-0000-000000000001".into(),
+            synced: false,
+            created_at: Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            active: None,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_ne!(created.id, "00000000-0000-0000-0000-000000000001");
+    assert!(created.synced);
+    assert_ne!(created.created_at.unwrap().seconds, 1);
+    assert_eq!(created.active, Some(true));
+    assert_eq!(created.locale, "en-US");
+    assert_eq!(created.phone, None);
+    assert_eq!(created.timezone, None);
+}
+
+#[tokio::test]
+async fn get_user_returns_the_stored_user() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let got = app
+        .users
+        .get_user(GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got, created);
+}
+
+#[tokio::test]
+async fn unknown_ids_are_not_found_and_malformed_ids_are_invalid() {
+    let mut app = spawn_app().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    for id in [unknown.as_str(), "not-a-uuid", ""] {
+        let expected = if id == unknown {
+            Code::NotFound
+        } else {
+            Code::InvalidArgument
+        };
+        let get = app
+            .users
+            .get_user(GetUserRequest { id: id.into() })
+            .await
+            .unwrap_err();
+        let update = app
+            .users
+            .update_user(UpdateUserRequest {
+                id: id.into(),
+                user: Some(UserUpdate {
+                    first_name: Some("X".into()),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err();
+        let deactivate = app
+            .users
+            .deactivate_user(DeactivateUserRequest { id: id.into() })
+            .await
+            .unwrap_err();
+        let reactivate = app
+            .users
+            .reactivate_user(ReactivateUserRequest { id: id.into() })
+            .await
+            .unwrap_err();
+        for status in [get, update, deactivate, reactivate] {
+            assert_eq!(status.code(), expected, "id {id:?}: {status:?}");
+            if expected == Code::InvalidArgument {
+                assert_eq!(violated_fields(&status), ["id"]);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn update_user_changes_only_the_fields_present() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let updated = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(UserUpdate {
+                first_name: Some("Anna-Maria".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(updated.first_name, "Anna-Maria");
+    assert!(updated.updated_at.unwrap().seconds >= created.updated_at.unwrap().seconds);
+    assert_ne!(updated.updated_at, created.updated_at);
+    let expected = User {
+        first_name: "Anna-Maria".into(),
+        updated_at: updated.updated_at,
+        ..created.clone()
+    };
+    assert_eq!(updated, expected);
+
+    let stored = app
+        .users
+        .get_user(GetUserRequest { id: created.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(stored, updated);
+}
+
+#[tokio::test]
+async fn update_user_with_empty_strings_clears_text_fields() {
+    let mut app = spawn_app().await;
+    let created = create(
+        &mut app,
+        User {
+            email: "anna@example.com".into(),
+            avatar_url: "https://example.com/a.png".into(),
+            locale: "de-DE".into(),
+            ..roq_user()
+        },
+    )
+    .await;
+    let updated = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(UserUpdate {
+                email: Some(String::new()),
+                phone: Some(String::new()),
+                timezone: Some(String::new()),
+                avatar_url: Some(String::new()),
+                locale: Some(String::new()),
+                last_name: Some(String::new()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(updated.email, "");
+    assert_eq!(updated.phone, None);
+    assert_eq!(updated.timezone, None);
+    assert_eq!(updated.avatar_url, "");
+    assert_eq!(updated.locale, "en-US");
+    assert_eq!(updated.last_name, "");
+    assert_eq!(updated.first_name, "Anna");
+    let row = app
+        .db
+        .query_one(
+            "SELECT email, phone, timezone, avatar_url FROM users WHERE id::text = $1",
+            &[&created.id],
+        )
+        .await
+        .unwrap();
+    for i in 0..4 {
+        assert_eq!(row.get::<_, String>(i), "");
+    }
+}
+
+#[tokio::test]
+async fn update_user_with_active_false_deactivates() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let updated = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(UserUpdate {
+                active: Some(false),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(updated.active, Some(false));
+    let active: bool = app
+        .db
+        .query_one(
+            "SELECT active FROM users WHERE id::text = $1",
+            &[&created.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!active);
+}
+
+#[tokio::test]
+async fn deactivate_and_reactivate_are_idempotent() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let id = created.id.clone();
+
+    let first = app
+        .users
+        .deactivate_user(DeactivateUserRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(first.active, Some(false));
+    let second = app
+        .users
+        .deactivate_user(DeactivateUserRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(second, first, "a second deactivation changes nothing");
+
+    let back = app
+        .users
+        .reactivate_user(ReactivateUserRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(back.active, Some(true));
+    let again = app
+        .users
+        .reactivate_user(ReactivateUserRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(again, back);
+    let active: bool = app
+        .db
+        .query_one("SELECT active FROM users WHERE id::text = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(active);
+}
+
+#[tokio::test]
+async fn duplicate_reference_or_email_in_a_tenant_is_already_exists() {
+    let mut app = spawn_app().await;
+    create(&mut app, user("ref-1", "Anna@Example.com")).await;
+
+    let same_reference = app
+        .users
+        .create_user(CreateUserRequest {
+            user: Some(user("ref-1", "other@example.com")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(same_reference.code(), Code::AlreadyExists);
+    let (reason, metadata) = error_info(&same_reference).unwrap();
+    assert_eq!(reason, "ALREADY_EXISTS");
+    assert_eq!(metadata["field"], "reference");
+
+    let same_email_other_case = app
+        .users
+        .create_user(CreateUserRequest {
+            user: Some(user("ref-2", "anna@EXAMPLE.com")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(same_email_other_case.code(), Code::AlreadyExists);
+    assert_eq!(
+        error_info(&same_email_other_case).unwrap().1["field"],
+        "email"
+    );
+
+    // Empty references and emails never clash.
+    create(&mut app, user("", "")).await;
+    create(&mut app, user("", "")).await;
+    assert_eq!(app.user_count().await, 3);
+}
+
+#[tokio::test]
+async fn update_user_to_a_taken_email_is_already_exists_and_changes_nothing() {
+    let mut app = spawn_app().await;
+    create(&mut app, user("a", "a@example.com")).await;
+    let b = create(&mut app, user("b", "b@example.com")).await;
+    let status = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: b.id.clone(),
+            user: Some(UserUpdate {
+                email: Some("A@example.com".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_eq!(error_info(&status).unwrap().1["field"], "email");
+    let email: String = app
+        .db
+        .query_one("SELECT email FROM users WHERE id::text = $1", &[&b.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(email, "b@example.com");
+}
+
+#[tokio::test]
+async fn same_reference_and_email_in_another_tenant_is_fine() {
+    let mut app = spawn_app().await;
+    let other = crate::tenants::create_tenant(&mut app, "Other", "other").await;
+    create(&mut app, user("ref", "same@example.com")).await;
+    let in_other = create(
+        &mut app,
+        User {
+            tenant_id: other.id.clone(),
+            ..user("ref", "same@example.com")
+        },
+    )
+    .await;
+    assert_eq!(in_other.tenant_id, other.id);
+    let count: i64 = app
+        .db
+        .query_one(
+            "SELECT count(DISTINCT tenant_id) FROM users WHERE reference = 'ref'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2);
+}
+
+#[tokio::test]
+async fn concurrent_creates_with_the_same_email_let_exactly_one_win() {
+    let app = spawn_app().await;
+    let attempts = (0..8).map(|i| {
+        let mut client = app.users.clone();
+        async move {
+            client
+                .create_user(CreateUserRequest {
+                    user: Some(user(&format!("r{i}"), "race@example.com")),
+                })
+                .await
+        }
+    });
+    let results = futures::future::join_all(attempts).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    let clashed = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::AlreadyExists && error_info(s).unwrap().1["field"] == "email"))
+        .count();
+    assert_eq!((won, clashed), (1, 7), "{results:?}");
+    assert_eq!(app.user_count().await, 1);
+}
+
+#[tokio::test]
+async fn create_user_in_an_unknown_tenant_is_invalid() {
+    let mut app = spawn_app().await;
+    for tenant_id in [uuid::Uuid::now_v7().to_string(), "nope".to_owned()] {
+        let status = app
+            .users
+            .create_user(CreateUserRequest {
+                user: Some(User {
+                    tenant_id,
+                    ..roq_user()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&status), ["user.tenant_id"]);
+    }
+    assert_eq!(app.user_count().await, 0);
+}
