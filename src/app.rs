@@ -1,39 +1,40 @@
-//! Builds the server: database, migrations, services, health, reflection and
-//! layers; binds the listener and reports the real address.
+//! Builds the server: database, migrations, bootstrap key, services, health,
+//! reflection and layers; binds the listener and reports the real address.
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc};
 
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
+use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
 use crate::config::Config;
 use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
-use crate::layers::call_log::CallLogLayer;
+use crate::layers::{
+    auth::AuthLayer, call_log::CallLogLayer, in_flight::InFlightLimitLayer, rate_limit::RateLimits,
+};
 use crate::pb::{
     self,
     v1::{tenants_service_server::TenantsServiceServer, users_service_server::UsersServiceServer},
 };
 use crate::store::{
-    db,
-    embedded::{self, EmbeddedPostgres},
-    tenants,
+    database::{Database, OpenError, Sharing},
+    db, tenants,
 };
 
-/// Name of the database inside the embedded cluster.
-pub const EMBEDDED_DATABASE: &str = "users_service";
+pub use crate::store::database::EMBEDDED_DATABASE;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("DATABASE_URL is not a valid Postgres connection string: {0}")]
-    DatabaseUrl(#[source] tokio_postgres::Error),
     #[error(transparent)]
-    Embedded(#[from] embedded::EmbeddedError),
+    Open(#[from] OpenError),
     #[error("cannot prepare the database: {0}")]
     Database(#[source] BoxError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -50,42 +51,61 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: AppState,
-    embedded: Option<EmbeddedPostgres>,
-    shutdown_grace: Duration,
+    database: Database,
+    authenticator: Arc<Authenticator>,
+    limits: Option<Arc<RateLimits>>,
+    config: Config,
 }
 
 impl Application {
     pub async fn build(config: &Config) -> Result<Self, StartError> {
-        let (pg_config, embedded) = match &config.database_url {
-            Some(url) => {
-                let pg_config =
-                    tokio_postgres::Config::from_str(url).map_err(StartError::DatabaseUrl)?;
-                (pg_config, None)
-            }
-            None => {
-                let data_dir = absolute(&config.data_dir);
-                let embedded =
-                    EmbeddedPostgres::start(&data_dir, embedded::Options::default()).await?;
-                (embedded.config(EMBEDDED_DATABASE), Some(embedded))
-            }
-        };
-        db::create_database_if_missing(&pg_config)
-            .await
+        let jwt = config
+            .jwt()
+            .map(|settings| JwtVerifier::new(&settings))
+            .transpose()
+            .map_err(StartError::Config)?;
+        let limits = NonZeroU32::new(config.rate_limit_per_second).map(|per_second| {
+            let burst = config
+                .rate_limit_burst
+                .and_then(NonZeroU32::new)
+                .unwrap_or(per_second);
+            Arc::new(RateLimits::new(per_second, burst))
+        });
+
+        let database = Database::open(
+            config.database_url.as_deref(),
+            &config.data_dir,
+            Sharing::Exclusive,
+        )
+        .await?;
+        let pool = db::build_pool(database.config.clone(), &config.pool_settings())
             .map_err(StartError::Database)?;
-        db::run_migrations(&pg_config)
-            .await
-            .map_err(StartError::Database)?;
-        let pool =
-            db::build_pool(pg_config, &config.pool_settings()).map_err(StartError::Database)?;
-        let default_tenant = {
+        let state = {
             let mut conn = pool
                 .get()
                 .await
                 .map_err(|e| StartError::Database(e.into()))?;
-            tenants::default_id(&mut conn)
+            let default_tenant = tenants::default_id(&mut conn)
                 .await
-                .map_err(|e| StartError::Database(e.into()))?
+                .map_err(|e| StartError::Database(e.into()))?;
+            let state = AppState::new(pool, default_tenant);
+            if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
+                .await
+                .map_err(StartError::Database)?
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "no API keys existed: created an admin key, its token is in this file"
+                );
+            }
+            state
         };
+        let authenticator = Arc::new(Authenticator::new(
+            state.pool.clone(),
+            jwt,
+            config.key_cache_ttl,
+            Arc::clone(&state.clock),
+        ));
 
         let listener =
             TcpListener::bind(config.listen)
@@ -101,9 +121,11 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
-            state: AppState::new(pool, default_tenant),
-            embedded,
-            shutdown_grace: config.shutdown_grace,
+            state,
+            database,
+            authenticator,
+            limits,
+            config: config.clone(),
         })
     }
 
@@ -119,27 +141,28 @@ impl Application {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, true).await;
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Serve(e.into()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| StartError::Serve(e.into()))?;
+        let max_request = self.config.max_request_bytes;
+        let users = UsersServiceServer::new(UsersApi::new(self.state.clone()))
+            .max_decoding_message_size(max_request);
+        let tenants = TenantsServiceServer::new(TenantsApi::new(self.state.clone()))
+            .max_decoding_message_size(max_request);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let router = Server::builder()
+        let mut builder = Server::builder()
+            // Caps every call, whatever deadline the client asked for.
+            .timeout(self.config.max_call_duration)
             .layer(CallLogLayer)
+            .layer(InFlightLimitLayer::new(self.config.max_in_flight))
+            .layer(AuthLayer::new(self.authenticator, self.limits));
+        let mut router = builder
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(UsersServiceServer::new(UsersApi::new(self.state.clone())))
-            .add_service(TenantsServiceServer::new(TenantsApi::new(
-                self.state.clone(),
-            )));
+            .add_service(users)
+            .add_service(tenants);
+        if !self.config.disable_reflection {
+            router = router
+                .add_service(reflection_v1()?)
+                .add_service(reflection_v1alpha()?);
+        }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -150,13 +173,14 @@ impl Application {
             result = &mut server => Some(result),
             () = shutdown => None,
         };
+        let grace = self.config.shutdown_grace;
         let result = match outcome {
             Some(result) => result,
             None => {
-                tracing::info!(grace = ?self.shutdown_grace, "shutting down");
+                tracing::info!(?grace, "shutting down");
                 set_serving(&health, false).await;
                 let _ = stop_tx.send(());
-                match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+                match tokio::time::timeout(grace, &mut server).await {
                     Ok(result) => result,
                     Err(_) => {
                         tracing::warn!("grace period over, cancelling the calls still running");
@@ -167,15 +191,42 @@ impl Application {
             }
         };
         self.state.pool.close();
-        if let Some(embedded) = self.embedded {
-            embedded.stop().await?;
-        }
+        self.database
+            .close()
+            .await
+            .map_err(|e| StartError::Serve(e.into()))?;
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StartError::Serve(e.into())),
             Err(e) => Err(StartError::Serve(e.into())),
         }
     }
+}
+
+fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    StartError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Serve(e.into()))
+}
+
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    StartError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Serve(e.into()))
 }
 
 async fn set_serving(health: &HealthReporter, serving: bool) {
@@ -191,8 +242,4 @@ async fn set_serving(health: &HealthReporter, serving: bool) {
     ] {
         health.set_service_status(service, status).await;
     }
-}
-
-fn absolute(path: &std::path::Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }

@@ -10,59 +10,178 @@
 //! | `--db-acquire-timeout` | `DB_ACQUIRE_TIMEOUT` | `3s` |
 //! | `--db-statement-timeout` | `DB_STATEMENT_TIMEOUT` | `10s` |
 //! | `--shutdown-grace` | `SHUTDOWN_GRACE` | `10s` |
+//! | `--rate-limit-per-second` | `RATE_LIMIT_PER_SECOND` | `200` (0: off) |
+//! | `--rate-limit-burst` | `RATE_LIMIT_BURST` | the rate |
+//! | `--max-in-flight` | `MAX_IN_FLIGHT` | `512` |
+//! | `--max-request-bytes` | `MAX_REQUEST_BYTES` | 4 MiB |
+//! | `--max-call-duration` | `MAX_CALL_DURATION` | `30s` |
+//! | `--key-cache-ttl` | `KEY_CACHE_TTL` | `5s` |
+//! | `--disable-reflection` | `DISABLE_REFLECTION` | off |
+//! | `--jwt-issuer` | `JWT_ISSUER` | none: no end-user tokens |
+//! | `--jwt-audience` | `JWT_AUDIENCE` | `users-service` |
+//! | `--jwt-algorithm` | `JWT_ALGORITHM` | `rs256` |
+//! | `--jwt-key-file` | `JWT_KEY_FILE` | none |
+//! | `--jwt-secret` | `JWT_SECRET` | none |
 //! | `--log-format` | `LOG_FORMAT` | `text` |
 //!
 //! Log filtering follows `RUST_LOG` (default `info`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::{
+    Role,
+    jwt::{JwtAlgorithm, JwtSettings},
+};
 
 use crate::store::db::PoolSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./.users-service";
+/// Calls per second per caller unless configured.
+pub const DEFAULT_RATE_LIMIT: u32 = 200;
 
 /// users-service: the gRPC service that owns the users of every tenant.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "users-service", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    /// What to do; serving is the default.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Manage the API keys of the services that call users-service.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print its token (shown only this once) on stdout.
+    Create {
+        /// What the key may do.
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Tenant of an editor or viewer key (required for them, refused for admin).
+        #[arg(long)]
+        tenant: Option<uuid::Uuid>,
+        /// A name that says who uses the key.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Calls per second for this key, instead of --rate-limit-per-second.
+        #[arg(long)]
+        rate_limit: Option<std::num::NonZeroU32>,
+    },
+    /// List the keys (never their secrets).
+    List,
+    /// Revoke a key: it stops working within --key-cache-ttl on every replica.
+    Revoke {
+        /// The key id (the part after `usk_` in the token).
+        key_id: String,
+    },
+}
+
+/// Server and database settings, shared by every command.
+#[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address the gRPC server listens on.
-    #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN)]
+    #[arg(long, global = true, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     /// Postgres to use, as a URL (postgres://user@host:5432/db) or key=value
     /// string. The database is created when missing. Without it, the service
     /// runs its own Postgres from the installed binaries, in --data-dir.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Directory of the embedded Postgres cluster (used without DATABASE_URL).
-    #[arg(long, env = "DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    #[arg(long, global = true, env = "DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
     /// Most database connections open at once [default: 2 x CPU cores, at least 4].
-    #[arg(long, env = "DB_POOL_SIZE")]
+    #[arg(long, global = true, env = "DB_POOL_SIZE")]
     pub db_pool_size: Option<usize>,
 
     /// Longest wait to open a database connection.
-    #[arg(long, env = "DB_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "DB_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub db_connect_timeout: Duration,
 
     /// Longest wait for a free connection; past it a call fails with UNAVAILABLE.
-    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "DB_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
 
     /// Longest a single SQL statement may run.
-    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "DB_STATEMENT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub db_statement_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Calls per second allowed to each caller (API key, end user, or address
+    /// of unauthenticated calls); 0 switches per-caller limiting off.
+    #[arg(long, global = true, env = "RATE_LIMIT_PER_SECOND", default_value_t = DEFAULT_RATE_LIMIT)]
+    pub rate_limit_per_second: u32,
+
+    /// Calls a caller may make at once above its rate [default: the rate].
+    #[arg(long, global = true, env = "RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Calls in progress at once, over all callers; more are shed with UNAVAILABLE.
+    #[arg(long, global = true, env = "MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: usize,
+
+    /// Largest request message accepted, in bytes.
+    #[arg(long, global = true, env = "MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Longest a call may run, whatever deadline the client sets.
+    #[arg(long, global = true, env = "MAX_CALL_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_call_duration: Duration,
+
+    /// How long a verified API key is trusted before it is looked up again;
+    /// a revoked key stops working within this time.
+    #[arg(long, global = true, env = "KEY_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub key_cache_ttl: Duration,
+
+    /// Do not serve gRPC reflection.
+    #[arg(long, global = true, env = "DISABLE_REFLECTION")]
+    pub disable_reflection: bool,
+
+    /// Issuer (`iss`) of end-user JWTs; setting it enables end-user tokens.
+    #[arg(long, global = true, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Audience (`aud`) end-user JWTs must carry.
+    #[arg(
+        long,
+        global = true,
+        env = "JWT_AUDIENCE",
+        default_value = "users-service"
+    )]
+    pub jwt_audience: String,
+
+    /// The one algorithm end-user JWTs may be signed with.
+    #[arg(long, global = true, env = "JWT_ALGORITHM", value_enum, default_value_t = JwtAlgorithm::Rs256)]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// PEM public key of the identity provider (RS256, ES256).
+    #[arg(long, global = true, env = "JWT_KEY_FILE")]
+    pub jwt_key_file: Option<PathBuf>,
+
+    /// Shared secret (HS256), at least 32 bytes.
+    #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
     /// Log line format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
@@ -87,7 +206,30 @@ impl Config {
             db_statement_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            rate_limit_per_second: DEFAULT_RATE_LIMIT,
+            rate_limit_burst: None,
+            max_in_flight: 512,
+            max_request_bytes: 4 * 1024 * 1024,
+            max_call_duration: Duration::from_secs(30),
+            key_cache_ttl: Duration::from_secs(5),
+            disable_reflection: false,
+            jwt_issuer: None,
+            jwt_audience: "users-service".to_owned(),
+            jwt_algorithm: JwtAlgorithm::Rs256,
+            jwt_key_file: None,
+            jwt_secret: None,
         }
+    }
+
+    /// End-user token settings, when an issuer is configured.
+    pub fn jwt(&self) -> Option<JwtSettings> {
+        Some(JwtSettings {
+            algorithm: self.jwt_algorithm,
+            issuer: self.jwt_issuer.clone()?,
+            audience: self.jwt_audience.clone(),
+            key_file: self.jwt_key_file.clone(),
+            secret: self.jwt_secret.clone(),
+        })
     }
 
     pub fn pool_settings(&self) -> PoolSettings {

@@ -34,6 +34,9 @@ pub enum Error {
         resource: &'static str,
         field: &'static str,
     },
+    /// PERMISSION_DENIED: the caller is known but may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
     /// UNAVAILABLE: the database cannot be reached or has no free connection
     /// in time. Safe to retry.
     #[error("database unavailable")]
@@ -170,6 +173,15 @@ impl From<Error> for Status {
                 Status::with_error_details(
                     Code::AlreadyExists,
                     format!("a {resource} with this {field} already exists"),
+                    details,
+                )
+            }
+            Error::PermissionDenied(what) => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info("PERMISSION_DENIED", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    format!("permission denied: {what}"),
                     details,
                 )
             }

@@ -1,11 +1,13 @@
 //! users-service: the gRPC service that owns the users of every tenant.
 
-pub mod app;
-pub mod config;
-pub mod domain;
-pub mod error;
-pub mod grpc;
-pub mod layers;
-pub mod pb;
-pub mod store;
-pub mod telemetry;
+pub mod app; // builds and runs the server
+pub mod auth; // who is calling: API keys, end-user tokens
+pub mod commands; // the `keys` command line
+pub mod config; // flags and environment variables
+pub mod domain; // validated types, built once at the edge
+pub mod error; // the one error type and its gRPC status
+pub mod grpc; // handlers, authorization, conversions
+pub mod layers; // tower layers: auth, rate limits, load shedding, call log
+pub mod pb; // generated protobuf code
+pub mod store; // Postgres: schema, queries, pool, embedded cluster
+pub mod telemetry; // logging

@@ -1,31 +1,40 @@
-//! The `users-service` binary: parse configuration, start logging, serve
-//! until SIGINT or SIGTERM.
+//! The `users-service` binary: parse the command line, start logging, then
+//! serve until SIGINT or SIGTERM (or run a `keys` command).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
-use users_service::{app::Application, config::Config, telemetry};
+use users_service::{
+    app::Application,
+    commands,
+    config::{Cli, Command},
+    telemetry,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
-    telemetry::init(config.log_format);
-    let app = match Application::build(&config).await {
-        Ok(app) => app,
-        Err(error) => {
-            tracing::error!("{error}");
-            eprintln!("users-service: {error}");
-            return ExitCode::FAILURE;
-        }
+    let cli = Cli::parse();
+    telemetry::init(cli.config.log_format);
+    let result = match cli.command {
+        None | Some(Command::Serve) => serve(&cli.config).await,
+        Some(Command::Keys(command)) => commands::keys(&cli.config, command).await,
     };
-    match app.run_until(shutdown_signal()).await {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error}");
+            eprintln!("users-service: {error}");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(
+    config: &users_service::config::Config,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let app = Application::build(config).await?;
+    app.run_until(shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Completes on the first SIGINT or SIGTERM.

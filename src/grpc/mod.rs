@@ -1,6 +1,7 @@
 //! gRPC handlers: parse the request into domain types, make one store call,
 //! convert the rows back.
 
+pub mod authz;
 pub mod convert;
 pub mod list;
 pub mod tenants;
@@ -12,7 +13,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::store::db::{DbConn, DbPool};
+use diesel_async::AsyncPgConnection;
+
+use crate::store::db::{self, DbPool};
 
 /// Where handlers read the time from; tests may pin it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -49,7 +52,11 @@ impl AppState {
         (self.clock)().trunc_subsecs(6)
     }
 
-    pub async fn conn(&self) -> Result<DbConn, Error> {
-        Ok(self.pool.get().await?)
+    /// Runs one store call on a pooled connection (see [`db::run`]).
+    pub async fn db<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,
+    ) -> Result<T, Error> {
+        Ok(db::run(&self.pool, work).await??)
     }
 }

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{AppState, convert, list, users::merge_violations};
+use super::{AppState, authz, convert, list, users::merge_violations};
 use crate::error::Error;
 use crate::pb::v1::{self as pb, tenants_service_server::TenantsService};
 use crate::store::tenants;
@@ -20,14 +20,19 @@ impl TenantsApi {
 
     async fn create(&self, request: pb::CreateTenantRequest) -> Result<pb::Tenant, Error> {
         let new = convert::new_tenant(request.tenant, Uuid::now_v7(), self.state.now())?;
-        let mut conn = self.state.conn().await?;
-        Ok(tenants::insert(&mut conn, &new).await?.into())
+        Ok(self
+            .state
+            .db(async |conn| tenants::insert(conn, &new).await)
+            .await?
+            .into())
     }
 
     async fn get(&self, request: pb::GetTenantRequest) -> Result<pb::Tenant, Error> {
         let id = convert::parse_id("id", &request.id)?;
-        let mut conn = self.state.conn().await?;
-        let row = tenants::find(&mut conn, id).await?;
+        let row = self
+            .state
+            .db(async |conn| tenants::find(conn, id).await)
+            .await?;
         row.map(Into::into).ok_or(Error::NotFound("tenant"))
     }
 
@@ -35,8 +40,10 @@ impl TenantsApi {
         let id = convert::parse_id("id", &request.id);
         let changes = convert::tenant_changes(request.tenant, self.state.now());
         let (id, changes) = merge_violations(id, changes)?;
-        let mut conn = self.state.conn().await?;
-        let row = tenants::update(&mut conn, id, &changes).await?;
+        let row = self
+            .state
+            .db(async |conn| tenants::update(conn, id, &changes).await)
+            .await?;
         row.map(Into::into).ok_or(Error::NotFound("tenant"))
     }
 
@@ -45,8 +52,9 @@ impl TenantsApi {
         request: pb::ListTenantsRequest,
     ) -> Result<pb::ListTenantsResponse, Error> {
         let list = list::tenant_list(&request)?;
-        let mut conn = self.state.conn().await?;
-        let page = tenants::list(&mut conn, &list.query)
+        let page = self
+            .state
+            .db(async |conn| tenants::list(conn, &list.query).await)
             .await?
             .map_err(|_| Error::invalid("page_token", "does not match this request"))?;
         Ok(pb::ListTenantsResponse {
@@ -66,7 +74,10 @@ impl TenantsService for TenantsApi {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        let tenant = self.create(request.into_inner()).await?;
+        let tenant = {
+            authz::manage_tenants(&authz::principal(&request)?)?;
+            self.create(request.into_inner()).await?
+        };
         Ok(Response::new(pb::CreateTenantResponse {
             tenant: Some(tenant),
         }))
@@ -76,7 +87,10 @@ impl TenantsService for TenantsApi {
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
-        let tenant = self.get(request.into_inner()).await?;
+        let tenant = {
+            authz::manage_tenants(&authz::principal(&request)?)?;
+            self.get(request.into_inner()).await?
+        };
         Ok(Response::new(pb::GetTenantResponse {
             tenant: Some(tenant),
         }))
@@ -86,7 +100,10 @@ impl TenantsService for TenantsApi {
         &self,
         request: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
-        let tenant = self.update(request.into_inner()).await?;
+        let tenant = {
+            authz::manage_tenants(&authz::principal(&request)?)?;
+            self.update(request.into_inner()).await?
+        };
         Ok(Response::new(pb::UpdateTenantResponse {
             tenant: Some(tenant),
         }))
@@ -96,6 +113,9 @@ impl TenantsService for TenantsApi {
         &self,
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        Ok(Response::new({
+            authz::manage_tenants(&authz::principal(&request)?)?;
+            self.list(request.into_inner()).await?
+        }))
     }
 }

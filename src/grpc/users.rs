@@ -3,9 +3,11 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{AppState, convert, list};
+use super::{AppState, authz, convert, list};
+use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
+use crate::store::filter::UuidOp;
 use crate::store::users;
 
 #[derive(Debug, Clone)]
@@ -18,44 +20,100 @@ impl UsersApi {
         Self { state }
     }
 
-    async fn create(&self, request: pb::CreateUserRequest) -> Result<pb::User, Error> {
-        let new = convert::new_user(
-            request.user,
-            self.state.default_tenant,
-            Uuid::now_v7(),
-            self.state.now(),
-        )?;
-        let mut conn = self.state.conn().await?;
-        Ok(users::insert(&mut conn, &new).await?.into())
+    async fn create(
+        &self,
+        principal: &Principal,
+        request: pb::CreateUserRequest,
+    ) -> Result<pb::User, Error> {
+        let scope = authz::manage_users(principal)?;
+        let tenant = match scope.tenant() {
+            Some(own) => {
+                let given = request.user.as_ref().map(|u| u.tenant_id.as_str());
+                if given.is_some_and(|given| {
+                    !given.is_empty() && Uuid::try_parse(given).ok() != Some(own)
+                }) {
+                    return Err(Error::PermissionDenied(
+                        "users can be created only in your own tenant",
+                    ));
+                }
+                own
+            }
+            None => self.state.default_tenant,
+        };
+        let new = convert::new_user(request.user, tenant, Uuid::now_v7(), self.state.now())?;
+        Ok(self
+            .state
+            .db(async |conn| users::insert(conn, &new).await)
+            .await?
+            .into())
     }
 
-    async fn get(&self, request: pb::GetUserRequest) -> Result<pb::User, Error> {
+    async fn get(
+        &self,
+        principal: &Principal,
+        request: pb::GetUserRequest,
+    ) -> Result<pb::User, Error> {
+        let scope = authz::read_user(principal);
         let id = convert::parse_id("id", &request.id)?;
-        let mut conn = self.state.conn().await?;
-        let row = users::find(&mut conn, id).await?;
+        scope.check_user(id)?;
+        let row = self
+            .state
+            .db(async |conn| users::find(conn, id, scope.tenant()).await)
+            .await?;
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 
-    async fn update(&self, request: pb::UpdateUserRequest) -> Result<pb::User, Error> {
+    async fn update(
+        &self,
+        principal: &Principal,
+        request: pb::UpdateUserRequest,
+    ) -> Result<pb::User, Error> {
+        let scope = authz::update_user(principal, request.user.as_ref())?;
         let id = convert::parse_id("id", &request.id);
         let changes = convert::user_changes(request.user, self.state.now());
         let (id, changes) = merge_violations(id, changes)?;
-        let mut conn = self.state.conn().await?;
-        let row = users::update(&mut conn, id, &changes).await?;
+        scope.check_user(id)?;
+        let row = self
+            .state
+            .db(async |conn| users::update(conn, id, scope.tenant(), &changes).await)
+            .await?;
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 
-    async fn set_active(&self, id: &str, active: bool) -> Result<pb::User, Error> {
+    async fn set_active(
+        &self,
+        principal: &Principal,
+        id: &str,
+        active: bool,
+    ) -> Result<pb::User, Error> {
+        let scope = authz::manage_users(principal)?;
         let id = convert::parse_id("id", id)?;
-        let mut conn = self.state.conn().await?;
-        let row = users::set_active(&mut conn, id, active, self.state.now()).await?;
+        let row = self
+            .state
+            .db(async |conn| {
+                users::set_active(conn, id, scope.tenant(), active, self.state.now()).await
+            })
+            .await?;
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 
-    async fn list(&self, request: pb::ListUsersRequest) -> Result<pb::ListUsersResponse, Error> {
-        let list = list::user_list(&request)?;
-        let mut conn = self.state.conn().await?;
-        let page = users::list(&mut conn, &list.query)
+    async fn list(
+        &self,
+        principal: &Principal,
+        request: pb::ListUsersRequest,
+    ) -> Result<pb::ListUsersResponse, Error> {
+        let scope = authz::list_users(principal)?;
+        let mut list = list::user_list(&request)?;
+        if let Some(tenant) = scope.tenant() {
+            // Confined to its tenant, whatever the filter says.
+            list.query.conditions.push(users::Condition::Uuid(
+                users::UuidField::TenantId,
+                UuidOp::EqualTo(tenant),
+            ));
+        }
+        let page = self
+            .state
+            .db(async |conn| users::list(conn, &list.query).await)
             .await?
             .map_err(|_| Error::invalid("page_token", "does not match this request"))?;
         Ok(pb::ListUsersResponse {
@@ -90,7 +148,8 @@ impl UsersService for UsersApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let user = self.create(request.into_inner()).await?;
+        let principal = authz::principal(&request)?;
+        let user = self.create(&principal, request.into_inner()).await?;
         Ok(Response::new(pb::CreateUserResponse { user: Some(user) }))
     }
 
@@ -98,7 +157,8 @@ impl UsersService for UsersApi {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
-        let user = self.get(request.into_inner()).await?;
+        let principal = authz::principal(&request)?;
+        let user = self.get(&principal, request.into_inner()).await?;
         Ok(Response::new(pb::GetUserResponse { user: Some(user) }))
     }
 
@@ -106,7 +166,8 @@ impl UsersService for UsersApi {
         &self,
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
-        let user = self.update(request.into_inner()).await?;
+        let principal = authz::principal(&request)?;
+        let user = self.update(&principal, request.into_inner()).await?;
         Ok(Response::new(pb::UpdateUserResponse { user: Some(user) }))
     }
 
@@ -114,7 +175,10 @@ impl UsersService for UsersApi {
         &self,
         request: Request<pb::DeactivateUserRequest>,
     ) -> Result<Response<pb::DeactivateUserResponse>, Status> {
-        let user = self.set_active(&request.into_inner().id, false).await?;
+        let principal = authz::principal(&request)?;
+        let user = self
+            .set_active(&principal, &request.into_inner().id, false)
+            .await?;
         Ok(Response::new(pb::DeactivateUserResponse {
             user: Some(user),
         }))
@@ -124,7 +188,10 @@ impl UsersService for UsersApi {
         &self,
         request: Request<pb::ReactivateUserRequest>,
     ) -> Result<Response<pb::ReactivateUserResponse>, Status> {
-        let user = self.set_active(&request.into_inner().id, true).await?;
+        let principal = authz::principal(&request)?;
+        let user = self
+            .set_active(&principal, &request.into_inner().id, true)
+            .await?;
         Ok(Response::new(pb::ReactivateUserResponse {
             user: Some(user),
         }))
@@ -134,6 +201,9 @@ impl UsersService for UsersApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.list(&principal, request.into_inner()).await?,
+        ))
     }
 }

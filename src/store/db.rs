@@ -150,3 +150,40 @@ pub async fn run_migrations(config: &tokio_postgres::Config) -> Result<(), BoxEr
     let _ = lock_driver.await;
     result
 }
+
+/// Runs `work` on a pooled connection. If the caller stops waiting (the call
+/// was cancelled or ran past its deadline) while a statement is running, the
+/// statement is cancelled on the server and the connection is closed rather
+/// than returned to the pool: otherwise the statement would go on, and might
+/// still commit, after the client was told the call failed.
+pub async fn run<T, E>(
+    pool: &DbPool,
+    work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+) -> Result<Result<T, E>, diesel_async::pooled_connection::deadpool::PoolError> {
+    let mut guard = CancelOnDrop(Some(pool.get().await?));
+    let connection = guard.0.as_mut().expect("guard holds the connection");
+    let result = work(connection).await;
+    // Finished: the connection goes back to the pool.
+    drop(guard.0.take());
+    Ok(result)
+}
+
+struct CancelOnDrop(Option<DbConn>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(connection) = self.0.take() else {
+            return;
+        };
+        let token = connection.cancel_token();
+        // Detached from the pool, the connection closes when dropped here.
+        drop(Object::take(connection));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = token.cancel_query(NoTls).await {
+                    tracing::warn!(%error, "could not cancel an abandoned statement");
+                }
+            });
+        }
+    }
+}

@@ -40,6 +40,8 @@ use tracing::{debug, info, warn};
 const SUPERUSER: &str = "postgres";
 /// Only names the socket file (`.s.PGSQL.5432`); no TCP port is opened.
 const PORT: u16 = 5432;
+/// Socket directory, inside the data directory.
+const RUN_DIR: &str = "run";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -236,6 +238,18 @@ impl EmbeddedPostgres {
         config
     }
 
+    /// A connection config for a cluster in `data_dir` that another process
+    /// (a running server) started: for tools that work beside it.
+    pub fn attach_config(data_dir: &Path, dbname: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(data_dir.join(RUN_DIR))
+            .port(PORT)
+            .user(SUPERUSER)
+            .dbname(dbname);
+        config
+    }
+
     /// Directory holding the Unix socket.
     pub fn socket_dir(&self) -> &Path {
         &self.socket_dir
@@ -397,7 +411,7 @@ impl Layout {
         }
         let layout = Self {
             pgdata: data_dir.join("pgdata"),
-            run_dir: data_dir.join("run"),
+            run_dir: data_dir.join(RUN_DIR),
             log_file: data_dir.join("postgres.log"),
             data_dir,
         };

@@ -33,4 +33,21 @@ diesel::table! {
 
 diesel::joinable!(users -> tenants (tenant_id));
 
-diesel::allow_tables_to_appear_in_same_query!(tenants, users);
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        name -> Text,
+        role -> Text,
+        tenant_id -> Nullable<Uuid>,
+        secret_sha256 -> Bytea,
+        rate_limit_per_second -> Nullable<Int4>,
+        is_bootstrap -> Bool,
+        created_at -> Timestamptz,
+        last_used_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(api_keys -> tenants (tenant_id));
+
+diesel::allow_tables_to_appear_in_same_query!(api_keys, tenants, users);

@@ -123,22 +123,40 @@ pub async fn insert(conn: &mut AsyncPgConnection, user: &NewUser) -> diesel::Que
         .await
 }
 
-pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> diesel::QueryResult<Option<UserRow>> {
+/// The users a call may reach: all, or those of one tenant. A user outside
+/// the scope is treated as if it did not exist.
+fn in_scope(tenant: Option<Uuid>) -> Boxed<users::table> {
+    match tenant {
+        Some(tenant) => Box::new(users::tenant_id.eq(tenant)),
+        // Always true: the column is NOT NULL.
+        None => Box::new(users::tenant_id.is_not_null()),
+    }
+}
+
+pub async fn find(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+) -> diesel::QueryResult<Option<UserRow>> {
     users::table
         .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
         .select(UserRow::as_select())
         .first(conn)
         .await
         .optional()
 }
 
-/// Applies `changes`; `None` when no user has this id.
+/// Applies `changes`; `None` when no user in scope has this id.
 pub async fn update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
+    tenant: Option<Uuid>,
     changes: &UserChanges,
 ) -> diesel::QueryResult<Option<UserRow>> {
-    diesel::update(users::table.filter(users::id.eq(id)))
+    diesel::update(users::table)
+        .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
         .set(changes)
         .returning(UserRow::as_returning())
         .get_result(conn)
@@ -151,22 +169,22 @@ pub async fn update(
 pub async fn set_active(
     conn: &mut AsyncPgConnection,
     id: Uuid,
+    tenant: Option<Uuid>,
     active: bool,
     now: DateTime<Utc>,
 ) -> diesel::QueryResult<Option<UserRow>> {
-    let changed = diesel::update(
-        users::table
-            .filter(users::id.eq(id))
-            .filter(users::active.ne(active)),
-    )
-    .set((users::active.eq(active), users::updated_at.eq(now)))
-    .returning(UserRow::as_returning())
-    .get_result(conn)
-    .await
-    .optional()?;
+    let changed = diesel::update(users::table)
+        .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
+        .filter(users::active.ne(active))
+        .set((users::active.eq(active), users::updated_at.eq(now)))
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
     match changed {
         Some(row) => Ok(Some(row)),
-        None => find(conn, id).await,
+        None => find(conn, id, tenant).await,
     }
 }
 

@@ -1,0 +1,102 @@
+//! Queries on `api_keys`.
+
+use chrono::{DateTime, Utc};
+use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper, prelude::*};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::schema::api_keys;
+
+/// One row of `api_keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = api_keys, check_for_backend(diesel::pg::Pg))]
+pub struct ApiKeyRow {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub tenant_id: Option<Uuid>,
+    pub secret_sha256: Vec<u8>,
+    pub rate_limit_per_second: Option<i32>,
+    pub is_bootstrap: bool,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A key to insert.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = api_keys)]
+pub struct NewApiKey {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub tenant_id: Option<Uuid>,
+    pub secret_sha256: Vec<u8>,
+    pub rate_limit_per_second: Option<i32>,
+    pub is_bootstrap: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn insert(conn: &mut AsyncPgConnection, key: &NewApiKey) -> QueryResult<ApiKeyRow> {
+    diesel::insert_into(api_keys::table)
+        .values(key)
+        .returning(ApiKeyRow::as_returning())
+        .get_result(conn)
+        .await
+}
+
+/// Loads a key for verification and records that it was used, in one round
+/// trip. Verification is cached, so this runs at most once per key and cache
+/// period on each replica.
+pub async fn load_for_use(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    now: DateTime<Utc>,
+) -> QueryResult<Option<ApiKeyRow>> {
+    diesel::update(api_keys::table.find(id))
+        .set(api_keys::last_used_at.eq(now))
+        .returning(ApiKeyRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+pub async fn list(conn: &mut AsyncPgConnection) -> QueryResult<Vec<ApiKeyRow>> {
+    api_keys::table
+        .order_by(api_keys::created_at.asc())
+        .select(ApiKeyRow::as_select())
+        .load(conn)
+        .await
+}
+
+/// Revokes a key; `None` when no key has this id. Revoking twice keeps the
+/// first revocation time.
+pub async fn revoke(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    now: DateTime<Utc>,
+) -> QueryResult<Option<ApiKeyRow>> {
+    let revoked = diesel::update(
+        api_keys::table
+            .find(id)
+            .filter(api_keys::revoked_at.is_null()),
+    )
+    .set(api_keys::revoked_at.eq(now))
+    .returning(ApiKeyRow::as_returning())
+    .get_result(conn)
+    .await
+    .optional()?;
+    match revoked {
+        Some(row) => Ok(Some(row)),
+        None => api_keys::table
+            .find(id)
+            .select(ApiKeyRow::as_select())
+            .first(conn)
+            .await
+            .optional(),
+    }
+}
+
+pub async fn count(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
+    api_keys::table.count().get_result(conn).await
+}
