@@ -14,13 +14,19 @@ chmod 755 "$DATA_DIR"
 LOG=$DATA_DIR/service.log
 
 cleanup() {
-  if [[ -n "${PID:-}" ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
+  if [[ -n "${PID:-}" ]] && kill -0 "$PID" 2>/dev/null; then if out=$(grpcurl -plaintext -d '{}' "$ADDR" users.v1.UsersService/ListUsers 2>&1); then
+  fail "a call without credentials was answered"
+fi
+grep -q "Unauthenticated" <<<"$out" || fail "expected Unauthenticated, got: $out"
+echo "ok: a call without credentials is UNAUTHENTICATED"
+
+kill -TERM "$PID"; wait "$PID" || true; fi
   rm -rf "$DATA_DIR"
 }
 trap cleanup EXIT
 
 fail() { echo "FAIL: $*" >&2; echo "--- service log ---" >&2; cat "$LOG" >&2; exit 1; }
-call() { grpcurl -plaintext -d "$2" "$ADDR" "$1"; }
+call() { grpcurl -plaintext -H "authorization: Bearer $(cat "$DATA_DIR/admin.key")" -d "$2" "$ADDR" "$1"; }
 # Field of a JSON document on stdin, by jq path.
 field() { jq -r "$1"; }
 expect() { [[ "$2" == "$3" ]] || fail "$1: expected '$3', got '$2'"; echo "ok: $1"; }
@@ -32,6 +38,9 @@ for _ in $(seq 1 150); do
   kill -0 "$PID" 2>/dev/null || fail "service exited during start-up"
   sleep 0.2
 done
+
+[[ "$(stat -c %a "$DATA_DIR/admin.key")" == 600 ]] || fail "admin.key is not mode 0600"
+echo "ok: the bootstrap admin key is in admin.key, mode 0600"
 
 services=$(grpcurl -plaintext "$ADDR" list)
 for s in users.v1.UsersService users.v1.TenantsService grpc.health.v1.Health; do
@@ -86,10 +95,18 @@ if out=$(call users.v1.UsersService/GetUser "{\"id\": \"$tenant_id\"}" 2>&1); th
 grep -q "NotFound" <<<"$out" || fail "expected NotFound, got: $out"
 echo "ok: unknown id is NOT_FOUND"
 
+if out=$(grpcurl -plaintext -d '{}' "$ADDR" users.v1.UsersService/ListUsers 2>&1); then
+  fail "a call without credentials was answered"
+fi
+grep -q "Unauthenticated" <<<"$out" || fail "expected Unauthenticated, got: $out"
+echo "ok: a call without credentials is UNAUTHENTICATED"
+
 kill -TERM "$PID"
 status=0
 wait "$PID" || status=$?
 PID=
 expect "SIGTERM exits 0" "$status" "0"
 grep -q "grpc.method" "$LOG" || fail "no per-call log line"
+if grep -q "$(cut -d_ -f3 "$DATA_DIR/admin.key")" "$LOG"; then fail "the admin token is in the log"; fi
+echo "ok: no token in the log"
 echo "grpcurl end-to-end: all checks passed"

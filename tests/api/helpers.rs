@@ -17,9 +17,14 @@ use std::{
 
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_postgres::NoTls;
-use tonic::transport::Channel;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 use users_service::{
     app::Application,
+    auth::{Role, jwt::JwtAlgorithm, keys},
     config::Config,
     pb::v1::{
         tenants_service_client::TenantsServiceClient, users_service_client::UsersServiceClient,
@@ -153,11 +158,30 @@ pub async fn start_embedded(dir: &std::path::Path, fast: bool) -> EmbeddedPostgr
         .expect("embedded postgres starts")
 }
 
-/// Settings for a test server: port 0, a small pool, short timeouts.
+/// Issuer and audience of the end-user tokens the tests sign.
+pub const JWT_ISSUER: &str = "https://idp.test";
+pub const JWT_AUDIENCE: &str = "users-service";
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Settings for a test server: port 0, its own data directory (which gets
+/// the bootstrap admin key), end-user tokens verified with the RS256
+/// fixture key, no rate limit, a small pool and short timeouts.
 pub fn test_config(database_url: Option<String>) -> Config {
     let mut config = Config::with_defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.database_url = database_url;
+    config.data_dir = scratch_dir("app");
+    config.rate_limit_per_second = 0;
+    config.key_cache_ttl = Duration::from_millis(300);
+    config.jwt_issuer = Some(JWT_ISSUER.to_owned());
+    config.jwt_audience = JWT_AUDIENCE.to_owned();
+    config.jwt_algorithm = JwtAlgorithm::Rs256;
+    config.jwt_key_file = Some(fixture("jwt-rs256-public.pem"));
     config.db_pool_size = Some(4);
     config.db_connect_timeout = Duration::from_secs(2);
     config.db_acquire_timeout = Duration::from_secs(2);
@@ -165,13 +189,44 @@ pub fn test_config(database_url: Option<String>) -> Config {
     config
 }
 
-/// A running server with clients, and a connection to its database to check
-/// what it holds.
+/// Adds `authorization: Bearer <token>` to every call, when it has a token.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.map(|t| format!("Bearer {t}").parse().expect("ASCII token")))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Users = UsersServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Tenants = TenantsServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A running server with clients (authenticated with the bootstrap admin
+/// key), and a connection to its database to check what it holds.
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub users: UsersServiceClient<Channel>,
-    pub tenants: TenantsServiceClient<Channel>,
+    pub users: Users,
+    pub tenants: Tenants,
+    pub channel: Channel,
+    pub admin_token: String,
+    pub config: Config,
     pub db: tokio_postgres::Client,
+    pub db_config: tokio_postgres::Config,
     pub database: String,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
@@ -239,18 +294,72 @@ pub async fn spawn_with(config: Config) -> TestApp {
     };
     let (db, connection) = db_config.connect(NoTls).await.expect("test db connection");
     tokio::spawn(connection);
+    let admin_token = read_admin_key(&config.data_dir).await;
+    let bearer = Bearer::new(Some(&admin_token));
     TestApp {
         addr,
-        users: UsersServiceClient::new(channel.clone()),
-        tenants: TenantsServiceClient::new(channel),
+        users: UsersServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        tenants: TenantsServiceClient::with_interceptor(channel.clone(), bearer),
+        channel,
+        admin_token,
+        config,
         db,
+        db_config,
         database: String::new(),
         stop: Some(stop),
         handle: Some(handle),
     }
 }
 
+/// The bootstrap admin token; a replica that started beside another may see
+/// the file a moment after its own start.
+async fn read_admin_key(data_dir: &std::path::Path) -> String {
+    let path = data_dir.join(keys::ADMIN_KEY_FILE);
+    for _ in 0..50 {
+        if let Ok(token) = std::fs::read_to_string(&path) {
+            return token.trim().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no admin key in {}", path.display());
+}
+
 impl TestApp {
+    /// A UsersService client that sends `token` (or no credentials).
+    pub fn users_as(&self, token: Option<&str>) -> Users {
+        UsersServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    /// A TenantsService client that sends `token` (or no credentials).
+    pub fn tenants_as(&self, token: Option<&str>) -> Tenants {
+        TenantsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    /// Creates an API key in the app's database; returns its token.
+    pub async fn create_key(
+        &self,
+        role: Role,
+        tenant: Option<uuid::Uuid>,
+        rate_limit: Option<u32>,
+    ) -> String {
+        let (client, connection) = self.db_config.connect(NoTls).await.unwrap();
+        let mut conn =
+            diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
+                .await
+                .unwrap();
+        let (_, token) = keys::create(
+            &mut conn,
+            role,
+            tenant,
+            "test",
+            rate_limit.and_then(std::num::NonZeroU32::new),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+        token.reveal()
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

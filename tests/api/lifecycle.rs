@@ -196,11 +196,9 @@ async fn reflection_lists_the_services_and_resolves_error_details() {
 #[tokio::test]
 async fn replicas_starting_together_on_a_new_database_both_come_up() {
     let name = format!("users_service_replicas_{}", std::process::id());
-    let url = server().url(&name);
-    let (a, b) = tokio::join!(
-        spawn_with(test_config(Some(url.clone()))),
-        spawn_with(test_config(Some(url)))
-    );
+    // Same database and data directory, as two replicas on one host.
+    let config = test_config(Some(server().url(&name)));
+    let (a, b) = tokio::join!(spawn_with(config.clone()), spawn_with(config));
     let (mut a, b) = (a, b);
     a.database = name;
     create(&mut a, roq_user()).await;
@@ -209,6 +207,17 @@ async fn replicas_starting_together_on_a_new_database_both_come_up() {
             .await
             .unwrap()
             .get(0);
-    assert_eq!(versions, 1);
+    let embedded = diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(
+        &users_service::store::db::MIGRATIONS,
+    )
+    .unwrap()
+    .len();
+    assert_eq!(versions, embedded as i64, "each migration applied once");
+    let bootstrap_keys: i64 =
+        b.db.query_one("SELECT count(*) FROM api_keys WHERE is_bootstrap", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(bootstrap_keys, 1, "one bootstrap key, not one per replica");
     b.shutdown().await;
 }

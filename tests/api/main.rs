@@ -1,8 +1,11 @@
 //! The integration tests: one binary, a real server over a real socket,
 //! real Postgres.
 
+mod auth;
 mod helpers;
+mod keys_cli;
 mod lifecycle;
+mod limits;
 mod list;
 mod tenants;
 mod users;
