@@ -13,6 +13,7 @@ use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
 use crate::layers::{
     auth::AuthLayer, call_log::CallLogLayer, in_flight::InFlightLimitLayer, rate_limit::RateLimits,
 };
+use crate::metrics::{self, Metrics};
 use crate::pb::{
     self,
     v1::{tenants_service_server::TenantsServiceServer, users_service_server::UsersServiceServer},
@@ -54,6 +55,8 @@ pub struct Application {
     database: Database,
     authenticator: Arc<Authenticator>,
     limits: Option<Arc<RateLimits>>,
+    metrics: Arc<Metrics>,
+    metrics_listener: Option<TcpListener>,
     config: Config,
 }
 
@@ -118,6 +121,14 @@ impl Application {
             addr: config.listen,
             source,
         })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
             local_addr,
@@ -125,6 +136,8 @@ impl Application {
             database,
             authenticator,
             limits,
+            metrics: Arc::new(Metrics::new()),
+            metrics_listener,
             config: config.clone(),
         })
     }
@@ -132,6 +145,13 @@ impl Application {
     /// The address the server is bound to (the real port when asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the `/metrics` endpoint, when it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes; then reports NOT_SERVING, lets
@@ -151,9 +171,16 @@ impl Application {
         let mut builder = Server::builder()
             // Caps every call, whatever deadline the client asked for.
             .timeout(self.config.max_call_duration)
-            .layer(CallLogLayer)
-            .layer(InFlightLimitLayer::new(self.config.max_in_flight))
-            .layer(AuthLayer::new(self.authenticator, self.limits));
+            .layer(CallLogLayer::new(Arc::clone(&self.metrics)))
+            .layer(InFlightLimitLayer::new(
+                self.config.max_in_flight,
+                Arc::clone(&self.metrics),
+            ))
+            .layer(AuthLayer::new(
+                self.authenticator,
+                self.limits,
+                Arc::clone(&self.metrics),
+            ));
         let mut router = builder
             .add_service(health_service)
             .add_service(users)
@@ -168,6 +195,21 @@ impl Application {
             let _ = stop_rx.await;
         }));
         tracing::info!(addr = %self.local_addr, "serving");
+
+        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = self.metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving metrics on /metrics");
+            }
+            tokio::spawn(metrics::serve(
+                listener,
+                Arc::clone(&self.metrics),
+                self.state.pool.clone(),
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            ))
+        });
 
         let outcome = tokio::select! {
             result = &mut server => Some(result),
@@ -190,6 +232,10 @@ impl Application {
                 }
             }
         };
+        let _ = metrics_stop.send(());
+        if let Some(metrics_server) = metrics_server {
+            let _ = metrics_server.await;
+        }
         self.state.pool.close();
         self.database
             .close()

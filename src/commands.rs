@@ -1,15 +1,16 @@
-//! The `keys` commands: they work on the same database as the server (the
-//! embedded cluster or `DATABASE_URL`), also while the server runs.
+//! The `keys` and `check` commands: they work on the same database as the
+//! server (the embedded cluster or `DATABASE_URL`), also while it runs.
 
 use chrono::{SubsecRound, Utc};
 use diesel_async::AsyncPgConnection;
 use tokio_postgres::NoTls;
 
-use crate::auth::keys;
+use crate::auth::{jwt::JwtVerifier, keys};
 use crate::config::{Config, KeysCommand};
 use crate::store::{
     api_keys,
-    database::{Database, Sharing},
+    database::{Database, EMBEDDED_DATABASE, Sharing},
+    embedded::{self, EmbeddedError, EmbeddedPostgres},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -80,4 +81,84 @@ async fn run(database: &Database, command: KeysCommand) -> Result<(), BoxError> 
         },
     }
     Ok(())
+}
+
+/// Verifies the configuration and reaches the database without changing it.
+pub async fn check(config: &Config) -> Result<(), BoxError> {
+    if let Some(settings) = config.jwt() {
+        JwtVerifier::new(&settings).map_err(|e| format!("end-user tokens: {e}"))?;
+        println!(
+            "ok: end-user tokens from {} ({:?})",
+            settings.issuer, settings.algorithm
+        );
+    }
+    let mut started = None;
+    let pg_config: tokio_postgres::Config = match &config.database_url {
+        Some(url) => url
+            .parse()
+            .map_err(|e| format!("DATABASE_URL is not a valid connection string: {e}"))?,
+        None => {
+            let data_dir = std::path::absolute(&config.data_dir)?;
+            match EmbeddedPostgres::start(&data_dir, embedded::Options::default()).await {
+                Ok(pg) => {
+                    let pg_config = pg.config("postgres");
+                    started = Some(pg);
+                    pg_config
+                }
+                // A server runs on this data directory: reach its cluster.
+                Err(EmbeddedError::InUse { .. }) => {
+                    EmbeddedPostgres::attach_config(&data_dir, "postgres")
+                }
+                Err(e) => return Err(format!("embedded PostgreSQL: {e}").into()),
+            }
+        }
+    };
+    let reached = reach(&pg_config, config.db_connect_timeout).await;
+    if let Some(pg) = started {
+        pg.stop().await?;
+    }
+    let version = reached?;
+    let target = pg_config.get_dbname().unwrap_or(EMBEDDED_DATABASE);
+    println!("ok: database reachable (PostgreSQL {version}, database {target})");
+    Ok(())
+}
+
+async fn reach(
+    pg_config: &tokio_postgres::Config,
+    timeout: std::time::Duration,
+) -> Result<String, BoxError> {
+    let connect = tokio::time::timeout(timeout, pg_config.connect(NoTls))
+        .await
+        .map_err(|_| format!("database not reachable within {timeout:?}"))?;
+    let (client, connection) = match connect {
+        Ok(pair) => pair,
+        // The server creates a missing database at start.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => {
+            let mut maintenance = pg_config.clone();
+            maintenance.dbname("postgres");
+            println!("note: the database does not exist yet; the server creates it at start");
+            maintenance
+                .connect(NoTls)
+                .await
+                .map_err(|e| format!("database not reachable: {}", with_causes(&e)))?
+        }
+        Err(e) => return Err(format!("database not reachable: {}", with_causes(&e)).into()),
+    };
+    let driver = tokio::spawn(connection);
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    drop(client);
+    let _ = driver.await;
+    Ok(version)
+}
+
+/// An error and the chain of its causes, on one line.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -22,6 +22,7 @@
 //! | `--jwt-algorithm` | `JWT_ALGORITHM` | `rs256` |
 //! | `--jwt-key-file` | `JWT_KEY_FILE` | none |
 //! | `--jwt-secret` | `JWT_SECRET` | none |
+//! | `--metrics-listen` | `METRICS_LISTEN` | none: no metrics endpoint |
 //! | `--log-format` | `LOG_FORMAT` | `text` |
 //!
 //! Log filtering follows `RUST_LOG` (default `info`).
@@ -57,6 +58,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC (the default).
     Serve,
+    /// Check the configuration and that the database can be reached; exits
+    /// non-zero with the reason when not.
+    Check,
     /// Manage the API keys of the services that call users-service.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -180,6 +184,11 @@ pub struct Config {
     #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// Address of the Prometheus `/metrics` endpoint (off when not set),
+    /// for example 127.0.0.1:9090.
+    #[arg(long, global = true, env = "METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log line format.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -206,6 +215,7 @@ impl Config {
             db_statement_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            metrics_listen: None,
             rate_limit_per_second: DEFAULT_RATE_LIMIT,
             rate_limit_burst: None,
             max_in_flight: 512,

@@ -8,6 +8,7 @@ pub mod domain; // validated types, built once at the edge
 pub mod error; // the one error type and its gRPC status
 pub mod grpc; // handlers, authorization, conversions
 pub mod layers; // tower layers: auth, rate limits, load shedding, call log
+pub mod metrics; // Prometheus metrics
 pub mod pb; // generated protobuf code
 pub mod store; // Postgres: schema, queries, pool, embedded cluster
 pub mod telemetry; // logging

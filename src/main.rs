@@ -18,6 +18,7 @@ async fn main() -> ExitCode {
     telemetry::init(cli.config.log_format);
     let result = match cli.command {
         None | Some(Command::Serve) => serve(&cli.config).await,
+        Some(Command::Check) => commands::check(&cli.config).await,
         Some(Command::Keys(command)) => commands::keys(&cli.config, command).await,
     };
     match result {

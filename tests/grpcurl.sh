@@ -14,13 +14,7 @@ chmod 755 "$DATA_DIR"
 LOG=$DATA_DIR/service.log
 
 cleanup() {
-  if [[ -n "${PID:-}" ]] && kill -0 "$PID" 2>/dev/null; then if out=$(grpcurl -plaintext -d '{}' "$ADDR" users.v1.UsersService/ListUsers 2>&1); then
-  fail "a call without credentials was answered"
-fi
-grep -q "Unauthenticated" <<<"$out" || fail "expected Unauthenticated, got: $out"
-echo "ok: a call without credentials is UNAUTHENTICATED"
-
-kill -TERM "$PID"; wait "$PID" || true; fi
+  if [[ -n "${PID:-}" ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
   rm -rf "$DATA_DIR"
 }
 trap cleanup EXIT

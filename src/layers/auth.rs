@@ -18,8 +18,15 @@ use tonic::{Status, transport::server::TcpConnectInfo};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
-use super::rate_limit::RateLimits;
-use crate::auth::authenticator::{AuthFailure, Authenticator};
+use super::{
+    call_log::{CallerInfo, CallerSlot},
+    rate_limit::RateLimits,
+};
+use crate::auth::{
+    Principal,
+    authenticator::{AuthFailure, Authenticator},
+};
+use crate::metrics::{Metrics, Rejection};
 
 /// Paths that need a caller.
 const PROTECTED_PREFIX: &str = "/users.v1.";
@@ -28,14 +35,20 @@ const PROTECTED_PREFIX: &str = "/users.v1.";
 pub struct AuthLayer {
     authenticator: Arc<Authenticator>,
     limits: Option<Arc<RateLimits>>,
+    metrics: Arc<Metrics>,
 }
 
 impl AuthLayer {
     /// `limits` is `None` when per-caller limiting is switched off.
-    pub fn new(authenticator: Arc<Authenticator>, limits: Option<Arc<RateLimits>>) -> Self {
+    pub fn new(
+        authenticator: Arc<Authenticator>,
+        limits: Option<Arc<RateLimits>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             authenticator,
             limits,
+            metrics,
         }
     }
 }
@@ -90,6 +103,9 @@ where
             let outcome = layer.authenticator.authenticate(header).await;
             match outcome {
                 Ok(authenticated) => {
+                    if let Some(slot) = request.extensions().get::<CallerSlot>() {
+                        slot.set(caller_info(&authenticated.principal));
+                    }
                     if let Some(wait) = layer.over_quota(
                         &authenticated.principal.rate_key(),
                         authenticated.rate_limit_per_second,
@@ -125,7 +141,19 @@ where
 
 impl AuthLayer {
     fn over_quota(&self, caller: &str, own: Option<std::num::NonZeroU32>) -> Option<Duration> {
-        self.limits.as_ref()?.check(caller, own).err()
+        let wait = self.limits.as_ref()?.check(caller, own).err()?;
+        self.metrics.rejected(Rejection::RateLimit);
+        Some(wait)
+    }
+}
+
+fn caller_info(principal: &Principal) -> CallerInfo {
+    CallerInfo {
+        id: principal.id(),
+        tenant: match principal {
+            Principal::TenantKey { tenant_id, .. } => Some(*tenant_id),
+            Principal::Admin { .. } | Principal::User { .. } => None,
+        },
     }
 }
 

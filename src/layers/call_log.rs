@@ -1,36 +1,74 @@
-//! One log line per call: method, gRPC code and duration.
+//! One log line and the metrics of every call: method, gRPC code, duration,
+//! caller and tenant, request id.
 //!
 //! A failed call usually carries its `grpc-status` in the response headers
 //! (a trailers-only response), but a successful one sends it in the trailers
-//! after the body; so the line is written when the status is seen, wherever
+//! after the body; so the call is recorded when the status is seen, wherever
 //! it comes, or when the body is dropped without one (the client went away).
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
 use tonic::Code;
 use tower::{Layer, Service};
+use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CallLogLayer;
+use crate::metrics::{Metrics, code_name};
+
+/// Header that carries the request id, in and out.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Who made a call, filled in by the authentication layer for the log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerInfo {
+    /// Key id or end-user id; never a secret.
+    pub id: String,
+    pub tenant: Option<Uuid>,
+}
+
+/// Put into every request's extensions; the auth layer sets it once.
+#[derive(Debug, Clone, Default)]
+pub struct CallerSlot(Arc<OnceLock<CallerInfo>>);
+
+impl CallerSlot {
+    pub fn set(&self, caller: CallerInfo) {
+        let _ = self.0.set(caller);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CallLogLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl CallLogLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
 
 impl<S> Layer<S> for CallLogLayer {
     type Service = CallLog<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CallLog { inner }
+        CallLog {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct CallLog<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallLog<S>
@@ -46,14 +84,29 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| is_safe_request_id(id))
+            .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
+        let caller = CallerSlot::default();
+        request.extensions_mut().insert(caller.clone());
         let call = Call {
             method: request.uri().path().to_owned(),
+            request_id,
+            caller,
             started: Instant::now(),
+            metrics: Arc::clone(&self.metrics),
         };
+        call.metrics.call_started(&call.method);
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await?;
+            let mut response = response.await?;
+            if let Ok(value) = HeaderValue::from_str(&call.request_id) {
+                response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            }
             let pending = match status_code(response.headers()) {
                 Some(code) => {
                     call.finish(code);
@@ -66,29 +119,55 @@ where
     }
 }
 
+/// A client's request id is echoed and logged only if it is short and plain.
+fn is_safe_request_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 #[derive(Debug)]
 struct Call {
     method: String,
+    request_id: String,
+    caller: CallerSlot,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl Call {
     fn finish(&self, code: Code) {
+        let elapsed = self.started.elapsed();
+        self.metrics.call_handled(&self.method, code, elapsed);
         // Milliseconds with microsecond resolution.
-        let duration_ms = (self.started.elapsed().as_micros() as f64) / 1000.0;
+        let duration_ms = (elapsed.as_micros() as f64) / 1000.0;
         let method = self.method.as_str();
-        let code_name = format!("{code:?}");
+        let code = code_name(code);
+        let caller = self.caller.0.get();
+        let caller_id = caller.map_or("", |c| c.id.as_str());
+        let tenant = caller
+            .and_then(|c| c.tenant)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let request_id = self.request_id.as_str();
         match code {
-            Code::Internal | Code::Unknown | Code::DataLoss => tracing::error!(
+            "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => tracing::error!(
                 grpc.method = method,
-                grpc.code = code_name,
+                grpc.code = code,
                 duration_ms,
+                caller.id = caller_id,
+                tenant.id = tenant,
+                request.id = request_id,
                 "call"
             ),
             _ => tracing::info!(
                 grpc.method = method,
-                grpc.code = code_name,
+                grpc.code = code,
                 duration_ms,
+                caller.id = caller_id,
+                tenant.id = tenant,
+                request.id = request_id,
                 "call"
             ),
         }
@@ -117,12 +196,11 @@ impl<B: Body + Unpin> Body for LoggedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(code) = frame.trailers_ref().and_then(status_code) {
-                if let Some(call) = self.pending.take() {
-                    call.finish(code);
-                }
-            }
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(code) = frame.trailers_ref().and_then(status_code)
+            && let Some(call) = self.pending.take()
+        {
+            call.finish(code);
         }
         polled
     }

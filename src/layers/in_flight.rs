@@ -12,15 +12,19 @@ use std::{
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
+use crate::metrics::{Metrics, Rejection};
+
 #[derive(Debug, Clone)]
 pub struct InFlightLimitLayer {
     permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl InFlightLimitLayer {
-    pub fn new(max_in_flight: usize) -> Self {
+    pub fn new(max_in_flight: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            metrics,
         }
     }
 }
@@ -32,6 +36,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
         InFlightLimit {
             inner,
             permits: Arc::clone(&self.permits),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -40,6 +45,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
 pub struct InFlightLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S, B> Service<http::Request<B>> for InFlightLimit<S>
@@ -57,6 +63,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            self.metrics.rejected(Rejection::LoadShed);
             return Box::pin(async {
                 Ok(tonic::Status::unavailable("server overloaded, retry later").into_http())
             });

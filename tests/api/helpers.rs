@@ -220,6 +220,7 @@ pub type Tenants = TenantsServiceClient<InterceptedService<Channel, Bearer>>;
 /// key), and a connection to its database to check what it holds.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub users: Users,
     pub tenants: Tenants,
     pub channel: Channel,
@@ -265,6 +266,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
         .await
         .expect("application builds");
     let addr = application.local_addr();
+    let metrics_addr = application.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         application
@@ -298,6 +300,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
     let bearer = Bearer::new(Some(&admin_token));
     TestApp {
         addr,
+        metrics_addr,
         users: UsersServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         tenants: TenantsServiceClient::with_interceptor(channel.clone(), bearer),
         channel,

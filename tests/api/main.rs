@@ -7,6 +7,7 @@ mod keys_cli;
 mod lifecycle;
 mod limits;
 mod list;
+mod metrics;
 mod tenants;
 mod users;
 mod validation;

@@ -1,0 +1,259 @@
+//! Prometheus metrics, served on their own port (`--metrics-listen`), with
+//! the go-grpc-prometheus names so existing dashboards work.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::store::db::DbPool;
+
+/// Buckets of `grpc_server_handling_seconds` (Prometheus' defaults, as
+/// go-grpc-prometheus uses).
+const HANDLING_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_type: &'static str,
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_type: &'static str,
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Why a call was turned away before reaching a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Over its caller's quota.
+    RateLimit,
+    /// Over the global in-flight limit.
+    LoadShed,
+}
+
+/// The service's metrics, one registry per server.
+pub struct Metrics {
+    registry: Registry,
+    started: Family<MethodLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    rejections: Family<ReasonLabels, Counter>,
+    pool: Family<StateLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let started = Family::<MethodLabels, Counter>::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling: Family<MethodLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(HANDLING_BUCKETS));
+        let rejections = Family::<ReasonLabels, Counter>::default();
+        let pool = Family::<StateLabels, Gauge>::default();
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "grpc_server_started",
+            "Total number of RPCs started on the server.",
+            started.clone(),
+        );
+        registry.register(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            handling.clone(),
+        );
+        registry.register(
+            "users_service_rejected_calls",
+            "Calls turned away before a handler: over a caller's rate limit, or shed over the in-flight limit.",
+            rejections.clone(),
+        );
+        registry.register(
+            "users_service_db_pool_connections",
+            "Database pool connections by state: in_use, idle, and callers waiting for one.",
+            pool.clone(),
+        );
+        registry.register(
+            "users_service_build_info",
+            "Always 1; the labels describe the running build.",
+            build,
+        );
+        Self {
+            registry,
+            started,
+            handled,
+            handling,
+            rejections,
+            pool,
+        }
+    }
+
+    pub fn call_started(&self, path: &str) {
+        self.started.get_or_create(&method_labels(path)).inc();
+    }
+
+    pub fn call_handled(&self, path: &str, code: tonic::Code, elapsed: Duration) {
+        let labels = method_labels(path);
+        self.handling
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.handled
+            .get_or_create(&HandledLabels {
+                grpc_type: labels.grpc_type,
+                grpc_service: labels.grpc_service,
+                grpc_method: labels.grpc_method,
+                grpc_code: code_name(code).to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        let reason = match why {
+            Rejection::RateLimit => "rate_limit",
+            Rejection::LoadShed => "load_shed",
+        };
+        self.rejections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// The text exposition, with the pool gauges read now.
+    pub fn render(&self, pool: &DbPool) -> String {
+        let status = pool.status();
+        let in_use = status.size.saturating_sub(status.available);
+        for (state, value) in [
+            ("in_use", in_use),
+            ("idle", status.available),
+            ("waiting", status.waiting),
+        ] {
+            self.pool
+                .get_or_create(&StateLabels { state })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// `/users.v1.UsersService/GetUser` -> (unary, users.v1.UsersService, GetUser).
+fn method_labels(path: &str) -> MethodLabels {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("unknown", "unknown"));
+    let grpc_type = match path {
+        "/grpc.health.v1.Health/Watch" => "server_stream",
+        p if p.starts_with("/grpc.reflection.") => "bidi_stream",
+        _ => "unary",
+    };
+    MethodLabels {
+        grpc_type,
+        grpc_service: service.to_owned(),
+        grpc_method: method.to_owned(),
+    }
+}
+
+/// The canonical upper-case name of a code, as go-grpc-prometheus writes it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    pool: DbPool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{Router, http::header, routing::get};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = metrics.render(&pool);
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

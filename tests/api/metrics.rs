@@ -1,0 +1,144 @@
+//! The Prometheus endpoint counts calls per method and code.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use users_service::pb::v1::{CreateUserRequest, GetUserRequest, User};
+
+use crate::helpers::{server, spawn_with, test_config};
+use crate::users::{create, roq_user};
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the sample `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_calls_per_method_and_code() {
+    let name = format!("users_service_metrics_{}", std::process::id());
+    let mut config = test_config(Some(server().url(&name)));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut app = spawn_with(config).await;
+    app.database = name;
+    let metrics_addr = app.metrics_addr.expect("metrics are on");
+
+    let created = create(&mut app, roq_user()).await;
+    create(&mut app, User::default()).await;
+    for _ in 0..3 {
+        app.users
+            .get_user(GetUserRequest {
+                id: created.id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let missing = app
+        .users
+        .get_user(GetUserRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let invalid = app
+        .users
+        .create_user(CreateUserRequest {
+            user: Some(User {
+                email: "nope".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    let unauthenticated = app
+        .users_as(None)
+        .get_user(GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+
+    let text = scrape(metrics_addr).await;
+    let users = ("grpc_service", "users.v1.UsersService");
+    let handled = |method: &str, code: &str| {
+        sample(
+            &text,
+            "grpc_server_handled_total",
+            &[
+                ("grpc_type", "unary"),
+                users,
+                ("grpc_method", method),
+                ("grpc_code", code),
+            ],
+        )
+    };
+    assert_eq!(handled("GetUser", "OK"), Some(3.0), "{text}");
+    assert_eq!(handled("GetUser", "NOT_FOUND"), Some(1.0));
+    assert_eq!(handled("GetUser", "UNAUTHENTICATED"), Some(1.0));
+    assert_eq!(handled("CreateUser", "OK"), Some(2.0));
+    assert_eq!(handled("CreateUser", "INVALID_ARGUMENT"), Some(1.0));
+    assert_eq!(handled("ListUsers", "OK"), None);
+    assert_eq!(
+        sample(
+            &text,
+            "grpc_server_started_total",
+            &[users, ("grpc_method", "GetUser")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "grpc_server_handling_seconds_count",
+            &[users, ("grpc_method", "GetUser")]
+        ),
+        Some(5.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "users_service_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ) == Some(1.0)
+    );
+    let idle = sample(
+        &text,
+        "users_service_db_pool_connections",
+        &[("state", "idle")],
+    )
+    .unwrap();
+    let in_use = sample(
+        &text,
+        "users_service_db_pool_connections",
+        &[("state", "in_use")],
+    )
+    .unwrap();
+    assert!(
+        idle + in_use >= 1.0,
+        "the pool has opened connections: {text}"
+    );
+}
