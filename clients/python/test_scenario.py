@@ -1,0 +1,202 @@
+"""The Python client scenario, against a live users-service (see conftest.py).
+
+Tests run in file order and share one server; the last one stops it with
+SIGTERM and checks that it exits 0.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+ROQ_REFERENCE = "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa"
+TIMEOUT = 10  # seconds, per call
+
+
+def roq_user(pb):
+    """The ROQ API's example user, as sent (locale in non-canonical case)."""
+    return pb.users.User(
+        reference=ROQ_REFERENCE,
+        email="",
+        phone="+15550001234",
+        first_name="Anna",
+        last_name="W",
+        locale="en-Us",
+        timezone="Asia/Bangkok",
+        is_opted_in=False,
+        active=True,
+    )
+
+
+def rpc_error(call, request, metadata):
+    """Make a call that must fail; return the grpc.RpcError (also a grpc.Call)."""
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call(request, metadata=metadata, timeout=TIMEOUT)
+    return excinfo.value
+
+
+def details(pb, error, kind):
+    """The details of one google.rpc type in the status of a failed call."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no google.rpc.Status details in {error.code()}: {error.details()}"
+    assert status.code == error.code().value[0]
+    found = []
+    for any_detail in status.details:
+        if any_detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            any_detail.Unpack(message)
+            found.append(message)
+    return found
+
+
+@pytest.fixture(scope="module")
+def roq(pb, users, auth):
+    """The ROQ user, created once; the created user as the server returned it."""
+    created = users.CreateUser(pb.users.CreateUserRequest(user=roq_user(pb)), metadata=auth, timeout=TIMEOUT)
+    return created.user
+
+
+def test_create_roq_user(roq):
+    assert str(uuid.UUID(roq.id)) == roq.id, f"id is not a canonical UUID: {roq.id!r}"
+    assert roq.locale == "en-US"
+    assert roq.synced is True
+    assert roq.reference == ROQ_REFERENCE
+    assert roq.email == ""
+    assert roq.HasField("phone") and roq.phone == "+15550001234"
+    assert roq.first_name == "Anna" and roq.last_name == "W"
+    assert roq.HasField("timezone") and roq.timezone == "Asia/Bangkok"
+    assert roq.is_opted_in is False
+    assert roq.HasField("active") and roq.active is True
+    uuid.UUID(roq.tenant_id)  # the default tenant
+    assert roq.HasField("created_at") and roq.HasField("updated_at")
+
+
+def test_get_user(pb, users, auth, roq):
+    got = users.GetUser(pb.users.GetUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    assert got == roq
+
+
+def test_update_first_name_only(pb, users, auth, roq):
+    before = users.GetUser(pb.users.GetUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    after = users.UpdateUser(
+        pb.users.UpdateUserRequest(id=roq.id, user=pb.users.UserUpdate(first_name="Anna-Maria")),
+        metadata=auth,
+        timeout=TIMEOUT,
+    ).user
+    assert after.first_name == "Anna-Maria"
+    assert after.updated_at.ToDatetime() >= before.updated_at.ToDatetime()
+    # Every other field is unchanged.
+    expected = type(before)()
+    expected.CopyFrom(before)
+    expected.first_name = "Anna-Maria"
+    expected.ClearField("updated_at")
+    compared = type(after)()
+    compared.CopyFrom(after)
+    compared.ClearField("updated_at")
+    assert compared == expected
+    # And it is stored.
+    assert users.GetUser(pb.users.GetUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user == after
+
+
+def test_deactivate_and_reactivate_are_idempotent(pb, users, auth, roq):
+    first = users.DeactivateUser(pb.users.DeactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    assert first.active is False
+    second = users.DeactivateUser(pb.users.DeactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    assert second.active is False
+    assert second.updated_at == first.updated_at, "a second deactivate changed updatedAt"
+    assert second == first
+
+    back = users.ReactivateUser(pb.users.ReactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    assert back.active is True
+    again = users.ReactivateUser(pb.users.ReactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    assert again.active is True
+    assert again.updated_at == back.updated_at, "a second reactivate changed updatedAt"
+
+
+def test_list_with_reference_filter(pb, users, auth, roq):
+    reply = users.ListUsers(
+        pb.users.ListUsersRequest(
+            limit=10,
+            offset=0,
+            filter=pb.users.UserFilter(reference=pb.common.StringFilter(equal_to=ROQ_REFERENCE)),
+        ),
+        metadata=auth,
+        timeout=TIMEOUT,
+    )
+    assert reply.HasField("total_count") and reply.total_count == 1
+    assert [u.id for u in reply.data] == [roq.id]
+    assert reply.data[0].first_name == "Anna-Maria"  # as updated above
+    assert reply.next_page_token == ""
+
+
+def test_list_paging_with_next_page_token(pb, users, auth):
+    prefix = f"paging-{uuid.uuid4()}-"
+    created = set()
+    for i in range(5):
+        user = pb.users.User(reference=f"{prefix}{i}", first_name=f"Page{i}", last_name="Walker")
+        created.add(users.CreateUser(pb.users.CreateUserRequest(user=user), metadata=auth, timeout=TIMEOUT).user.id)
+    assert len(created) == 5
+
+    user_filter = pb.users.UserFilter(reference=pb.common.StringFilter(like=f"{prefix}%"))
+    seen, pages, token = [], [], ""
+    for _ in range(10):  # 5 users at 2 a page: 3 pages; bounded in case the token never empties
+        reply = users.ListUsers(
+            pb.users.ListUsersRequest(limit=2, filter=user_filter, page_token=token),
+            metadata=auth,
+            timeout=TIMEOUT,
+        )
+        assert len(reply.data) <= 2
+        pages.append(len(reply.data))
+        seen.extend(u.id for u in reply.data)
+        token = reply.next_page_token
+        if not token:
+            break
+    else:
+        pytest.fail(f"next_page_token never became empty; pages so far: {pages}")
+    assert len(seen) == len(set(seen)), f"a user was listed twice: {seen}"
+    assert set(seen) == created
+    assert pages[:2] == [2, 2]
+
+
+def test_validation_error_lists_every_bad_field(pb, users, auth):
+    bad = pb.users.User(reference=f"bad-{uuid.uuid4()}", email="not an email", phone="12-not-a-phone")
+    error = rpc_error(users.CreateUser, pb.users.CreateUserRequest(user=bad), auth)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (bad_request,) = details(pb, error, pb.error_details.BadRequest)
+    fields = {v.field for v in bad_request.field_violations}
+    assert {"user.email", "user.phone"} <= fields, fields
+    assert all(v.description for v in bad_request.field_violations)
+    (info,) = details(pb, error, pb.error_details.ErrorInfo)
+    assert info.reason == "INVALID_ARGUMENT"
+
+
+def test_unknown_id_is_not_found(pb, users, auth):
+    error = rpc_error(users.GetUser, pb.users.GetUserRequest(id=str(uuid.uuid4())), auth)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_duplicate_reference_is_already_exists(pb, users, auth, roq):
+    duplicate = pb.users.User(reference=ROQ_REFERENCE, first_name="Other")
+    error = rpc_error(users.CreateUser, pb.users.CreateUserRequest(user=duplicate), auth)
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    (info,) = details(pb, error, pb.error_details.ErrorInfo)
+    assert info.reason == "ALREADY_EXISTS"
+    assert info.metadata["field"] == "reference"
+
+
+def test_authentication(pb, users, auth):
+    request = pb.users.ListUsersRequest(limit=1)
+    for metadata in [None, (("authorization", "Bearer not-a-real-token"),), (("authorization", "Basic abc"),)]:
+        error = rpc_error(users.ListUsers, request, metadata)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+    reply = users.ListUsers(request, metadata=auth, timeout=TIMEOUT)
+    assert len(reply.data) == 1
+
+
+def test_sigterm_stops_the_server_with_exit_0(server):
+    """Last: SIGTERM ends the server cleanly (the fixture checks it again at teardown)."""
+    code = server.stop()
+    assert code == 0, f"exit code {code}\n{server.log_tail()}"

@@ -1,0 +1,339 @@
+// End-to-end test of the generated TypeScript client against the real
+// users-service binary: its own embedded Postgres in a fresh data dir, a free
+// port, the bootstrap admin key, and a clean SIGTERM shutdown at the end.
+import { after, before, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomUUID } from "node:crypto";
+import { chmodSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import http2 from "node:http2";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { clone, create, equals } from "@bufbuild/protobuf";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { createUsersServiceClients, type UsersServiceClients } from "../src/client.js";
+import { UserSchema, type User } from "../src/gen/users/v1/users_pb.js";
+import { BadRequestSchema, ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
+
+const packageDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const serverBin = path.resolve(
+  packageDir,
+  process.env.USERS_SERVICE_BIN ?? "../../target/debug/users-service",
+);
+const ROQ_REFERENCE = "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa";
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+const STARTUP_TIMEOUT_MS = 30_000;
+const SHUTDOWN_TIMEOUT_MS = 30_000;
+
+interface Server {
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  dataDir: string;
+  logFile: string;
+  baseUrl: string;
+  adminKey: string;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once("error", reject);
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address() as net.AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * grpc.health.v1.Health/Check with no service name, by hand over HTTP/2 (no
+ * generated code): an empty request frame; the answer's field 1 is the status
+ * (1 = SERVING). Resolves undefined while the server is not answering.
+ */
+function healthStatus(port: number): Promise<number | undefined> {
+  return new Promise((resolve) => {
+    const session = http2.connect(`http://127.0.0.1:${port}`);
+    const done = (status: number | undefined) => {
+      session.close();
+      session.destroy();
+      resolve(status);
+    };
+    session.on("error", () => done(undefined));
+    session.setTimeout(1_000, () => done(undefined));
+    const req = session.request({
+      ":method": "POST",
+      ":path": "/grpc.health.v1.Health/Check",
+      "content-type": "application/grpc",
+      te: "trailers",
+    });
+    const chunks: Buffer[] = [];
+    let grpcStatus: string | undefined;
+    req.on("response", (headers) => {
+      grpcStatus ??= headers["grpc-status"] as string | undefined;
+    });
+    req.on("trailers", (trailers) => {
+      grpcStatus ??= trailers["grpc-status"] as string | undefined;
+    });
+    req.on("data", (chunk: Buffer) => chunks.push(chunk));
+    req.on("error", () => done(undefined));
+    req.on("end", () => {
+      const body = Buffer.concat(chunks);
+      if (grpcStatus !== "0" || body.length < 5) return done(undefined);
+      const message = body.subarray(5, 5 + body.readUInt32BE(1));
+      // HealthCheckResponse { ServingStatus status = 1; }: tag 0x08, then a one-byte varint.
+      done(message.length >= 2 && message[0] === 0x08 ? message[1] : 0);
+    });
+    req.end(Buffer.alloc(5)); // uncompressed, zero-length message
+  });
+}
+
+async function startServer(): Promise<Server> {
+  assert.ok(existsSync(serverBin), `no server binary at ${serverBin} (cargo build, or set USERS_SERVICE_BIN)`);
+  const dataDir = mkdtempSync("/tmp/users-ts-");
+  chmodSync(dataDir, 0o755); // the embedded Postgres runs as `postgres` when we are root
+  const logFile = path.join(dataDir, "server.log");
+  const port = await freePort();
+  const env: NodeJS.ProcessEnv = { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" };
+  delete env.DATABASE_URL; // run the server's own embedded Postgres
+  const log = openSync(logFile, "a");
+  const child = spawn(
+    serverBin,
+    [
+      "--listen", `127.0.0.1:${port}`,
+      "--data-dir", dataDir,
+      "--rate-limit-per-second", "0",
+    ],
+    { env, stdio: ["ignore", log, log] },
+  );
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once("exit", (code, signal) => resolve({ code, signal })),
+  );
+  let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  void exited.then((e) => (exit = e));
+
+  const deadline = Date.now() + STARTUP_TIMEOUT_MS;
+  for (;;) {
+    if (exit) {
+      throw new Error(`server exited during startup (${JSON.stringify(exit)}), log ${logFile}:\n${tail(logFile)}`);
+    }
+    if ((await healthStatus(port)) === 1) break;
+    if (Date.now() > deadline) {
+      await stopServer(child, exited, SHUTDOWN_TIMEOUT_MS);
+      throw new Error(`server not SERVING after ${STARTUP_TIMEOUT_MS} ms, log ${logFile}:\n${tail(logFile)}`);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  const adminKey = readFileSync(path.join(dataDir, "admin.key"), "utf8").trim();
+  assert.ok(adminKey.length > 0, "admin.key is empty");
+  return { child, exited, dataDir, logFile, baseUrl: `http://127.0.0.1:${port}`, adminKey };
+}
+
+/** SIGTERM, then SIGKILL if the server is still running after `graceMs`. */
+async function stopServer(
+  child: ChildProcess,
+  exited: Server["exited"],
+  graceMs: number,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null } | "killed"> {
+  child.kill("SIGTERM");
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), graceMs)));
+  const result = await Promise.race([exited, late]);
+  clearTimeout(timer);
+  if (result !== "late") return result;
+  child.kill("SIGKILL");
+  await exited;
+  return "killed";
+}
+
+function tail(file: string, lines = 40): string {
+  try {
+    return readFileSync(file, "utf8").split("\n").slice(-lines).join("\n");
+  } catch {
+    return "(no log)";
+  }
+}
+
+/** Runs `call`, which must fail with a ConnectError of `code`; returns the error. */
+async function expectError(code: Code, call: () => Promise<unknown>): Promise<ConnectError> {
+  try {
+    await call();
+  } catch (e) {
+    const err = ConnectError.from(e);
+    assert.equal(Code[err.code], Code[code], `expected ${Code[code]}, got ${Code[err.code]}: ${err.message}`);
+    return err;
+  }
+  assert.fail(`expected ${Code[code]}, the call succeeded`);
+}
+
+function millis(user: User, field: "createdAt" | "updatedAt"): number {
+  const ts = user[field];
+  assert.ok(ts, `${field} is missing`);
+  return timestampDate(ts).getTime();
+}
+
+describe("users-service TypeScript client", () => {
+  let server: Server | undefined;
+  let stopped = false;
+  let client: UsersServiceClients;
+  let roq: User; // the ROQ example user as created
+
+  before(async () => {
+    server = await startServer();
+    client = createUsersServiceClients({ baseUrl: server.baseUrl, apiKey: server.adminKey });
+  });
+
+  after(async () => {
+    if (server && !stopped) {
+      const result = await stopServer(server.child, server.exited, SHUTDOWN_TIMEOUT_MS);
+      console.error(`server stopped (${JSON.stringify(result)}), log kept in ${server.logFile}:\n${tail(server.logFile)}`);
+    }
+  });
+
+  it("creates the ROQ example user", async () => {
+    const { user } = await client.users.createUser({
+      user: {
+        reference: ROQ_REFERENCE,
+        email: "",
+        phone: "+15550001234",
+        firstName: "Anna",
+        lastName: "W",
+        locale: "en-Us",
+        timezone: "Asia/Bangkok",
+        isOptedIn: false,
+        active: true,
+      },
+    });
+    assert.ok(user);
+    assert.match(user.id, UUID);
+    assert.equal(user.reference, ROQ_REFERENCE);
+    assert.equal(user.email, "");
+    assert.equal(user.phone, "+15550001234");
+    assert.equal(user.firstName, "Anna");
+    assert.equal(user.lastName, "W");
+    assert.equal(user.locale, "en-US"); // canonical
+    assert.equal(user.timezone, "Asia/Bangkok");
+    assert.equal(user.isOptedIn, false);
+    assert.equal(user.active, true);
+    assert.equal(user.synced, true);
+    assert.match(user.tenantId, UUID); // the default tenant
+    assert.ok(user.createdAt && user.updatedAt);
+    roq = user;
+  });
+
+  it("gets the user by id", async () => {
+    const { user } = await client.users.getUser({ id: roq.id });
+    assert.ok(user);
+    assert.ok(equals(UserSchema, user, roq), "GetUser differs from CreateUser's answer");
+  });
+
+  it("updates the first name only", async () => {
+    const { user } = await client.users.updateUser({ id: roq.id, user: { firstName: "Anna-Maria" } });
+    assert.ok(user);
+    assert.equal(user.firstName, "Anna-Maria");
+    assert.ok(millis(user, "updatedAt") >= millis(roq, "updatedAt"));
+    const expected = clone(UserSchema, roq);
+    expected.firstName = "Anna-Maria";
+    expected.updatedAt = user.updatedAt;
+    assert.ok(equals(UserSchema, user, expected), "fields other than firstName changed");
+    roq = user;
+  });
+
+  it("deactivates idempotently and reactivates", async () => {
+    const first = (await client.users.deactivateUser({ id: roq.id })).user;
+    assert.ok(first);
+    assert.equal(first.active, false);
+    const second = (await client.users.deactivateUser({ id: roq.id })).user;
+    assert.ok(second);
+    assert.equal(second.active, false);
+    assert.equal(millis(second, "updatedAt"), millis(first, "updatedAt"), "second deactivate changed updatedAt");
+    assert.ok(equals(UserSchema, second, first));
+
+    const again = (await client.users.reactivateUser({ id: roq.id })).user;
+    assert.ok(again);
+    assert.equal(again.active, true);
+    assert.equal(again.firstName, "Anna-Maria");
+    roq = again;
+  });
+
+  it("lists with a reference filter", async () => {
+    const page = await client.users.listUsers({
+      limit: 10,
+      filter: { reference: { equalTo: ROQ_REFERENCE } },
+    });
+    assert.equal(page.totalCount, 1n);
+    assert.equal(page.data.length, 1);
+    assert.equal(page.data[0].id, roq.id);
+    assert.equal(page.nextPageToken, "");
+  });
+
+  it("pages with limit 2 and nextPageToken", async () => {
+    const prefix = `ts-page-${randomUUID().slice(0, 8)}-`;
+    const created = new Set<string>();
+    for (let i = 0; i < 5; i++) {
+      const { user } = await client.users.createUser({
+        user: { reference: `${prefix}${i}`, email: `${prefix}${i}@example.com`, firstName: `Page ${i}` },
+      });
+      assert.ok(user);
+      created.add(user.id);
+    }
+    const filter = { reference: { like: `${prefix}%` } };
+    const seen: string[] = [];
+    let pageToken = "";
+    let pages = 0;
+    do {
+      const page = await client.users.listUsers({ limit: 2, filter, pageToken });
+      pages++;
+      assert.ok(page.data.length <= 2);
+      if (pages === 1) assert.equal(page.totalCount, 5n);
+      seen.push(...page.data.map((u) => u.id));
+      pageToken = page.nextPageToken;
+      assert.ok(pages <= 5, "paging does not end");
+    } while (pageToken !== "");
+    assert.equal(seen.length, 5, "a user was seen twice or missed");
+    assert.deepEqual(new Set(seen), created);
+  });
+
+  it("reports every invalid field as google.rpc.BadRequest", async () => {
+    const err = await expectError(Code.InvalidArgument, () =>
+      client.users.createUser({ user: { email: "not an email", phone: "12" } }),
+    );
+    const badRequests = err.findDetails(BadRequestSchema);
+    assert.equal(badRequests.length, 1);
+    const fields = badRequests[0].fieldViolations.map((v) => v.field).sort();
+    assert.deepEqual(fields, ["user.email", "user.phone"]);
+    for (const v of badRequests[0].fieldViolations) assert.ok(v.description.length > 0);
+    const infos = err.findDetails(ErrorInfoSchema);
+    assert.equal(infos[0]?.reason, "INVALID_ARGUMENT");
+  });
+
+  it("answers NOT_FOUND for an unknown id", async () => {
+    await expectError(Code.NotFound, () => client.users.getUser({ id: randomUUID() }));
+  });
+
+  it("answers ALREADY_EXISTS for a duplicate reference", async () => {
+    const err = await expectError(Code.AlreadyExists, () =>
+      client.users.createUser({ user: { reference: ROQ_REFERENCE, firstName: "Dup" } }),
+    );
+    const infos = err.findDetails(ErrorInfoSchema);
+    assert.equal(infos.length, 1);
+    assert.equal(infos[0].reason, "ALREADY_EXISTS");
+    assert.equal(infos[0].metadata.field, "reference");
+  });
+
+  it("answers UNAUTHENTICATED without the API key", async () => {
+    assert.ok(server);
+    const anonymous = createUsersServiceClients({ baseUrl: server.baseUrl });
+    await expectError(Code.Unauthenticated, () => anonymous.users.listUsers({ limit: 1 }));
+    await expectError(Code.Unauthenticated, () => anonymous.users.getUser({ id: roq.id }));
+  });
+
+  it("stops on SIGTERM with exit code 0", async () => {
+    assert.ok(server);
+    const result = await stopServer(server.child, server.exited, SHUTDOWN_TIMEOUT_MS);
+    stopped = true;
+    assert.deepEqual(result, { code: 0, signal: null }, `log ${server.logFile}:\n${tail(server.logFile)}`);
+    rmSync(server.dataDir, { recursive: true, force: true });
+  });
+});
