@@ -46,7 +46,12 @@ pub fn encode_token(fingerprint: &str, cursor: Vec<CursorValue>) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).expect("cursor values serialize"))
 }
 
+/// The cursor of a page token; `None` without a token, or with a bad one
+/// (recorded in `v`).
 fn decode_token(v: &mut Violations, token: &str, fingerprint: &str) -> Option<Vec<CursorValue>> {
+    if token.is_empty() {
+        return None;
+    }
     let decoded = URL_SAFE_NO_PAD
         .decode(token)
         .ok()
@@ -352,11 +357,7 @@ pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
         }
         .encode_to_vec(),
     );
-    let after = if request.page_token.is_empty() {
-        None
-    } else {
-        decode_token(&mut v, &request.page_token, &fingerprint)
-    };
+    let after = decode_token(&mut v, &request.page_token, &fingerprint);
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));
     }
@@ -407,11 +408,7 @@ pub fn tenant_list(request: &pb::ListTenantsRequest) -> Result<TenantList, Error
         }
         .encode_to_vec(),
     );
-    let after = if request.page_token.is_empty() {
-        None
-    } else {
-        decode_token(&mut v, &request.page_token, &fingerprint)
-    };
+    let after = decode_token(&mut v, &request.page_token, &fingerprint);
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));
     }

@@ -114,7 +114,8 @@ async fn start_server() -> TestServer {
 
 /// A fresh directory under the system temp dir, removed at the next run.
 pub fn scratch_dir(purpose: &str) -> PathBuf {
-    let root = std::env::temp_dir().join("users-service-tests");
+    // One root per user: another user's leftovers must not get in the way.
+    let root = std::env::temp_dir().join(format!("users-service-tests-{}", nix::unistd::getuid()));
     std::fs::create_dir_all(&root).unwrap();
     let dir = root.join(format!(
         "{purpose}-{}-{}",
@@ -133,7 +134,8 @@ fn remove_stale(root: &std::path::Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        // `<purpose>-<pid>-<n>`; the purpose may itself contain dashes.
+        let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid {
             if pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists() {
                 let _ = std::fs::remove_dir_all(entry.path());
