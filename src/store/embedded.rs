@@ -241,9 +241,17 @@ impl EmbeddedPostgres {
     /// A connection config for a cluster in `data_dir` that another process
     /// (a running server) started: for tools that work beside it.
     pub fn attach_config(data_dir: &Path, dbname: &str) -> tokio_postgres::Config {
+        // The same place `start` chose: the data directory, or its fallback.
+        let canonical = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
+        let home = match unprivileged_user() {
+            Ok(Some(user)) if check_reachable(&canonical, &user).is_err() => {
+                fallback_home(&canonical)
+            }
+            _ => canonical,
+        };
         let mut config = tokio_postgres::Config::new();
         config
-            .host_path(data_dir.join(RUN_DIR))
+            .host_path(home.join(RUN_DIR))
             .port(PORT)
             .user(SUPERUSER)
             .dbname(dbname);
@@ -406,9 +414,10 @@ impl Layout {
             fs::set_permissions(&data_dir, Permissions::from_mode(0o755))
                 .map_err(io_error("set permissions of", &data_dir))?;
         }
-        if let Some(user) = run_as {
-            check_reachable(&data_dir, user)?;
-        }
+        let data_dir = match run_as {
+            Some(user) => reachable_home(data_dir, user)?,
+            None => data_dir,
+        };
         let layout = Self {
             pgdata: data_dir.join("pgdata"),
             run_dir: data_dir.join(RUN_DIR),
@@ -477,6 +486,42 @@ fn create_dir(path: &Path, mode: u32) -> Result<bool, EmbeddedError> {
 fn chown(path: &Path, user: &RunAs) -> Result<(), EmbeddedError> {
     std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
         .map_err(io_error("change the owner of", path))
+}
+
+/// Where the cluster lives when the service runs as root and the data
+/// directory is out of the unprivileged user's reach (a checkout under
+/// `/root`, say): one directory per data directory under this one.
+const FALLBACK_HOME: &str = "/var/lib/users-service";
+
+/// `data_dir` if `user` can reach it; otherwise its directory under
+/// [`FALLBACK_HOME`], so that `cargo run` works as root from anywhere.
+fn reachable_home(data_dir: PathBuf, user: &RunAs) -> Result<PathBuf, EmbeddedError> {
+    match check_reachable(&data_dir, user) {
+        Ok(()) => Ok(data_dir),
+        Err(EmbeddedError::NotReachable { path, .. }) => {
+            let home = fallback_home(&data_dir);
+            warn!(
+                data_dir = %data_dir.display(),
+                unreachable = %path.display(),
+                cluster = %home.display(),
+                "the PostgreSQL user cannot reach the data directory; keeping the cluster elsewhere"
+            );
+            create_dir(Path::new(FALLBACK_HOME), 0o755)?;
+            if create_dir(&home, 0o755)? {
+                fs::set_permissions(&home, Permissions::from_mode(0o755))
+                    .map_err(io_error("set permissions of", &home))?;
+            }
+            check_reachable(&home, user)?;
+            Ok(home)
+        }
+        Err(other) => Err(other),
+    }
+}
+
+fn fallback_home(data_dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+    Path::new(FALLBACK_HOME).join(hex::encode(&digest[..8]))
 }
 
 /// Checks that `user` may search (execute bit) every directory from `/` down
@@ -1023,6 +1068,34 @@ mod tests {
         postgres.stop().await.expect("second stop");
 
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreachable_data_dir_gets_its_cluster_under_the_fallback_home() {
+        let Some(user) = unprivileged_account() else {
+            return;
+        };
+        let closed =
+            std::env::temp_dir().join(format!("users-service-fallback-{}", std::process::id()));
+        let data = closed.join("data");
+        DirBuilder::new().mode(0o700).create(&closed).unwrap();
+        DirBuilder::new().mode(0o755).create(&data).unwrap();
+        if fs::metadata(&closed).unwrap().uid() == user.uid.as_raw() {
+            fs::remove_dir_all(&closed).unwrap();
+            return;
+        }
+        let home = reachable_home(data.clone(), &user);
+        let reachable_data = reachable_home(std::env::temp_dir(), &user);
+        fs::remove_dir_all(&closed).unwrap();
+        let home = home.expect("a fallback home");
+        let _ = fs::remove_dir(&home);
+        assert_eq!(home, fallback_home(&data));
+        assert!(home.starts_with(FALLBACK_HOME));
+        assert_eq!(
+            reachable_data.unwrap(),
+            std::env::temp_dir(),
+            "a reachable dir is kept"
+        );
     }
 
     #[test]
