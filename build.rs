@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "users/v1/users.proto",
     "users/v1/tenants.proto",
     "google/rpc/error_details.proto",
+    "google/rpc/status.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut ours = descriptors;
     ours.file.retain(|file| file.package() != "google.rpc");
     tonic_prost_build::configure()
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .build_client(true)
         .build_server(true)
         .compile_fds(ours)?;

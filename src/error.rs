@@ -37,6 +37,10 @@ pub enum Error {
     /// PERMISSION_DENIED: the caller is known but may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(&'static str),
+    /// RESOURCE_EXHAUSTED: a bounded resource (such as concurrent exports)
+    /// is all in use. Retry later.
+    #[error("{0}")]
+    TooBusy(&'static str),
     /// UNAVAILABLE: the database cannot be reached or has no free connection
     /// in time. Safe to retry.
     #[error("database unavailable")]
@@ -185,6 +189,7 @@ impl From<Error> for Status {
                     details,
                 )
             }
+            Error::TooBusy(what) => Status::resource_exhausted(what),
             Error::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 Status::unavailable("database unavailable, retry later")

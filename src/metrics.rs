@@ -190,7 +190,7 @@ fn method_labels(path: &str) -> MethodLabels {
         .split_once('/')
         .unwrap_or(("unknown", "unknown"));
     let grpc_type = match path {
-        "/grpc.health.v1.Health/Watch" => "server_stream",
+        "/grpc.health.v1.Health/Watch" | "/users.v1.UsersService/ExportUsers" => "server_stream",
         p if p.starts_with("/grpc.reflection.") => "bidi_stream",
         _ => "unary",
     };

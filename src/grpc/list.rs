@@ -157,22 +157,41 @@ fn uuid_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<U
     ops
 }
 
+/// The six comparisons of a timestamp filter.
+#[derive(Debug, Clone, Copy)]
+enum Comparison {
+    EqualTo,
+    NotEqualTo,
+    LessThan,
+    LessThanEqual,
+    MoreThan,
+    MoreThanEqual,
+}
+
 fn time_ops(v: &mut Violations, field: &str, filter: &pb::TimestampFilter) -> Vec<TimeOp> {
     let bounds = [
-        ("equal_to", &filter.equal_to),
-        ("not_equal_to", &filter.not_equal_to),
-        ("less_than", &filter.less_than),
-        ("less_than_equal", &filter.less_than_equal),
-        ("more_than", &filter.more_than),
-        ("more_than_equal", &filter.more_than_equal),
+        ("equal_to", &filter.equal_to, Comparison::EqualTo),
+        ("not_equal_to", &filter.not_equal_to, Comparison::NotEqualTo),
+        ("less_than", &filter.less_than, Comparison::LessThan),
+        (
+            "less_than_equal",
+            &filter.less_than_equal,
+            Comparison::LessThanEqual,
+        ),
+        ("more_than", &filter.more_than, Comparison::MoreThan),
+        (
+            "more_than_equal",
+            &filter.more_than_equal,
+            Comparison::MoreThanEqual,
+        ),
     ];
     let mut ops = Vec::new();
-    for (name, value) in bounds {
+    for (name, value, comparison) in bounds {
         let Some(value) = value else { continue };
         let Some(time) = v.check(&format!("{field}.{name}"), from_timestamp(value)) else {
             continue;
         };
-        ops.extend(exact_time_ops(name, time));
+        ops.extend(exact_time_ops(comparison, time));
     }
     ops
 }
@@ -180,7 +199,7 @@ fn time_ops(v: &mut Violations, field: &str, filter: &pb::TimestampFilter) -> Ve
 /// Stored times have microsecond precision, and a finer bound would be cut
 /// to whole microseconds on its way to Postgres; these are the conditions on
 /// whole microseconds that match exactly what the bound means.
-fn exact_time_ops(operator: &str, time: DateTime<Utc>) -> Vec<TimeOp> {
+fn exact_time_ops(comparison: Comparison, time: DateTime<Utc>) -> Vec<TimeOp> {
     let floor = time.trunc_subsecs(6);
     let exact = floor == time;
     let ceil = if exact {
@@ -188,17 +207,16 @@ fn exact_time_ops(operator: &str, time: DateTime<Utc>) -> Vec<TimeOp> {
     } else {
         floor + chrono::TimeDelta::microseconds(1)
     };
-    match operator {
-        "equal_to" if exact => vec![TimeOp::EqualTo(time)],
+    match comparison {
+        Comparison::EqualTo if exact => vec![TimeOp::EqualTo(time)],
         // Nothing stored lies strictly between two whole microseconds.
-        "equal_to" => vec![TimeOp::MoreThanEqual(ceil), TimeOp::LessThanEqual(floor)],
-        "not_equal_to" if exact => vec![TimeOp::NotEqualTo(time)],
-        "not_equal_to" => Vec::new(),
-        "less_than" => vec![TimeOp::LessThan(ceil)],
-        "less_than_equal" => vec![TimeOp::LessThanEqual(floor)],
-        "more_than" => vec![TimeOp::MoreThan(floor)],
-        "more_than_equal" => vec![TimeOp::MoreThanEqual(ceil)],
-        _ => unreachable!("operators are listed in time_ops"),
+        Comparison::EqualTo => vec![TimeOp::MoreThanEqual(ceil), TimeOp::LessThanEqual(floor)],
+        Comparison::NotEqualTo if exact => vec![TimeOp::NotEqualTo(time)],
+        Comparison::NotEqualTo => Vec::new(),
+        Comparison::LessThan => vec![TimeOp::LessThan(ceil)],
+        Comparison::LessThanEqual => vec![TimeOp::LessThanEqual(floor)],
+        Comparison::MoreThan => vec![TimeOp::MoreThan(floor)],
+        Comparison::MoreThanEqual => vec![TimeOp::MoreThanEqual(ceil)],
     }
 }
 
@@ -422,4 +440,21 @@ pub fn tenant_list(request: &pb::ListTenantsRequest) -> Result<TenantList, Error
         },
         fingerprint,
     })
+}
+
+/// The conditions of an ExportUsers request: the ListUsers filters and search.
+pub fn export_conditions(request: &pb::ExportUsersRequest) -> Result<Vec<users::Condition>, Error> {
+    let mut v = Violations::new();
+    let mut conditions = request
+        .filter
+        .as_ref()
+        .map(|filter| user_conditions(&mut v, filter))
+        .unwrap_or_default();
+    if !request.search.is_empty() {
+        conditions.push(users::Condition::Search(request.search.clone()));
+    }
+    if !v.is_empty() {
+        return Err(Error::InvalidArgument(v.into_vec()));
+    }
+    Ok(conditions)
 }

@@ -2,6 +2,7 @@
 //! convert the rows back.
 
 pub mod authz;
+pub mod bulk;
 pub mod convert;
 pub mod list;
 pub mod tenants;
@@ -27,6 +28,9 @@ pub struct AppState {
     /// The tenant of users created without one.
     pub default_tenant: Uuid,
     pub clock: Clock,
+    /// Exports hold a connection for as long as the client reads; at most a
+    /// quarter of the pool may be taken by them, so other calls still get one.
+    pub exports: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -39,10 +43,12 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     pub fn new(pool: DbPool, default_tenant: Uuid) -> Self {
+        let exports = (pool.status().max_size / 4).max(1);
         Self {
             pool,
             default_tenant,
             clock: Arc::new(Utc::now),
+            exports: Arc::new(tokio::sync::Semaphore::new(exports)),
         }
     }
 

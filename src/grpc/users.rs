@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{AppState, authz, convert, list};
+use super::{AppState, authz, bulk, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
@@ -205,5 +205,25 @@ impl UsersService for UsersApi {
         Ok(Response::new(
             self.list(&principal, request.into_inner()).await?,
         ))
+    }
+
+    async fn batch_upsert_users(
+        &self,
+        request: Request<pb::BatchUpsertUsersRequest>,
+    ) -> Result<Response<pb::BatchUpsertUsersResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        let response = bulk::batch_upsert(&self.state, &principal, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    type ExportUsersStream = bulk::ExportStream;
+
+    async fn export_users(
+        &self,
+        request: Request<pb::ExportUsersRequest>,
+    ) -> Result<Response<Self::ExportUsersStream>, Status> {
+        let principal = authz::principal(&request)?;
+        let stream = bulk::export(&self.state, &principal, request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 }

@@ -146,3 +146,15 @@ fn after_cursor(values: &[CursorValue]) -> Option<Boxed<tenants::table>> {
         tenants::created_at.eq(created_at).and(tenants::id.gt(id)),
     )))
 }
+
+/// Which of `ids` name a tenant.
+pub async fn existing(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> diesel::QueryResult<Vec<Uuid>> {
+    tenants::table
+        .filter(tenants::id.eq_any(ids))
+        .select(tenants::id)
+        .load(conn)
+        .await
+}

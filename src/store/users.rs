@@ -423,3 +423,110 @@ fn compare(field: OrderField, cmp: Cmp, value: &CursorValue) -> Option<Boxed<use
         _ => None,
     }
 }
+
+/// Creates or updates every row, matched on (tenant_id, reference), in one
+/// statement. A row that matches gets every column of `rows` but its id and
+/// creation time. Any unique violation (an email taken) fails it as a whole.
+pub async fn upsert_all(
+    conn: &mut AsyncPgConnection,
+    rows: &[NewUser],
+) -> diesel::QueryResult<Vec<UserRow>> {
+    use diesel::upsert::{DecoratableTarget, excluded};
+    diesel::insert_into(users::table)
+        .values(rows)
+        .on_conflict((users::tenant_id, users::reference))
+        // The partial unique index covers non-empty references only.
+        .filter_target(users::reference.ne(""))
+        .do_update()
+        .set((
+            users::email.eq(excluded(users::email)),
+            users::phone.eq(excluded(users::phone)),
+            users::first_name.eq(excluded(users::first_name)),
+            users::last_name.eq(excluded(users::last_name)),
+            users::locale.eq(excluded(users::locale)),
+            users::timezone.eq(excluded(users::timezone)),
+            users::is_opted_in.eq(excluded(users::is_opted_in)),
+            users::active.eq(excluded(users::active)),
+            users::custom_data.eq(excluded(users::custom_data)),
+            users::avatar_url.eq(excluded(users::avatar_url)),
+            users::updated_at.eq(excluded(users::updated_at)),
+        ))
+        .returning(UserRow::as_returning())
+        .get_results(conn)
+        .await
+}
+
+/// Upserts a batch in one transaction, with one outcome per row, in order.
+///
+/// The whole batch goes in one statement; only when that hits a unique
+/// violation does it fall back to one savepoint per row, so that the rows
+/// that can be stored are, and each other row reports its own clash.
+pub async fn upsert_batch(
+    conn: &mut AsyncPgConnection,
+    rows: &[NewUser],
+) -> diesel::QueryResult<Vec<Result<UserRow, diesel::result::Error>>> {
+    use diesel::result::{DatabaseErrorKind, Error};
+    use diesel_async::AsyncConnection;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    conn.transaction(async |conn| {
+        let together = conn
+            .transaction(async |conn| upsert_all(conn, rows).await)
+            .await;
+        match together {
+            Ok(stored) => {
+                // RETURNING order is not guaranteed: match rows by their key.
+                let mut by_key: std::collections::HashMap<(Uuid, String), UserRow> = stored
+                    .into_iter()
+                    .map(|row| ((row.tenant_id, row.reference.clone()), row))
+                    .collect();
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        by_key
+                            .remove(&(row.tenant_id, row.reference.clone()))
+                            .ok_or(Error::NotFound)
+                    })
+                    .collect())
+            }
+            Err(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+                let mut outcomes = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let one = conn
+                        .transaction(async |conn| upsert_all(conn, std::slice::from_ref(row)).await)
+                        .await;
+                    outcomes.push(match one {
+                        Ok(mut stored) => stored.pop().ok_or(Error::NotFound),
+                        Err(e @ Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+                            Err(e)
+                        }
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(outcomes)
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+/// The next `limit` users matching `conditions` after id `after`, in id order.
+pub async fn export_chunk(
+    conn: &mut AsyncPgConnection,
+    conditions: &[Condition],
+    after: Option<Uuid>,
+    limit: i64,
+) -> diesel::QueryResult<Vec<UserRow>> {
+    let mut query = filtered(conditions);
+    if let Some(after) = after {
+        query = query.filter(users::id.gt(after));
+    }
+    query
+        .order_by(users::id.asc())
+        .select(UserRow::as_select())
+        .limit(limit)
+        .load(conn)
+        .await
+}

@@ -1,0 +1,227 @@
+//! BatchUpsertUsers and ExportUsers: moving many users at once.
+
+use std::{collections::HashSet, sync::Arc};
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use uuid::Uuid;
+
+use super::{AppState, authz::Scope, convert, list};
+use crate::auth::Principal;
+use crate::error::Error;
+use crate::pb::v1::{self as pb, batch_upsert_users_result::Outcome};
+use crate::store::{
+    db,
+    filter::UuidOp,
+    models::NewUser,
+    tenants,
+    users::{self, Condition, UuidField},
+};
+
+/// Most users in one BatchUpsertUsers call.
+pub const MAX_BATCH: usize = 1000;
+/// Users per ExportUsers message.
+pub const EXPORT_CHUNK: i64 = 500;
+
+pub type ExportStream = ReceiverStream<Result<pb::ExportUsersResponse, Status>>;
+
+/// Parses every item; the ones that cannot be stored get their error now.
+struct Batch {
+    /// The outcome of each item, in request order; `None` until stored.
+    outcomes: Vec<Option<Result<(pb::User, bool), Error>>>,
+    /// The items to store, with their position in the request.
+    rows: Vec<(usize, NewUser)>,
+}
+
+fn parse_batch(state: &AppState, scope: Scope, users: Vec<pb::User>) -> Batch {
+    let now = state.now();
+    let mut batch = Batch {
+        outcomes: Vec::with_capacity(users.len()),
+        rows: Vec::with_capacity(users.len()),
+    };
+    let mut seen = HashSet::new();
+    for (i, user) in users.into_iter().enumerate() {
+        let tenant = match scope.tenant() {
+            Some(own) => {
+                if !user.tenant_id.is_empty() && Uuid::try_parse(&user.tenant_id).ok() != Some(own)
+                {
+                    batch.outcomes.push(Some(Err(Error::PermissionDenied(
+                        "users can be written only in your own tenant",
+                    ))));
+                    continue;
+                }
+                own
+            }
+            None => state.default_tenant,
+        };
+        let parsed = convert::new_user(Some(user), tenant, Uuid::now_v7(), now).and_then(|new| {
+            if new.reference.is_empty() {
+                Err(Error::invalid(
+                    "user.reference",
+                    "is required: batch items are matched on it",
+                ))
+            } else if !seen.insert((new.tenant_id, new.reference.clone())) {
+                Err(Error::invalid(
+                    "user.reference",
+                    "appears more than once in this batch",
+                ))
+            } else {
+                Ok(new)
+            }
+        });
+        match parsed {
+            Ok(new) => {
+                batch.rows.push((i, new));
+                batch.outcomes.push(None);
+            }
+            Err(error) => batch.outcomes.push(Some(Err(error))),
+        }
+    }
+    batch
+}
+
+pub async fn batch_upsert(
+    state: &AppState,
+    principal: &Principal,
+    request: pb::BatchUpsertUsersRequest,
+) -> Result<pb::BatchUpsertUsersResponse, Error> {
+    let scope = super::authz::manage_users(principal)?;
+    if request.users.len() > MAX_BATCH {
+        return Err(Error::invalid(
+            "users",
+            format!("at most {MAX_BATCH} users per call"),
+        ));
+    }
+    let Batch {
+        mut outcomes,
+        mut rows,
+    } = parse_batch(state, scope, request.users);
+
+    let stored = state
+        .db(async |conn| {
+            // A missing tenant would fail the whole statement: refuse those
+            // items up front.
+            let mut wanted: Vec<Uuid> = rows.iter().map(|(_, row)| row.tenant_id).collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let known: HashSet<Uuid> = tenants::existing(conn, &wanted)
+                .await?
+                .into_iter()
+                .collect();
+            rows.retain(|(i, row)| {
+                let exists = known.contains(&row.tenant_id);
+                if !exists {
+                    outcomes[*i] = Some(Err(Error::invalid(
+                        "user.tenant_id",
+                        "no tenant has this id",
+                    )));
+                }
+                exists
+            });
+            let new_rows: Vec<NewUser> = rows.iter().map(|(_, row)| row.clone()).collect();
+            users::upsert_batch(conn, &new_rows).await
+        })
+        .await?;
+
+    for ((i, row), result) in rows.into_iter().zip(stored) {
+        outcomes[i] = Some(
+            result
+                .map(|stored| {
+                    let created = stored.id == row.id;
+                    (stored.into(), created)
+                })
+                .map_err(Error::from),
+        );
+    }
+    Ok(pb::BatchUpsertUsersResponse {
+        results: outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Some(Ok((user, created))) => pb::BatchUpsertUsersResult {
+                    outcome: Some(Outcome::User(user)),
+                    created,
+                },
+                Some(Err(error)) => pb::BatchUpsertUsersResult {
+                    outcome: Some(Outcome::Error(rpc_status(error))),
+                    created: false,
+                },
+                None => pb::BatchUpsertUsersResult::default(),
+            })
+            .collect(),
+    })
+}
+
+/// An item's error as `google.rpc.Status`, with the same code, message and
+/// details a single call would have answered.
+fn rpc_status(error: Error) -> tonic_types::pb::Status {
+    let status = Status::from(error);
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
+    })
+}
+
+pub async fn export(
+    state: &AppState,
+    principal: &Principal,
+    request: pb::ExportUsersRequest,
+) -> Result<ExportStream, Error> {
+    let scope = super::authz::list_users(principal)?;
+    let mut conditions = list::export_conditions(&request)?;
+    if let Some(tenant) = scope.tenant() {
+        conditions.push(Condition::Uuid(
+            UuidField::TenantId,
+            UuidOp::EqualTo(tenant),
+        ));
+    }
+    let Ok(permit) = Arc::clone(&state.exports).try_acquire_owned() else {
+        return Err(Error::TooBusy("too many exports are running; retry later"));
+    };
+    // A small buffer: the reader's pace sets the pace, and memory stays flat
+    // however many users there are.
+    let (tx, rx) = mpsc::channel(2);
+    let pool = state.pool.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let outcome = db::run(&pool, async |conn| {
+            // One snapshot for the whole export.
+            conn.build_transaction()
+                .repeatable_read()
+                .read_only()
+                .run(async |conn| {
+                    let mut after = None;
+                    loop {
+                        let rows =
+                            users::export_chunk(conn, &conditions, after, EXPORT_CHUNK).await?;
+                        let last_chunk = (rows.len() as i64) < EXPORT_CHUNK;
+                        after = rows.last().map(|row| row.id);
+                        if !rows.is_empty() {
+                            let chunk = pb::ExportUsersResponse {
+                                users: rows.into_iter().map(Into::into).collect(),
+                            };
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                // The client went away.
+                                break;
+                            }
+                        }
+                        if last_chunk {
+                            break;
+                        }
+                    }
+                    Ok::<_, diesel::result::Error>(())
+                })
+                .await
+        })
+        .await;
+        let error = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => Error::from(e),
+            Err(e) => Error::from(e),
+        };
+        let _ = tx.send(Err(error.into())).await;
+    });
+    Ok(ReceiverStream::new(rx))
+}
