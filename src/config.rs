@@ -64,6 +64,56 @@ pub enum Command {
     /// Manage the API keys of the services that call users-service.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Create or update users from a JSON Lines or CSV file (ROQ field names)
+    /// through the BatchUpsertUsers call of a running server.
+    Import(ImportArgs),
+    /// Write users as JSON Lines (ROQ field names), streamed from a running server.
+    Export(ExportArgs),
+}
+
+/// How `import` and `export` reach a running server.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// URL of the server [default: http:// and --listen].
+    #[arg(long, env = "USERS_SERVICE_URL")]
+    pub server: Option<String>,
+    /// API token [default: the contents of <data-dir>/admin.key].
+    #[arg(long, env = "USERS_SERVICE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The file: `.jsonl`/`.ndjson` (one JSON object a line) or `.csv` (a header row).
+    pub file: PathBuf,
+    /// The file format, when its extension does not say.
+    #[arg(long, value_enum)]
+    pub format: Option<FileFormat>,
+    /// Where to write the rejected rows [default: FILE.rejects.jsonl].
+    #[arg(long)]
+    pub rejects: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Write to this file instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Export only the users of this tenant.
+    #[arg(long)]
+    pub tenant: Option<uuid::Uuid>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FileFormat {
+    /// JSON Lines: one JSON object a line.
+    Jsonl,
+    /// Comma-separated values with a header row; customData as a JSON string.
+    Csv,
 }
 
 #[derive(Debug, Clone, Subcommand)]

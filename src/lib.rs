@@ -12,3 +12,4 @@ pub mod metrics; // Prometheus metrics
 pub mod pb; // generated protobuf code
 pub mod store; // Postgres: schema, queries, pool, embedded cluster
 pub mod telemetry; // logging
+pub mod transfer; // the `import` and `export` commands: users in bulk over gRPC

@@ -1,5 +1,6 @@
 //! The `users-service` binary: parse the command line, start logging, then
-//! serve until SIGINT or SIGTERM (or run a `keys` command).
+//! serve until SIGINT or SIGTERM (or run a `keys`, `check`,
+//! `import` or `export` command).
 
 use std::process::ExitCode;
 
@@ -9,7 +10,7 @@ use users_service::{
     app::Application,
     commands,
     config::{Cli, Command},
-    telemetry,
+    telemetry, transfer,
 };
 
 #[tokio::main]
@@ -20,6 +21,8 @@ async fn main() -> ExitCode {
         None | Some(Command::Serve) => serve(&cli.config).await,
         Some(Command::Check) => commands::check(&cli.config).await,
         Some(Command::Keys(command)) => commands::keys(&cli.config, command).await,
+        Some(Command::Import(args)) => transfer::import(&cli.config, args).await,
+        Some(Command::Export(args)) => transfer::export(&cli.config, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! real Postgres.
 
 mod auth;
+mod bulk;
 mod helpers;
 mod keys_cli;
 mod lifecycle;
@@ -9,5 +10,6 @@ mod limits;
 mod list;
 mod metrics;
 mod tenants;
+mod transfer;
 mod users;
 mod validation;
