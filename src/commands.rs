@@ -7,6 +7,7 @@ use tokio_postgres::NoTls;
 
 use crate::auth::{jwt::JwtVerifier, keys};
 use crate::config::{Config, KeysCommand};
+use crate::error::with_causes;
 use crate::store::{
     api_keys,
     database::{Database, EMBEDDED_DATABASE, Sharing},
@@ -149,16 +150,4 @@ async fn reach(
     drop(client);
     let _ = driver.await;
     Ok(version)
-}
-
-/// An error and the chain of its causes, on one line.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -201,3 +201,16 @@ impl From<Error> for Status {
         }
     }
 }
+
+/// An error and the chain of its causes, on one line (for command-line
+/// messages, where there is no log to hold the rest).
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -29,6 +29,7 @@ use tonic_types::{ErrorDetails, RpcStatusExt, StatusExt};
 use crate::auth::keys::ADMIN_KEY_FILE;
 use crate::config::{Config, ExportArgs, FileFormat, ImportArgs, ServerArgs};
 use crate::domain::CustomData;
+use crate::error::with_causes;
 use crate::pb::v1::{
     self as pb, batch_upsert_users_result::Outcome, users_service_client::UsersServiceClient,
 };
@@ -603,18 +604,6 @@ fn read(file: File, format: FileFormat, sender: &mpsc::Sender<Batch>) -> io::Res
         }
     }
     Ok(())
-}
-
-/// An error and the chain of its causes, on one line.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
