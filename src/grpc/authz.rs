@@ -14,6 +14,10 @@ use uuid::Uuid;
 use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1 as pb;
+use crate::store::{
+    filter::UuidOp,
+    users::{Condition, UuidField},
+};
 
 /// Which users a caller may reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +36,30 @@ impl Scope {
         match self {
             Self::Tenant(tenant) => Some(tenant),
             Self::All | Self::Own(_) => None,
+        }
+    }
+
+    /// The tenant a new user lands in when the request names `given` (empty:
+    /// none). Tenant-bound callers write only into their own tenant; the
+    /// others get `default` for an empty one, and the parse of `given` decides
+    /// otherwise.
+    pub fn tenant_for_new_user(self, given: &str, default: Uuid) -> Result<Uuid, Error> {
+        match self.tenant() {
+            Some(own) if given.is_empty() || Uuid::try_parse(given).ok() == Some(own) => Ok(own),
+            Some(_) => Err(Error::PermissionDenied(
+                "users can be written only in your own tenant",
+            )),
+            None => Ok(default),
+        }
+    }
+
+    /// Confines a list of users to the scope, whatever its filter says.
+    pub fn confine(self, conditions: &mut Vec<Condition>) {
+        if let Some(tenant) = self.tenant() {
+            conditions.push(Condition::Uuid(
+                UuidField::TenantId,
+                UuidOp::EqualTo(tenant),
+            ));
         }
     }
 

@@ -12,13 +12,7 @@ use super::{AppState, authz::Scope, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, batch_upsert_users_result::Outcome};
-use crate::store::{
-    db,
-    filter::UuidOp,
-    models::NewUser,
-    tenants,
-    users::{self, Condition, UuidField},
-};
+use crate::store::{db, models::NewUser, tenants, users};
 
 /// Most users in one BatchUpsertUsers call.
 pub const MAX_BATCH: usize = 1000;
@@ -43,18 +37,12 @@ fn parse_batch(state: &AppState, scope: Scope, users: Vec<pb::User>) -> Batch {
     };
     let mut seen = HashSet::new();
     for (i, user) in users.into_iter().enumerate() {
-        let tenant = match scope.tenant() {
-            Some(own) => {
-                if !user.tenant_id.is_empty() && Uuid::try_parse(&user.tenant_id).ok() != Some(own)
-                {
-                    batch.outcomes.push(Some(Err(Error::PermissionDenied(
-                        "users can be written only in your own tenant",
-                    ))));
-                    continue;
-                }
-                own
+        let tenant = match scope.tenant_for_new_user(&user.tenant_id, state.default_tenant) {
+            Ok(tenant) => tenant,
+            Err(error) => {
+                batch.outcomes.push(Some(Err(error)));
+                continue;
             }
-            None => state.default_tenant,
         };
         let parsed = convert::new_user(Some(user), tenant, Uuid::now_v7(), now).and_then(|new| {
             if new.reference.is_empty() {
@@ -171,12 +159,7 @@ pub async fn export(
 ) -> Result<ExportStream, Error> {
     let scope = super::authz::list_users(principal)?;
     let mut conditions = list::export_conditions(&request)?;
-    if let Some(tenant) = scope.tenant() {
-        conditions.push(Condition::Uuid(
-            UuidField::TenantId,
-            UuidOp::EqualTo(tenant),
-        ));
-    }
+    scope.confine(&mut conditions);
     let Ok(permit) = Arc::clone(&state.exports).try_acquire_owned() else {
         return Err(Error::TooBusy("too many exports are running; retry later"));
     };

@@ -7,7 +7,6 @@ use super::{AppState, authz, bulk, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
-use crate::store::filter::UuidOp;
 use crate::store::users;
 
 #[derive(Debug, Clone)]
@@ -26,20 +25,8 @@ impl UsersApi {
         request: pb::CreateUserRequest,
     ) -> Result<pb::User, Error> {
         let scope = authz::manage_users(principal)?;
-        let tenant = match scope.tenant() {
-            Some(own) => {
-                let given = request.user.as_ref().map(|u| u.tenant_id.as_str());
-                if given.is_some_and(|given| {
-                    !given.is_empty() && Uuid::try_parse(given).ok() != Some(own)
-                }) {
-                    return Err(Error::PermissionDenied(
-                        "users can be created only in your own tenant",
-                    ));
-                }
-                own
-            }
-            None => self.state.default_tenant,
-        };
+        let given = request.user.as_ref().map_or("", |u| u.tenant_id.as_str());
+        let tenant = scope.tenant_for_new_user(given, self.state.default_tenant)?;
         let new = convert::new_user(request.user, tenant, Uuid::now_v7(), self.state.now())?;
         Ok(self
             .state
@@ -104,13 +91,7 @@ impl UsersApi {
     ) -> Result<pb::ListUsersResponse, Error> {
         let scope = authz::list_users(principal)?;
         let mut list = list::user_list(&request)?;
-        if let Some(tenant) = scope.tenant() {
-            // Confined to its tenant, whatever the filter says.
-            list.query.conditions.push(users::Condition::Uuid(
-                users::UuidField::TenantId,
-                UuidOp::EqualTo(tenant),
-            ));
-        }
+        scope.confine(&mut list.query.conditions);
         let page = self
             .state
             .db(async |conn| users::list(conn, &list.query).await)
