@@ -9,7 +9,8 @@
 //! Options: `--calls N` concurrent calls (64), `--connections M` HTTP/2
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
-//! `--keep` to keep the database. `BENCH_DATABASE_URL` (default
+//! `--keep` to keep the database, `--only get,create,update,bulk,lists` to run
+//! some scenario groups. `BENCH_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) is the server to use; each run
 //! creates and drops its own database there.
 
@@ -49,6 +50,9 @@ struct Options {
     run: Duration,
     pool: usize,
     keep: bool,
+    /// Scenario groups to run (`lists`, `get`, `create`, `update`, `bulk`);
+    /// empty runs them all.
+    only: Vec<String>,
 }
 
 impl Options {
@@ -61,6 +65,7 @@ impl Options {
             run: Duration::ZERO,
             pool: (cores * 2).max(4),
             keep: false,
+            only: Vec::new(),
         };
         let mut seconds = None;
         let mut args = std::env::args().skip(1);
@@ -73,6 +78,7 @@ impl Options {
                 "--connections" => options.connections = value()?.parse()?,
                 "--pool" => options.pool = value()?.parse()?,
                 "--seconds" => seconds = Some(value()?.parse::<f64>()?),
+                "--only" => options.only.extend(value()?.split(',').map(str::to_owned)),
                 // `cargo bench` passes --bench to harness-less benchmarks.
                 "--bench" => {}
                 other => return Err(format!("unknown argument {other}").into()),
@@ -81,6 +87,11 @@ impl Options {
         let default = if options.quick { 1.5 } else { 8.0 };
         options.run = Duration::from_secs_f64(seconds.unwrap_or(default));
         Ok(options)
+    }
+
+    /// Whether the scenario group `name` is part of this run.
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
     }
 }
 
@@ -595,54 +606,61 @@ async fn run(
     };
 
     // Lists at 10k: the first page, and the last full page (200) by token.
-    list_scenarios(
-        &mut rows, options, service, &raw, &db, small, "10k", 200, false,
-    )
-    .await?;
+    if options.runs("lists") {
+        list_scenarios(
+            &mut rows, options, service, &raw, &db, small, "10k", 200, false,
+        )
+        .await?;
+    }
 
-    // GetUser.
-    eprintln!("GetUser");
-    let s = {
-        let (service, pick) = (service.clone(), pick.clone());
-        drive(calls, run, move |w, n| {
-            let (service, id) = (service.clone(), pick(n));
-            async move {
-                let request = service.request(pb::GetUserRequest { id: id.to_string() });
-                service
-                    .client(w)
-                    .get_user(request)
-                    .await
-                    .map(drop)
-                    .map_err(code)
-            }
-        })
-        .await
-    };
-    let r = {
-        let (raw, pick) = (Arc::clone(&raw), pick.clone());
-        drive(calls, run, move |_, n| {
-            let (raw, id) = (Arc::clone(&raw), pick(n));
-            async move {
-                let c = raw.lease().await;
-                c.client
-                    .query_one(&c.get, &[&id])
-                    .await
-                    .map(drop)
-                    .map_err(sql_code)
-            }
-        })
-        .await
-    };
-    rows.push(Row {
-        scenario: "GetUser by id".into(),
-        service: s,
-        raw: Some(r),
-        ratio: None,
-    });
+    if options.runs("get") {
+        // GetUser.
+        eprintln!("GetUser");
+        let s = {
+            let (service, pick) = (service.clone(), pick.clone());
+            drive(calls, run, move |w, n| {
+                let (service, id) = (service.clone(), pick(n));
+                async move {
+                    let request = service.request(pb::GetUserRequest { id: id.to_string() });
+                    service
+                        .client(w)
+                        .get_user(request)
+                        .await
+                        .map(drop)
+                        .map_err(code)
+                }
+            })
+            .await
+        };
+        let r = {
+            let (raw, pick) = (Arc::clone(&raw), pick.clone());
+            drive(calls, run, move |_, n| {
+                let (raw, id) = (Arc::clone(&raw), pick(n));
+                async move {
+                    let c = raw.lease().await;
+                    c.client
+                        .query_one(&c.get, &[&id])
+                        .await
+                        .map(drop)
+                        .map_err(sql_code)
+                }
+            })
+            .await
+        };
+        rows.push(Row {
+            scenario: "GetUser by id".into(),
+            service: s,
+            raw: Some(r),
+            ratio: None,
+        });
+    }
 
     // Writes: A B A B, median of the pair ratios.
     let run_id = std::process::id();
-    for scenario in ["CreateUser", "UpdateUser"] {
+    for (scenario, group) in [("CreateUser", "create"), ("UpdateUser", "update")] {
+        if !options.runs(group) {
+            continue;
+        }
         eprintln!("{scenario}");
         let (mut service_total, mut raw_total, mut ratios) =
             (Sample::default(), Sample::default(), Vec::new());
@@ -747,54 +765,56 @@ async fn run(
         });
     }
 
-    // Bulk: BatchUpsertUsers of 1000 new users per call.
-    eprintln!("BatchUpsertUsers");
-    let bulk_calls = calls.min(options.pool * 2);
-    let bulk = {
-        let service = service.clone();
-        let mut s = drive(bulk_calls, run, move |w, n| {
+    if options.runs("bulk") {
+        // Bulk: BatchUpsertUsers of 1000 new users per call.
+        eprintln!("BatchUpsertUsers");
+        let bulk_calls = calls.min(options.pool * 2);
+        let bulk = {
             let service = service.clone();
-            let users: Vec<_> = (0..BATCH)
-                .map(|i| pb::User {
-                    reference: format!("b{run_id}-{n}-{i}"),
-                    email: format!("b{run_id}-{n}-{i}@bench.example"),
-                    first_name: "Ada".into(),
-                    tenant_id: writes.to_string(),
-                    ..Default::default()
-                })
-                .collect();
-            async move {
-                let request = service.request(pb::BatchUpsertUsersRequest { users });
-                let results = service
-                    .client(w)
-                    .batch_upsert_users(request)
-                    .await
-                    .map_err(code)?
-                    .into_inner()
-                    .results;
-                let refused = results
-                    .iter()
-                    .filter(|r| !matches!(r.outcome, Some(Outcome::User(_))))
-                    .count();
-                if results.len() != BATCH || refused > 0 {
-                    return Err(format!("{refused}_items_refused"));
+            let mut s = drive(bulk_calls, run, move |w, n| {
+                let service = service.clone();
+                let users: Vec<_> = (0..BATCH)
+                    .map(|i| pb::User {
+                        reference: format!("b{run_id}-{n}-{i}"),
+                        email: format!("b{run_id}-{n}-{i}@bench.example"),
+                        first_name: "Ada".into(),
+                        tenant_id: writes.to_string(),
+                        ..Default::default()
+                    })
+                    .collect();
+                async move {
+                    let request = service.request(pb::BatchUpsertUsersRequest { users });
+                    let results = service
+                        .client(w)
+                        .batch_upsert_users(request)
+                        .await
+                        .map_err(code)?
+                        .into_inner()
+                        .results;
+                    let refused = results
+                        .iter()
+                        .filter(|r| !matches!(r.outcome, Some(Outcome::User(_))))
+                        .count();
+                    if results.len() != BATCH || refused > 0 {
+                        return Err(format!("{refused}_items_refused"));
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
-        .await;
-        s.per_call = BATCH as u64;
-        s
-    };
-    rows.push(Row {
-        scenario: format!("BatchUpsertUsers x1000 ({bulk_calls} calls)"),
-        service: bulk,
-        raw: None,
-        ratio: None,
-    });
+            })
+            .await;
+            s.per_call = BATCH as u64;
+            s
+        };
+        rows.push(Row {
+            scenario: format!("BatchUpsertUsers x1000 ({bulk_calls} calls)"),
+            service: bulk,
+            raw: None,
+            ratio: None,
+        });
+    }
 
     // Lists at 1M; the rows of the write scenarios go first.
-    if !options.quick {
+    if !options.quick && options.runs("lists") {
         db.execute("DELETE FROM users WHERE tenant_id = $1", &[&writes])
             .await?;
         eprintln!("loading 1M users");
