@@ -83,6 +83,7 @@ impl Application {
         .await?;
         let pool = db::build_pool(database.config.clone(), &config.pool_settings())
             .map_err(StartError::Database)?;
+        let metrics = Arc::new(Metrics::new());
         let state = {
             let mut conn = pool
                 .get()
@@ -91,7 +92,7 @@ impl Application {
             let default_tenant = tenants::default_id(&mut conn)
                 .await
                 .map_err(|e| StartError::Database(e.into()))?;
-            let state = AppState::new(pool, default_tenant);
+            let state = AppState::new(pool, default_tenant, &metrics);
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?
@@ -136,7 +137,7 @@ impl Application {
             database,
             authenticator,
             limits,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             metrics_listener,
             config: config.clone(),
         })

@@ -59,6 +59,20 @@ impl Error {
             description: description.into(),
         }])
     }
+
+    /// The same error for another caller of a shared batch. A cause is
+    /// carried over as its text: it is only ever logged.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidArgument(violations) => Self::InvalidArgument(violations.clone()),
+            Self::NotFound(resource) => Self::NotFound(resource),
+            Self::AlreadyExists { resource, field } => Self::AlreadyExists { resource, field },
+            Self::PermissionDenied(what) => Self::PermissionDenied(what),
+            Self::TooBusy(what) => Self::TooBusy(what),
+            Self::Unavailable(cause) => Self::Unavailable(cause.to_string().into()),
+            Self::Internal(cause) => Self::Internal(cause.to_string().into()),
+        }
+    }
 }
 
 /// Unique indexes whose violation is the caller's clash, by index name.

@@ -44,6 +44,15 @@ struct StateLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BatchLabels {
+    batch: &'static str,
+}
+
+/// Buckets of `users_service_db_batch_items`: powers of two up to the
+/// largest batch.
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -65,6 +74,7 @@ pub struct Metrics {
     handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
     rejections: Family<ReasonLabels, Counter>,
     pool: Family<StateLabels, Gauge>,
+    batches: Family<BatchLabels, Histogram, fn() -> Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -88,6 +98,8 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(HANDLING_BUCKETS));
         let rejections = Family::<ReasonLabels, Counter>::default();
         let pool = Family::<StateLabels, Gauge>::default();
+        let batches: Family<BatchLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(BATCH_BUCKETS));
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -120,6 +132,11 @@ impl Metrics {
             pool.clone(),
         );
         registry.register(
+            "users_service_db_batch_items",
+            "Calls served by one statement, by kind of batch: concurrent calls that wait for the database together are folded into one.",
+            batches.clone(),
+        );
+        registry.register(
             "users_service_build_info",
             "Always 1; the labels describe the running build.",
             build,
@@ -131,7 +148,13 @@ impl Metrics {
             handling,
             rejections,
             pool,
+            batches,
         }
+    }
+
+    /// The histogram of batch sizes of one kind of batch.
+    pub fn batch_items(&self, batch: &'static str) -> Histogram {
+        self.batches.get_or_create(&BatchLabels { batch }).clone()
     }
 
     pub fn call_started(&self, path: &str) {

@@ -13,10 +13,14 @@ use std::sync::Arc;
 use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
-use crate::error::Error;
+use crate::{error::Error, metrics::Metrics};
 use diesel_async::AsyncPgConnection;
 
-use crate::store::db::{self, DbPool};
+use crate::store::{
+    coalesce::Coalescer,
+    db::{self, DbPool},
+    users::{FindUsers, InsertUsers},
+};
 
 /// Where handlers read the time from; tests may pin it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -31,6 +35,10 @@ pub struct AppState {
     /// Exports hold a connection for as long as the client reads; at most a
     /// quarter of the pool may be taken by them, so other calls still get one.
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// GetUser and CreateUser calls that wait for a connection together go
+    /// to Postgres as one statement (see [`crate::store::coalesce`]).
+    pub finds: Arc<Coalescer<FindUsers>>,
+    pub inserts: Arc<Coalescer<InsertUsers>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -42,9 +50,11 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    pub fn new(pool: DbPool, default_tenant: Uuid) -> Self {
+    pub fn new(pool: DbPool, default_tenant: Uuid, metrics: &Metrics) -> Self {
         let exports = (pool.status().max_size / 4).max(1);
         Self {
+            finds: Coalescer::new(FindUsers, pool.clone(), metrics),
+            inserts: Coalescer::new(InsertUsers, pool.clone(), metrics),
             pool,
             default_tenant,
             clock: Arc::new(Utc::now),

@@ -28,11 +28,7 @@ impl UsersApi {
         let given = request.user.as_ref().map_or("", |u| u.tenant_id.as_str());
         let tenant = scope.tenant_for_new_user(given, self.state.default_tenant)?;
         let new = convert::new_user(request.user, tenant, Uuid::now_v7(), self.state.now())?;
-        Ok(self
-            .state
-            .db(async |conn| users::insert(conn, &new).await)
-            .await?
-            .into())
+        Ok(self.state.inserts.submit(new).await?.into())
     }
 
     async fn get(
@@ -43,10 +39,7 @@ impl UsersApi {
         let scope = authz::read_user(principal);
         let id = convert::parse_id("id", &request.id)?;
         scope.check_user(id)?;
-        let row = self
-            .state
-            .db(async |conn| users::find(conn, id, scope.tenant()).await)
-            .await?;
+        let row = self.state.finds.submit((id, scope.tenant())).await?;
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 

@@ -1,6 +1,7 @@
 //! Persistence: embedded Postgres, pool, schema and query functions.
 
 pub mod api_keys;
+pub mod coalesce;
 pub mod database;
 pub mod db;
 pub mod embedded;

@@ -1,5 +1,7 @@
 //! Queries on `users`: small async functions that return `QueryResult`.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use diesel::{
     BoolExpressionMethods, ExpressionMethods, OptionalExtension, PgJsonbExpressionMethods,
@@ -8,6 +10,9 @@ use diesel::{
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use crate::error::Error;
+
+use super::coalesce::Batch;
 use super::filter::{
     Boxed, CursorValue, Direction, TextOp, TimeOp, UuidOp, escape_like, text_condition,
     time_condition, uuid_condition,
@@ -529,4 +534,97 @@ pub async fn export_chunk(
         .limit(limit)
         .load(conn)
         .await
+}
+
+/// Inserts `rows` in one statement and returns those stored. A row that
+/// clashes with a stored one, or with an earlier row of `rows`, on a unique
+/// key is skipped; any other failure fails all of them.
+pub async fn insert_all(
+    conn: &mut AsyncPgConnection,
+    rows: &[NewUser],
+) -> diesel::QueryResult<Vec<UserRow>> {
+    diesel::insert_into(users::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .returning(UserRow::as_returning())
+        .get_results(conn)
+        .await
+}
+
+/// GetUser for the calls of one batch: one lookup by id for all of them,
+/// each result seen through its own caller's scope `(id, tenant)`.
+#[derive(Debug)]
+pub struct FindUsers;
+
+impl Batch for FindUsers {
+    type Item = (Uuid, Option<Uuid>);
+    type Output = Option<UserRow>;
+    const MAX: usize = 128;
+    const NAME: &'static str = "get_user";
+
+    async fn run(
+        &self,
+        conn: &mut AsyncPgConnection,
+        items: Vec<Self::Item>,
+    ) -> Result<Vec<Result<Option<UserRow>, Error>>, Error> {
+        if let [(id, tenant)] = items[..] {
+            return Ok(vec![Ok(find(conn, id, tenant).await?)]);
+        }
+        let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
+        let rows: HashMap<Uuid, UserRow> = users::table
+            .filter(users::id.eq_any(ids))
+            .select(UserRow::as_select())
+            .load(conn)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
+        Ok(items
+            .iter()
+            .map(|(id, tenant)| {
+                Ok(rows
+                    .get(id)
+                    .filter(|row| tenant.is_none_or(|t| row.tenant_id == t))
+                    .cloned())
+            })
+            .collect())
+    }
+}
+
+/// CreateUser for the calls of one batch: one multi-row insert, one commit.
+/// A row that clashes on a unique key, and every row when the statement
+/// fails as a whole (a tenant that does not exist, say), is then inserted on
+/// its own, so that each call gets its own outcome and error.
+#[derive(Debug)]
+pub struct InsertUsers;
+
+impl Batch for InsertUsers {
+    type Item = NewUser;
+    type Output = UserRow;
+    const MAX: usize = 64;
+    const NAME: &'static str = "create_user";
+
+    async fn run(
+        &self,
+        conn: &mut AsyncPgConnection,
+        items: Vec<NewUser>,
+    ) -> Result<Vec<Result<UserRow, Error>>, Error> {
+        let mut stored = HashMap::new();
+        if items.len() > 1 {
+            match insert_all(conn, &items).await.map_err(Error::from) {
+                Ok(rows) => stored.extend(rows.into_iter().map(|row| (row.id, row))),
+                Err(error @ Error::Unavailable(_)) => return Err(error),
+                // Nothing was stored: each row on its own tells what is wrong.
+                Err(_) => {}
+            }
+        }
+        let mut results = Vec::with_capacity(items.len());
+        for item in &items {
+            results.push(match stored.remove(&item.id) {
+                Some(row) => Ok(row),
+                None => insert(conn, item).await.map_err(Error::from),
+            });
+        }
+        Ok(results)
+    }
 }

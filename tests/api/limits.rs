@@ -20,7 +20,7 @@ fn retry_delay(status: &tonic::Status) -> Duration {
         .expect("RESOURCE_EXHAUSTED carries RetryInfo")
 }
 
-async fn app_with(
+pub async fn app_with(
     adjust: impl FnOnce(&mut users_service::config::Config),
 ) -> crate::helpers::TestApp {
     let name = format!(
@@ -159,7 +159,7 @@ async fn oversized_requests_are_refused() {
 
 /// Holds a row lock from the test's own connection, so that an UpdateUser on
 /// that row waits inside its handler until the lock is released.
-async fn lock_user_row(app: &crate::helpers::TestApp, id: &str) -> tokio_postgres::Client {
+pub async fn lock_user_row(app: &crate::helpers::TestApp, id: &str) -> tokio_postgres::Client {
     let (client, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     client.batch_execute("BEGIN").await.unwrap();

@@ -2,6 +2,7 @@
 //! real Postgres.
 
 mod auth;
+mod batches;
 mod bulk;
 mod helpers;
 mod keys_cli;

@@ -7,7 +7,7 @@ use users_service::pb::v1::{CreateUserRequest, GetUserRequest, User};
 use crate::helpers::{server, spawn_with, test_config};
 use crate::users::{create, roq_user};
 
-async fn scrape(addr: std::net::SocketAddr) -> String {
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
@@ -23,7 +23,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 /// The value of the sample `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| line.starts_with(&format!("{name}{{")))
         .find(|line| {

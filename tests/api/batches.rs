@@ -1,0 +1,208 @@
+//! Calls that wait for the database together are served by one statement,
+//! and each still gets its own outcome.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use tonic::Code;
+use users_service::{
+    auth::Role,
+    pb::v1::{CreateUserRequest, GetUserRequest, UpdateUserRequest, User, UserUpdate},
+};
+
+use crate::helpers::{TestApp, Users, error_info, violated_fields};
+use crate::limits::{app_with, lock_user_row};
+use crate::metrics::{sample, scrape};
+use crate::tenants::create_tenant;
+use crate::users::{create, user};
+
+/// Occupies the pool's only connection with an UpdateUser that waits for a
+/// row lock, until the returned transaction ends.
+async fn hold_the_only_connection(app: &TestApp, id: &str) -> tokio_postgres::Client {
+    let lock = lock_user_row(app, id).await;
+    let mut blocked = app.users.clone();
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        blocked
+            .update_user(UpdateUserRequest {
+                id,
+                user: Some(UserUpdate {
+                    first_name: Some("Held".into()),
+                    ..Default::default()
+                }),
+            })
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting: i64 = app
+            .db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND query LIKE 'UPDATE%' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            return lock;
+        }
+        assert!(Instant::now() < deadline, "the update never blocked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `calls` while the pool's only connection is held, and releases it
+/// once they all wait for it.
+async fn while_held<T: Send + 'static>(
+    app: &TestApp,
+    held: &str,
+    calls: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let lock = hold_the_only_connection(app, held).await;
+    let calls = tokio::spawn(calls);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    lock.batch_execute("COMMIT").await.unwrap();
+    calls.await.unwrap()
+}
+
+/// Creates `users` at once, each queued after the one before.
+async fn create_all(client: Users, users: Vec<User>) -> Vec<Result<User, tonic::Status>> {
+    let calls = users.into_iter().enumerate().map(|(i, new)| {
+        let mut client = client.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
+            client
+                .create_user(CreateUserRequest { user: Some(new) })
+                .await
+                .map(|r| r.into_inner().user.unwrap())
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+async fn get(mut client: Users, id: String) -> Result<User, tonic::Status> {
+    client
+        .get_user(GetUserRequest { id })
+        .await
+        .map(|r| r.into_inner().user.unwrap())
+}
+
+#[tokio::test]
+async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_own_outcomes() {
+    let mut app = app_with(|c| {
+        c.db_pool_size = Some(1);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let taken = create(&mut app, user("taken", "taken@example.com")).await;
+    let held = create(&mut app, user("held", "held@example.com")).await;
+    let other_tenant = create_tenant(&mut app, "Other", "other").await;
+    let viewer = app
+        .create_key(Role::Viewer, Some(other_tenant.id.parse().unwrap()), None)
+        .await;
+    let mut viewer = app.users_as(Some(&viewer));
+    // The key is looked up once now, not while the pool is held.
+    let _ = viewer
+        .get_user(GetUserRequest {
+            id: taken.id.clone(),
+        })
+        .await;
+
+    // A multi-row insert that skips the rows that clash, which then fail on
+    // their own; and lookups, each seen through its caller's scope.
+    let creates = create_all(
+        app.users.clone(),
+        vec![
+            user("fresh-1", "fresh1@example.com"),
+            user("fresh-2", "fresh2@example.com"),
+            // Clashes with a stored user.
+            user("taken", "another@example.com"),
+            // Two of the batch clash with each other: the first one wins.
+            user("twin-1", "twin@example.com"),
+            user("twin-2", "twin@example.com"),
+        ],
+    );
+    let gets = futures::future::join3(
+        get(app.users.clone(), taken.id.clone()),
+        get(app.users.clone(), uuid::Uuid::now_v7().to_string()),
+        // A viewer of another tenant does not see the user.
+        get(viewer.clone(), taken.id.clone()),
+    );
+    let (mut created, (found, missing, hidden)) =
+        while_held(&app, &held.id, futures::future::join(creates, gets)).await;
+    for (result, reference) in created.iter().zip(["fresh-1", "fresh-2"]) {
+        assert_eq!(result.as_ref().unwrap().reference, reference);
+    }
+    let clash = created[2].as_ref().unwrap_err();
+    assert_eq!(clash.code(), Code::AlreadyExists, "{clash:?}");
+    assert_eq!(error_info(clash).unwrap().1["field"], "reference");
+    assert_eq!(created[3].as_ref().unwrap().reference, "twin-1");
+    let twin = created[4].as_ref().unwrap_err();
+    assert_eq!(twin.code(), Code::AlreadyExists, "{twin:?}");
+    assert_eq!(error_info(twin).unwrap().1["field"], "email");
+    assert_eq!(found.unwrap(), taken);
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+    assert_eq!(hidden.unwrap_err().code(), Code::NotFound);
+
+    // A row that fails the whole statement: every row is then tried alone.
+    let fallback = while_held(
+        &app,
+        &held.id,
+        create_all(
+            app.users.clone(),
+            vec![
+                user("fresh-3", "fresh3@example.com"),
+                User {
+                    tenant_id: uuid::Uuid::now_v7().to_string(),
+                    ..user("lost", "lost@example.com")
+                },
+                user("fresh-4", "fresh4@example.com"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(fallback[0].as_ref().unwrap().reference, "fresh-3");
+    let lost = fallback[1].as_ref().unwrap_err();
+    assert_eq!(lost.code(), Code::InvalidArgument, "{lost:?}");
+    assert_eq!(violated_fields(lost), ["user.tenant_id"]);
+    assert_eq!(fallback[2].as_ref().unwrap().reference, "fresh-4");
+    created.extend(fallback);
+
+    // The database holds the created users, each once, as they were returned.
+    let rows = app
+        .db
+        .query(
+            "SELECT id::text, reference, email FROM users ORDER BY reference",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut expected: Vec<_> = created
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .chain([&taken, &held])
+        .map(|u| (u.id.clone(), u.reference.clone(), u.email.clone()))
+        .collect();
+    expected.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(stored, expected);
+
+    // And the waiting calls went to Postgres in batches, not one by one.
+    let metrics = scrape(app.metrics_addr.unwrap()).await;
+    for batch in ["create_user", "get_user"] {
+        let labels = [("batch", batch)];
+        let items = sample(&metrics, "users_service_db_batch_items_sum", &labels).unwrap();
+        let batches = sample(&metrics, "users_service_db_batch_items_count", &labels).unwrap();
+        assert!(
+            items > batches,
+            "{batch}: {items} items in {batches} batches"
+        );
+    }
+}
