@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ours.file.retain(|file| file.package() != "google.rpc");
     tonic_prost_build::configure()
         .extern_path(".google.rpc", "::tonic_types::pb")
+        .codec_path("crate::codec::Codec")
         .build_client(true)
         .build_server(true)
         .compile_fds(ours)?;

@@ -2,6 +2,7 @@
 
 pub mod app; // builds and runs the server
 pub mod auth; // who is calling: API keys, end-user tokens
+pub mod codec; // the protobuf codec of the generated code
 pub mod commands; // the `keys` command line
 pub mod config; // flags and environment variables
 pub mod domain; // validated types, built once at the edge

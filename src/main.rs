@@ -13,11 +13,6 @@ use users_service::{
     telemetry, transfer,
 };
 
-/// mimalloc: a call allocates and frees many small buffers across threads,
-/// which glibc's malloc serves at several times the cost.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
