@@ -1488,6 +1488,7 @@ async fn list_users_orders_and_pages_by_every_order_field_in_both_directions() {
         .user
         .unwrap();
     created[0] = d;
+    let tenant = app.default_tenant().await;
 
     let fields = [
         UserOrderField::CreatedAt,
@@ -1524,14 +1525,48 @@ async fn list_users_orders_and_pages_by_every_order_field_in_both_directions() {
                 &mut app,
                 ListUsersRequest {
                     limit: Some(2),
-                    ..request
+                    ..request.clone()
                 },
             )
             .await;
             assert_eq!(pages.concat(), expected, "{field:?} {direction:?} by pages");
             assert_eq!(pages.len(), 3, "{field:?} {direction:?}");
+            // Bound to one tenant, an ascending cursor is one row comparison
+            // that starts with tenant_id: the same pages.
+            let within = walk(
+                &mut app,
+                ListUsersRequest {
+                    limit: Some(2),
+                    filter: Some(on("tenant_id", eq(&tenant))),
+                    ..request
+                },
+            )
+            .await;
+            assert_eq!(pages, within, "{field:?} {direction:?} within the tenant");
         }
     }
+
+    // Two ascending terms within the tenant.
+    let (last, first) = (UserOrderField::LastName, UserOrderField::FirstName);
+    let mut expected: Vec<&User> = created.iter().collect();
+    expected.sort_by(|x, y| {
+        (key_of(x, last), key_of(x, first), &x.id).cmp(&(key_of(y, last), key_of(y, first), &y.id))
+    });
+    let pages = walk(
+        &mut app,
+        ListUsersRequest {
+            limit: Some(2),
+            filter: Some(on("tenant_id", eq(&tenant))),
+            order: vec![
+                order(last, SortDirection::Asc),
+                order(first, SortDirection::Asc),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let expected: Vec<String> = expected.iter().map(|u| u.id.clone()).collect();
+    assert_eq!(pages.concat(), expected);
 }
 
 #[tokio::test]
