@@ -203,9 +203,7 @@ pub async fn list(
 ) -> diesel::QueryResult<Result<Page<UserRow>, CursorMismatch>> {
     let terms = query.terms();
     let after = match &query.after {
-        Some(values) => match tenant_row_after(&query.conditions, &terms, values)
-            .or_else(|| keyset_condition(&terms, values))
-        {
+        Some(values) => match keyset_condition(&terms, values) {
             Some(condition) => Some(condition),
             None => return Ok(Err(CursorMismatch)),
         },
@@ -338,119 +336,6 @@ fn cursor_of(row: &UserRow, terms: &[(OrderField, Direction)]) -> Vec<CursorValu
             OrderField::Id => CursorValue::Text(row.id.to_string()),
         })
         .collect()
-}
-
-/// Rows after the cursor of an ascending order within one tenant, as one
-/// row comparison `(tenant_id, k1, ..., id) > ($1, $2, ..., $n)`: an index
-/// condition that only the tenant's own index of the sort key can take, so
-/// that a deep page reads 50 index entries whatever the statistics say. (The
-/// plain keyset form lets the planner pick the cross-tenant index of the
-/// same key when statistics are stale, after a large import, and filter
-/// every other tenant's row out of it.) `None` when the list is not bound to
-/// one tenant, when a term descends, or when the cursor does not fit.
-fn tenant_row_after(
-    conditions: &[Condition],
-    terms: &[(OrderField, Direction)],
-    values: &[CursorValue],
-) -> Option<Boxed<users::table>> {
-    let tenant = conditions.iter().find_map(|c| match c {
-        Condition::Uuid(UuidField::TenantId, UuidOp::EqualTo(tenant)) => Some(*tenant),
-        _ => None,
-    })?;
-    if terms.len() != values.len() || terms.iter().any(|(_, d)| *d != Direction::Asc) {
-        return None;
-    }
-    let keys = terms
-        .iter()
-        .zip(values)
-        .map(|((field, _), value)| RowKey::of(*field, value))
-        .collect::<Option<_>>()?;
-    Some(Box::new(RowAfter { tenant, keys }))
-}
-
-/// One column of a [`RowAfter`] and the cursor's value for it.
-#[derive(Debug, Clone)]
-enum RowKey {
-    Time(&'static str, DateTime<Utc>),
-    Text(&'static str, String),
-    Bool(&'static str, bool),
-    Uuid(&'static str, Uuid),
-}
-
-impl RowKey {
-    fn of(field: OrderField, value: &CursorValue) -> Option<Self> {
-        let time = |m: &i64| DateTime::<Utc>::from_timestamp_micros(*m);
-        Some(match (field, value) {
-            (OrderField::CreatedAt, CursorValue::Micros(m)) => Self::Time("created_at", time(m)?),
-            (OrderField::UpdatedAt, CursorValue::Micros(m)) => Self::Time("updated_at", time(m)?),
-            (OrderField::Email, CursorValue::Text(s)) => Self::Text("email", s.clone()),
-            (OrderField::FirstName, CursorValue::Text(s)) => Self::Text("first_name", s.clone()),
-            (OrderField::LastName, CursorValue::Text(s)) => Self::Text("last_name", s.clone()),
-            (OrderField::Locale, CursorValue::Text(s)) => Self::Text("locale", s.clone()),
-            (OrderField::Phone, CursorValue::Text(s)) => Self::Text("phone", s.clone()),
-            (OrderField::Timezone, CursorValue::Text(s)) => Self::Text("timezone", s.clone()),
-            (OrderField::Reference, CursorValue::Text(s)) => Self::Text("reference", s.clone()),
-            (OrderField::Active, CursorValue::Bool(b)) => Self::Bool("active", *b),
-            (OrderField::Id, CursorValue::Text(s)) => Self::Uuid("id", Uuid::parse_str(s).ok()?),
-            _ => return None,
-        })
-    }
-}
-
-/// `(tenant_id, k1, ..., kn) > ($tenant, v1, ..., vn)`.
-#[derive(Debug, Clone)]
-struct RowAfter {
-    tenant: Uuid,
-    keys: Vec<RowKey>,
-}
-
-impl diesel::Expression for RowAfter {
-    type SqlType = diesel::sql_types::Bool;
-}
-
-impl diesel::AppearsOnTable<users::table> for RowAfter {}
-impl diesel::SelectableExpression<users::table> for RowAfter {}
-
-impl diesel::expression::ValidGrouping<()> for RowAfter {
-    type IsAggregate = diesel::expression::is_aggregate::Never;
-}
-
-impl diesel::query_builder::QueryId for RowAfter {
-    type QueryId = ();
-    // The SQL depends on the keys: cached by its text.
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl diesel::query_builder::QueryFragment<Pg> for RowAfter {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
-    ) -> diesel::QueryResult<()> {
-        use diesel::sql_types;
-        out.push_sql("(");
-        out.push_identifier("tenant_id")?;
-        for key in &self.keys {
-            let (RowKey::Time(column, _)
-            | RowKey::Text(column, _)
-            | RowKey::Bool(column, _)
-            | RowKey::Uuid(column, _)) = key;
-            out.push_sql(", ");
-            out.push_identifier(column)?;
-        }
-        out.push_sql(") > (");
-        out.push_bind_param::<sql_types::Uuid, _>(&self.tenant)?;
-        for key in &self.keys {
-            out.push_sql(", ");
-            match key {
-                RowKey::Time(_, v) => out.push_bind_param::<sql_types::Timestamptz, _>(v)?,
-                RowKey::Text(_, v) => out.push_bind_param::<sql_types::Text, _>(v)?,
-                RowKey::Bool(_, v) => out.push_bind_param::<sql_types::Bool, _>(v)?,
-                RowKey::Uuid(_, v) => out.push_bind_param::<sql_types::Uuid, _>(v)?,
-            }
-        }
-        out.push_sql(")");
-        Ok(())
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
