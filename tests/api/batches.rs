@@ -9,11 +9,11 @@ use std::{
 use tonic::Code;
 use users_service::{
     auth::Role,
-    pb::v1::{CreateUserRequest, GetUserRequest, UpdateUserRequest, User, UserUpdate},
+    pb::v1::{CreateUserRequest, GetUserRequest, User},
 };
 
 use crate::helpers::{TestApp, Users, error_info, violated_fields};
-use crate::limits::{app_with, lock_user_row};
+use crate::limits::{app_with, lock_user_row, spawn_held_update};
 use crate::metrics::{sample, scrape};
 use crate::tenants::create_tenant;
 use crate::users::{create, user};
@@ -22,19 +22,7 @@ use crate::users::{create, user};
 /// row lock, until the returned transaction ends.
 async fn hold_the_only_connection(app: &TestApp, id: &str) -> tokio_postgres::Client {
     let lock = lock_user_row(app, id).await;
-    let mut blocked = app.users.clone();
-    let id = id.to_owned();
-    tokio::spawn(async move {
-        blocked
-            .update_user(UpdateUserRequest {
-                id,
-                user: Some(UserUpdate {
-                    first_name: Some("Held".into()),
-                    ..Default::default()
-                }),
-            })
-            .await
-    });
+    spawn_held_update(app, id);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let waiting: i64 = app

@@ -6,7 +6,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use users_service::{
     auth::Role,
-    pb::v1::{GetUserRequest, ListUsersRequest, UpdateUserRequest, UserUpdate},
+    pb::v1::{GetUserRequest, ListUsersRequest, UpdateUserRequest, UpdateUserResponse, UserUpdate},
 };
 
 use crate::helpers::{server, spawn_with, test_config};
@@ -159,6 +159,27 @@ async fn oversized_requests_are_refused() {
 
 /// Holds a row lock from the test's own connection, so that an UpdateUser on
 /// that row waits inside its handler until the lock is released.
+/// An UpdateUser of `id`'s first name to "Held", on its own task: it waits
+/// while [`lock_user_row`] holds the row.
+pub fn spawn_held_update(
+    app: &crate::helpers::TestApp,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<UpdateUserResponse>, tonic::Status>> {
+    let mut client = app.users.clone();
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        client
+            .update_user(UpdateUserRequest {
+                id,
+                user: Some(UserUpdate {
+                    first_name: Some("Held".into()),
+                    ..Default::default()
+                }),
+            })
+            .await
+    })
+}
+
 pub async fn lock_user_row(app: &crate::helpers::TestApp, id: &str) -> tokio_postgres::Client {
     let (client, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -176,19 +197,7 @@ async fn calls_beyond_the_in_flight_limit_are_shed_with_unavailable() {
     let user = create(&mut app, roq_user()).await;
     let lock = lock_user_row(&app, &user.id).await;
 
-    let mut blocked = app.users.clone();
-    let id = user.id.clone();
-    let pending = tokio::spawn(async move {
-        blocked
-            .update_user(UpdateUserRequest {
-                id,
-                user: Some(UserUpdate {
-                    first_name: Some("Held".into()),
-                    ..Default::default()
-                }),
-            })
-            .await
-    });
+    let pending = spawn_held_update(&app, &user.id);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let shed = app
         .users
