@@ -41,6 +41,8 @@ const COLUMNS: &str = "tenant_id, id, reference, email, phone, first_name, last_
                        timezone, is_opted_in, active, custom_data, avatar_url, created_at, updated_at";
 const PAGE: i64 = 50;
 const BATCH: usize = 1000;
+/// `total_count_limit` of the bounded-count scenario.
+const COUNT_LIMIT: i32 = 10_000;
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -230,6 +232,7 @@ struct Conn {
     after: Statement,
     offset: Statement,
     count: Statement,
+    count_up_to: Statement,
 }
 
 struct Lease<'a> {
@@ -284,6 +287,11 @@ impl Raw {
                 offset: client.prepare(&format!("{list} {order} OFFSET $2")).await?,
                 count: client
                     .prepare("SELECT count(*) FROM users WHERE tenant_id = $1")
+                    .await?,
+                count_up_to: client
+                    .prepare(
+                        "SELECT count(*) FROM (SELECT 1 FROM users WHERE tenant_id = $1 LIMIT $2) m",
+                    )
                     .await?,
                 client,
             }));
@@ -976,6 +984,7 @@ enum Case {
     First,
     Token,
     Count,
+    CountUpTo,
     Offset,
 }
 
@@ -1017,18 +1026,22 @@ async fn list_scenarios(
     let offset = (deep - 1) * PAGE;
     let mut cases = vec![(Case::First, ""), (Case::Token, token.as_str())];
     if costs {
-        cases.extend([(Case::Count, ""), (Case::Offset, "")]);
+        cases.extend([(Case::Count, ""), (Case::CountUpTo, ""), (Case::Offset, "")]);
     }
     for (case, token) in cases {
         let (name, count) = match case {
             Case::First => ("first page", false),
             Case::Token => ("page by token", false),
             Case::Count => ("first page + totalCount", true),
+            Case::CountUpTo => ("first page + totalCount up to 10,000", true),
             Case::Offset => ("page by OFFSET", false),
         };
         let offset = if case == Case::Offset { offset } else { 0 };
         eprintln!("ListUsers {name} at {size}");
-        let request = list_request(tenant, token, offset as i32, count);
+        let request = pb::ListUsersRequest {
+            total_count_limit: (case == Case::CountUpTo).then_some(COUNT_LIMIT),
+            ..list_request(tenant, token, offset as i32, count)
+        };
         let s = {
             let service = service.clone();
             drive(calls, run, move |w, _| {
@@ -1039,8 +1052,12 @@ async fn list_scenarios(
                         .list_users(service.request(request))
                         .await
                         .map_err(code)?;
-                    if response.into_inner().data.len() != PAGE as usize {
+                    let page = response.into_inner();
+                    if page.data.len() != PAGE as usize {
                         return Err("short_page".into());
+                    }
+                    if case == Case::CountUpTo && !page.total_count_capped {
+                        return Err("count_not_capped".into());
                     }
                     Ok(())
                 }
@@ -1061,6 +1078,14 @@ async fn list_scenarios(
                                 .map_err(sql_code)?;
                             c.client.query(&c.first_page, &[&tenant]).await
                         }
+                        Case::CountUpTo => {
+                            let limit = i64::from(COUNT_LIMIT) + 1;
+                            c.client
+                                .query_one(&c.count_up_to, &[&tenant, &limit])
+                                .await
+                                .map_err(sql_code)?;
+                            c.client.query(&c.first_page, &[&tenant]).await
+                        }
                         Case::First => c.client.query(&c.first_page, &[&tenant]).await,
                         Case::Token => {
                             c.client
@@ -1077,7 +1102,7 @@ async fn list_scenarios(
             })
             .await
         };
-        let page = if matches!(case, Case::First | Case::Count) {
+        let page = if matches!(case, Case::First | Case::Count | Case::CountUpTo) {
             1
         } else {
             deep

@@ -21,6 +21,8 @@ use crate::store::{tenants, users};
 pub const DEFAULT_LIMIT: i32 = 20;
 /// Largest page a request may ask for.
 pub const MAX_LIMIT: i32 = 1000;
+/// Largest `total_count_limit` of ListUsers.
+pub const MAX_COUNT_LIMIT: i32 = 100_000;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Token {
@@ -376,6 +378,15 @@ pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
         .encode_to_vec(),
     );
     let after = decode_token(&mut v, &request.page_token, &fingerprint);
+    let count_limit = request.total_count_limit.map(|limit| {
+        if !(1..=MAX_COUNT_LIMIT).contains(&limit) {
+            v.push(
+                "total_count_limit",
+                format!("must be between 1 and {MAX_COUNT_LIMIT}"),
+            );
+        }
+        i64::from(limit)
+    });
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));
     }
@@ -387,6 +398,7 @@ pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
             limit: paging.limit,
             offset: paging.offset,
             count_total: !request.skip_total_count,
+            count_limit,
         },
         fingerprint,
     })

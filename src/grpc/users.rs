@@ -90,9 +90,11 @@ impl UsersApi {
             .db(async |conn| users::list(conn, &list.query).await)
             .await?
             .map_err(|_| Error::invalid("page_token", "does not match this request"))?;
+        let limit = list.query.count_limit.unwrap_or(i64::MAX);
         Ok(pb::ListUsersResponse {
             data: page.rows.into_iter().map(Into::into).collect(),
-            total_count: page.total,
+            total_count: page.total.map(|total| total.min(limit)),
+            total_count_capped: page.total.is_some_and(|total| total > limit),
             next_page_token: page
                 .next
                 .map(|cursor| list::encode_token(&list.fingerprint, cursor))

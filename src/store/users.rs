@@ -95,6 +95,9 @@ pub struct ListQuery {
     pub limit: i64,
     pub offset: i64,
     pub count_total: bool,
+    /// With `count_total`: count at most this many matches plus one, so
+    /// that a total above the limit tells that the count stopped there.
+    pub count_limit: Option<i64>,
 }
 
 /// A page of rows, the number of matches, and the cursor of the next page.
@@ -210,14 +213,24 @@ pub async fn list(
         None => None,
     };
 
-    let total = if query.count_total {
-        let count = filtered(&query.conditions)
-            .count()
+    let total = match (query.count_total, query.count_limit) {
+        (false, _) => None,
+        (true, None) => Some(
+            filtered(&query.conditions)
+                .count()
+                .get_result::<i64>(conn)
+                .await?,
+        ),
+        // The first limit + 1 matches, counted: as many rows at most.
+        (true, Some(limit)) => Some(
+            CountRows(
+                filtered(&query.conditions)
+                    .select(users::id)
+                    .limit(limit + 1),
+            )
             .get_result::<i64>(conn)
-            .await?;
-        Some(count)
-    } else {
-        None
+            .await?,
+        ),
     };
 
     let mut rows_query = filtered(&query.conditions);
@@ -241,6 +254,30 @@ pub async fn list(
         None
     };
     Ok(Ok(Page { rows, total, next }))
+}
+
+/// `SELECT count(*) FROM (query) AS matches`: counts the rows of a query
+/// that has a LIMIT, which `query.count()` cannot (it would drop the limit)
+/// and `id IN (query)` does badly (Postgres joins the whole table to it).
+#[derive(Debug, Clone, diesel::query_builder::QueryId)]
+struct CountRows<Q>(Q);
+
+impl<Q> diesel::query_builder::Query for CountRows<Q> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl<Q: diesel::query_builder::QueryFragment<Pg>> diesel::query_builder::QueryFragment<Pg>
+    for CountRows<Q>
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        out.push_sql("SELECT count(*) FROM (");
+        self.0.walk_ast(out.reborrow())?;
+        out.push_sql(") AS matches");
+        Ok(())
+    }
 }
 
 /// The rows matching every condition, unordered.

@@ -1701,6 +1701,59 @@ async fn list_users_with_limit_0_returns_no_rows_but_the_total() {
 }
 
 #[tokio::test]
+async fn list_users_total_count_limit_counts_up_to_the_limit_and_says_when_more_match() {
+    let mut app = spawn_app().await;
+    create_many(&mut app, 5).await;
+    let count = |total_count_limit: Option<i32>, filter: Option<UserFilter>| ListUsersRequest {
+        limit: Some(2),
+        total_count_limit,
+        filter,
+        ..Default::default()
+    };
+    for (limit, total, capped) in [(1, 1, true), (4, 4, true), (5, 5, false), (100, 5, false)] {
+        let page = list(&mut app, count(Some(limit), None)).await;
+        assert_eq!(
+            (page.total_count, page.total_count_capped, page.data.len()),
+            (Some(total), capped, 2),
+            "limit {limit}"
+        );
+    }
+    // The limit applies to the matches of the filter.
+    let two = Some(on("reference", any_of(&["u00", "u01"])));
+    let page = list(&mut app, count(Some(1), two.clone())).await;
+    assert_eq!((page.total_count, page.total_count_capped), (Some(1), true));
+    let page = list(&mut app, count(Some(2), two)).await;
+    assert_eq!(
+        (page.total_count, page.total_count_capped),
+        (Some(2), false)
+    );
+    // Unset: the exact count; skipped: no count at all.
+    let page = list(&mut app, count(None, None)).await;
+    assert_eq!(
+        (page.total_count, page.total_count_capped),
+        (Some(5), false)
+    );
+    let page = list(
+        &mut app,
+        ListUsersRequest {
+            skip_total_count: true,
+            ..count(Some(1), None)
+        },
+    )
+    .await;
+    assert_eq!((page.total_count, page.total_count_capped), (None, false));
+    for limit in [0, -1, 100_001] {
+        let status = list_err(&mut app, count(Some(limit), None)).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "limit {limit}");
+        assert_eq!(
+            violated_fields(&status),
+            ["total_count_limit"],
+            "limit {limit}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn list_users_limit_must_be_between_0_and_1000() {
     let mut app = spawn_app().await;
     create_many(&mut app, 2).await;
