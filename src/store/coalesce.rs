@@ -2,8 +2,8 @@
 //! statement.
 //!
 //! A call queues its item and, unless a task is already waiting on the
-//! queue's behalf, starts one. That task waits for its turn (at most half the
-//! pool's size of batches of one kind run at once) and for a connection, then
+//! queue's behalf, starts one. That task waits for its turn (a few batches of
+//! one kind run at once, see [`Batch::POOL_SHARE`]) and for a connection, then
 //! takes every item queued by then (up to [`Batch::MAX`]), runs them as one
 //! batch and answers each call with its own result. At low load the turn and
 //! the connection are free at once and a batch holds a single item: no call
@@ -34,6 +34,11 @@ pub trait Batch: Send + Sync + 'static {
     type Output: Send + 'static;
     /// Most items in one batch.
     const MAX: usize;
+    /// At most one batch of this kind runs per this many connections of the
+    /// pool (and at least one). Fewer batches at once means larger ones,
+    /// which cost Postgres and the server less per item; more than one lets
+    /// a slow batch (a lock wait, a slow flush) leave room for the next.
+    const POOL_SHARE: usize;
     /// The batch's label in metrics.
     const NAME: &'static str;
 
@@ -55,10 +60,7 @@ pub struct Coalescer<B: Batch> {
     /// Items per batch run.
     items: Histogram,
     queue: Mutex<Queue<B>>,
-    /// Batches of this kind that may run at once: half the pool. Fewer
-    /// batches, each larger, cost Postgres and the server less per item;
-    /// more than one, so that one slow batch (a lock wait, a slow flush)
-    /// does not hold up every call of its kind.
+    /// Turns to run a batch: [`Batch::POOL_SHARE`].
     running: Semaphore,
 }
 
@@ -79,7 +81,7 @@ impl<B: Batch> Coalescer<B> {
         Arc::new(Self {
             batch,
             items: metrics.batch_items(B::NAME),
-            running: Semaphore::new((pool.status().max_size / 2).max(1)),
+            running: Semaphore::new((pool.status().max_size / B::POOL_SHARE).max(1)),
             queue: Mutex::new(Queue {
                 waiting: Vec::new(),
                 leading: false,

@@ -597,6 +597,8 @@ impl Batch for FindUsers {
     type Item = (Uuid, Option<Uuid>);
     type Output = Option<UserRow>;
     const MAX: usize = 128;
+    /// A lookup by primary key takes well under a millisecond.
+    const POOL_SHARE: usize = 4;
     const NAME: &'static str = "get_user";
 
     async fn run(
@@ -639,6 +641,8 @@ impl Batch for InsertUsers {
     type Item = NewUser;
     type Output = UserRow;
     const MAX: usize = 64;
+    /// A commit waits for its WAL flush: two at once overlap them.
+    const POOL_SHARE: usize = 2;
     const NAME: &'static str = "create_user";
 
     async fn run(
