@@ -324,10 +324,17 @@ async fn connect(config: &tokio_postgres::Config) -> Result<PgClient, BoxError> 
 struct Server {
     child: Child,
     data_dir: PathBuf,
+    /// Where the server serves `/metrics`.
+    metrics: std::net::SocketAddr,
 }
 
 impl Server {
-    fn start(url: &str, options: &Options, port: u16) -> Result<Self, BoxError> {
+    fn start(
+        url: &str,
+        options: &Options,
+        port: u16,
+        metrics: std::net::SocketAddr,
+    ) -> Result<Self, BoxError> {
         let data_dir = std::env::temp_dir().join(format!("users-bench-{}", std::process::id()));
         std::fs::create_dir_all(&data_dir)?;
         let log = std::fs::File::create(data_dir.join("server.log"))?;
@@ -339,11 +346,42 @@ impl Server {
             .arg(&data_dir)
             .arg("--db-pool-size")
             .arg(options.pool.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
             .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(Self { child, data_dir })
+        Ok(Self {
+            child,
+            data_dir,
+            metrics,
+        })
+    }
+
+    /// Per kind of shared statement: calls served and statements run, from
+    /// the server's `users_service_db_batch_items` histogram.
+    async fn batches(&self) -> Result<Vec<(String, f64, f64)>, BoxError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        let value = |name: &str, batch: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(&format!("batch=\"{batch}\"")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        Ok(["get_user", "create_user"]
+            .into_iter()
+            .filter_map(|batch| {
+                let items = value("users_service_db_batch_items_sum", batch)?;
+                let statements = value("users_service_db_batch_items_count", batch)?;
+                Some((batch.to_owned(), items, statements))
+            })
+            .collect())
     }
 
     /// VmHWM: the most resident memory the process ever had.
@@ -557,10 +595,9 @@ async fn bench(options: Options) -> Result<(), BoxError> {
         .batch_execute(&format!("DROP DATABASE IF EXISTS {database}"))
         .await?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut server = Server::start(url.as_str(), &options, port)?;
+    let free = || std::net::TcpListener::bind("127.0.0.1:0")?.local_addr();
+    let port = free()?.port();
+    let mut server = Server::start(url.as_str(), &options, port, free()?)?;
     let result = match wait_ready(&mut server, port, &options).await {
         Ok(service) => run(&options, &service, url.as_str(), &server).await,
         Err(e) => Err(e),
@@ -622,44 +659,51 @@ async fn run(
     }
 
     if options.runs("get") {
-        // GetUser.
+        // GetUser, A B A B as the writes: a single pair varies by +-15%.
         eprintln!("GetUser");
-        let s = {
-            let (service, pick) = (service.clone(), pick.clone());
-            drive(calls, run, move |w, n| {
-                let (service, id) = (service.clone(), pick(n));
-                async move {
-                    let request = service.request(pb::GetUserRequest { id: id.to_string() });
-                    service
-                        .client(w)
-                        .get_user(request)
-                        .await
-                        .map(drop)
-                        .map_err(code)
-                }
-            })
-            .await
-        };
-        let r = {
-            let (raw, pick) = (Arc::clone(&raw), pick.clone());
-            drive(calls, run, move |_, n| {
-                let (raw, id) = (Arc::clone(&raw), pick(n));
-                async move {
-                    let c = raw.lease().await;
-                    c.client
-                        .query_one(&c.get, &[&id])
-                        .await
-                        .map(drop)
-                        .map_err(sql_code)
-                }
-            })
-            .await
-        };
+        let (mut service_total, mut raw_total, mut ratios) =
+            (Sample::default(), Sample::default(), Vec::new());
+        for _ in 0..pairs {
+            let s = {
+                let (service, pick) = (service.clone(), pick.clone());
+                drive(calls, run, move |w, n| {
+                    let (service, id) = (service.clone(), pick(n));
+                    async move {
+                        let request = service.request(pb::GetUserRequest { id: id.to_string() });
+                        service
+                            .client(w)
+                            .get_user(request)
+                            .await
+                            .map(drop)
+                            .map_err(code)
+                    }
+                })
+                .await
+            };
+            let r = {
+                let (raw, pick) = (Arc::clone(&raw), pick.clone());
+                drive(calls, run, move |_, n| {
+                    let (raw, id) = (Arc::clone(&raw), pick(n));
+                    async move {
+                        let c = raw.lease().await;
+                        c.client
+                            .query_one(&c.get, &[&id])
+                            .await
+                            .map(drop)
+                            .map_err(sql_code)
+                    }
+                })
+                .await
+            };
+            ratios.push(s.rate() / r.rate());
+            service_total.merge(s);
+            raw_total.merge(r);
+        }
         rows.push(Row {
-            scenario: "GetUser by id".into(),
-            service: s,
-            raw: Some(r),
-            ratio: None,
+            scenario: format!("GetUser by id (A B x{pairs})"),
+            service: service_total,
+            raw: Some(raw_total),
+            ratio: Some(median(ratios)),
         });
     }
 
@@ -814,6 +858,12 @@ async fn run(
     }
 
     let peak = server.peak_rss_kib();
+    for (batch, items, statements) in server.batches().await? {
+        notes.push(format!(
+            "{batch}: {items:.0} calls served by {statements:.0} statements, {:.1} per statement",
+            items / statements.max(1.0)
+        ));
+    }
     print_table(&rows);
     println!();
     for note in &notes {
