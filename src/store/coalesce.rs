@@ -66,7 +66,8 @@ pub struct Coalescer<B: Batch> {
 
 struct Queue<B: Batch> {
     waiting: Vec<(B::Item, Reply<B>)>,
-    /// A task is waiting for a connection and will take what is queued.
+    /// A task is waiting for its turn and a connection, and will take what
+    /// is queued by then.
     leading: bool,
 }
 
@@ -110,7 +111,8 @@ impl<B: Batch> Coalescer<B> {
         tokio::spawn(self.lead());
     }
 
-    /// Waits for a connection, then runs what has queued up meanwhile.
+    /// Waits for a turn and a connection, then runs what has queued up
+    /// meanwhile.
     async fn lead(self: Arc<Self>) {
         let _running = self.running.acquire().await;
         let connection = self.pool.get().await;
