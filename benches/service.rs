@@ -564,6 +564,32 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// Alternating service (A) and raw (B) runs of one scenario.
+#[derive(Debug, Default)]
+struct Pairs {
+    service: Sample,
+    raw: Sample,
+    ratios: Vec<f64>,
+}
+
+impl Pairs {
+    fn add(&mut self, service: Sample, raw: Sample) {
+        self.ratios.push(service.rate() / raw.rate());
+        self.service.merge(service);
+        self.raw.merge(raw);
+    }
+
+    /// Both sides' runs together, and the median of the pair ratios.
+    fn row(self, scenario: String) -> Row {
+        Row {
+            scenario,
+            service: self.service,
+            raw: Some(self.raw),
+            ratio: Some(median(self.ratios)),
+        }
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -661,8 +687,7 @@ async fn run(
     if options.runs("get") {
         // GetUser, A B A B as the writes: a single pair varies by +-15%.
         eprintln!("GetUser");
-        let (mut service_total, mut raw_total, mut ratios) =
-            (Sample::default(), Sample::default(), Vec::new());
+        let mut runs = Pairs::default();
         for _ in 0..pairs {
             let s = {
                 let (service, pick) = (service.clone(), pick.clone());
@@ -695,16 +720,9 @@ async fn run(
                 })
                 .await
             };
-            ratios.push(s.rate() / r.rate());
-            service_total.merge(s);
-            raw_total.merge(r);
+            runs.add(s, r);
         }
-        rows.push(Row {
-            scenario: format!("GetUser by id (A B x{pairs})"),
-            service: service_total,
-            raw: Some(raw_total),
-            ratio: Some(median(ratios)),
-        });
+        rows.push(runs.row(format!("GetUser by id (A B x{pairs})")));
     }
 
     // Writes: A B A B, median of the pair ratios.
@@ -714,8 +732,7 @@ async fn run(
             continue;
         }
         eprintln!("{scenario}");
-        let (mut service_total, mut raw_total, mut ratios) =
-            (Sample::default(), Sample::default(), Vec::new());
+        let mut runs = Pairs::default();
         for pair in 0..pairs {
             let prefix = format!("{run_id}-{pair}");
             let s = if scenario == "CreateUser" {
@@ -784,16 +801,9 @@ async fn run(
                 })
                 .await
             };
-            ratios.push(s.rate() / r.rate());
-            service_total.merge(s);
-            raw_total.merge(r);
+            runs.add(s, r);
         }
-        rows.push(Row {
-            scenario: format!("{scenario} (A B x{pairs})"),
-            service: service_total,
-            raw: Some(raw_total),
-            ratio: Some(median(ratios)),
-        });
+        rows.push(runs.row(format!("{scenario} (A B x{pairs})")));
     }
 
     let mut bulk_speedup = None;
