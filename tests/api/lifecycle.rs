@@ -13,7 +13,7 @@ use tonic_reflection::pb::v1alpha::{
 use users_service::pb::v1::GetUserRequest;
 
 use crate::helpers::{scratch_dir, server, spawn_app, spawn_with, start_embedded, test_config};
-use crate::users::{create, roq_user};
+use crate::users::{create, get, roq_user};
 
 #[tokio::test]
 async fn embedded_postgres_keeps_users_across_a_restart() {
@@ -30,16 +30,7 @@ async fn embedded_postgres_keeps_users_across_a_restart() {
     );
 
     let mut app = spawn_with(config).await;
-    let got = app
-        .users
-        .get_user(GetUserRequest {
-            id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut app, &created.id).await;
     assert_eq!(got, created);
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);

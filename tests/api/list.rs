@@ -6,13 +6,12 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use tonic::Code;
 use users_service::pb::v1::{
     BoolFilter, JsonFilter, ListUsersRequest, ListUsersResponse, SortDirection, StringFilter,
-    Tenant, TimestampFilter, UpdateUserRequest, User, UserFilter, UserOrder, UserOrderField,
-    UserUpdate,
+    Tenant, TimestampFilter, User, UserFilter, UserOrder, UserOrderField, UserUpdate,
 };
 
 use crate::helpers::{TestApp, spawn_app, violated_fields};
 use crate::tenants::create_tenant;
-use crate::users::{create, roq_user, user};
+use crate::users::{create, roq_user, update, user};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -747,20 +746,15 @@ async fn list_users_filters_updated_at_with_every_operator() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     // Updating the first user moves it last by updated_at, while it stays
     // first by created_at: a filter on the wrong column would fail.
-    let u1 = app
-        .users
-        .update_user(UpdateUserRequest {
-            id: u1.id.clone(),
-            user: Some(UserUpdate {
-                first_name: Some("Changed".into()),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let u1 = update(
+        &mut app,
+        &u1.id,
+        UserUpdate {
+            first_name: Some("Changed".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(instant(&u3.updated_at) < instant(&u1.updated_at));
     let t3 = u3.updated_at;
     let updated = |f: TimestampFilter| UserFilter {
@@ -1473,20 +1467,15 @@ async fn list_users_orders_and_pages_by_every_order_field_in_both_directions() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Make updated_at differ from created_at order.
-    let d = app
-        .users
-        .update_user(UpdateUserRequest {
-            id: created[0].id.clone(),
-            user: Some(UserUpdate {
-                is_opted_in: Some(true),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let d = update(
+        &mut app,
+        &created[0].id,
+        UserUpdate {
+            is_opted_in: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
     created[0] = d;
     let tenant = app.default_tenant().await;
 

@@ -42,6 +42,53 @@ pub async fn create(app: &mut crate::helpers::TestApp, user: User) -> User {
         .unwrap()
 }
 
+pub async fn get(app: &mut crate::helpers::TestApp, id: &str) -> User {
+    let id = id.to_owned();
+    app.users
+        .get_user(GetUserRequest { id })
+        .await
+        .expect("get succeeds")
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+pub async fn update(app: &mut crate::helpers::TestApp, id: &str, changes: UserUpdate) -> User {
+    let id = id.to_owned();
+    app.users
+        .update_user(UpdateUserRequest {
+            id,
+            user: Some(changes),
+        })
+        .await
+        .expect("update succeeds")
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+pub async fn deactivate(app: &mut crate::helpers::TestApp, id: &str) -> User {
+    let id = id.to_owned();
+    app.users
+        .deactivate_user(DeactivateUserRequest { id })
+        .await
+        .expect("deactivate succeeds")
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+pub async fn reactivate(app: &mut crate::helpers::TestApp, id: &str) -> User {
+    let id = id.to_owned();
+    app.users
+        .reactivate_user(ReactivateUserRequest { id })
+        .await
+        .expect("reactivate succeeds")
+        .into_inner()
+        .user
+        .unwrap()
+}
+
 #[tokio::test]
 async fn create_user_stores_the_roq_example_normalized_in_the_default_tenant() {
     let mut app = spawn_app().await;
@@ -112,16 +159,7 @@ async fn create_user_ignores_output_only_fields_and_defaults_to_active() {
 async fn get_user_returns_the_stored_user() {
     let mut app = spawn_app().await;
     let created = create(&mut app, roq_user()).await;
-    let got = app
-        .users
-        .get_user(GetUserRequest {
-            id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut app, &created.id).await;
     assert_eq!(got, created);
 }
 
@@ -174,20 +212,15 @@ async fn unknown_ids_are_not_found_and_malformed_ids_are_invalid() {
 async fn update_user_changes_only_the_fields_present() {
     let mut app = spawn_app().await;
     let created = create(&mut app, roq_user()).await;
-    let updated = app
-        .users
-        .update_user(UpdateUserRequest {
-            id: created.id.clone(),
-            user: Some(UserUpdate {
-                first_name: Some("Anna-Maria".into()),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let updated = update(
+        &mut app,
+        &created.id,
+        UserUpdate {
+            first_name: Some("Anna-Maria".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(updated.first_name, "Anna-Maria");
     assert!(updated.updated_at.unwrap().seconds >= created.updated_at.unwrap().seconds);
     assert_ne!(updated.updated_at, created.updated_at);
@@ -198,14 +231,7 @@ async fn update_user_changes_only_the_fields_present() {
     };
     assert_eq!(updated, expected);
 
-    let stored = app
-        .users
-        .get_user(GetUserRequest { id: created.id })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let stored = get(&mut app, &created.id).await;
     assert_eq!(stored, updated);
 }
 
@@ -222,25 +248,20 @@ async fn update_user_with_empty_strings_clears_text_fields() {
         },
     )
     .await;
-    let updated = app
-        .users
-        .update_user(UpdateUserRequest {
-            id: created.id.clone(),
-            user: Some(UserUpdate {
-                email: Some(String::new()),
-                phone: Some(String::new()),
-                timezone: Some(String::new()),
-                avatar_url: Some(String::new()),
-                locale: Some(String::new()),
-                last_name: Some(String::new()),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let updated = update(
+        &mut app,
+        &created.id,
+        UserUpdate {
+            email: Some(String::new()),
+            phone: Some(String::new()),
+            timezone: Some(String::new()),
+            avatar_url: Some(String::new()),
+            locale: Some(String::new()),
+            last_name: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(updated.email, "");
     assert_eq!(updated.phone, None);
     assert_eq!(updated.timezone, None);
@@ -265,20 +286,15 @@ async fn update_user_with_empty_strings_clears_text_fields() {
 async fn update_user_with_active_false_deactivates() {
     let mut app = spawn_app().await;
     let created = create(&mut app, roq_user()).await;
-    let updated = app
-        .users
-        .update_user(UpdateUserRequest {
-            id: created.id.clone(),
-            user: Some(UserUpdate {
-                active: Some(false),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let updated = update(
+        &mut app,
+        &created.id,
+        UserUpdate {
+            active: Some(false),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(updated.active, Some(false));
     let active: bool = app
         .db
@@ -298,42 +314,14 @@ async fn deactivate_and_reactivate_are_idempotent() {
     let created = create(&mut app, roq_user()).await;
     let id = created.id.clone();
 
-    let first = app
-        .users
-        .deactivate_user(DeactivateUserRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let first = deactivate(&mut app, &id).await;
     assert_eq!(first.active, Some(false));
-    let second = app
-        .users
-        .deactivate_user(DeactivateUserRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let second = deactivate(&mut app, &id).await;
     assert_eq!(second, first, "a second deactivation changes nothing");
 
-    let back = app
-        .users
-        .reactivate_user(ReactivateUserRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let back = reactivate(&mut app, &id).await;
     assert_eq!(back.active, Some(true));
-    let again = app
-        .users
-        .reactivate_user(ReactivateUserRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let again = reactivate(&mut app, &id).await;
     assert_eq!(again, back);
     let active: bool = app
         .db
