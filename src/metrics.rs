@@ -157,12 +157,19 @@ impl Metrics {
         self.batches.get_or_create(&BatchLabels { batch }).clone()
     }
 
-    pub fn call_started(&self, path: &str) {
-        self.started.get_or_create(&method_labels(path)).inc();
+    /// Counts a call as started; the labels it returns go to [`Self::call_handled`].
+    pub fn call_started(&self, path: &str) -> CallLabels {
+        let labels = method_labels(path);
+        self.started.get_or_create(&labels).inc();
+        CallLabels(labels)
     }
 
-    pub fn call_handled(&self, path: &str, code: tonic::Code, elapsed: Duration) {
-        let labels = method_labels(path);
+    pub fn call_handled(
+        &self,
+        CallLabels(labels): CallLabels,
+        code: tonic::Code,
+        elapsed: Duration,
+    ) {
         self.handling
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
@@ -205,6 +212,10 @@ impl Metrics {
         text
     }
 }
+
+/// The labels of one call's method, worked out once when it starts.
+#[derive(Debug)]
+pub struct CallLabels(MethodLabels);
 
 /// `/users.v1.UsersService/GetUser` -> (unary, users.v1.UsersService, GetUser).
 fn method_labels(path: &str) -> MethodLabels {

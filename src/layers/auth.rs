@@ -107,7 +107,7 @@ where
                         slot.set(caller_info(&authenticated.principal));
                     }
                     if let Some(wait) = layer.over_quota(
-                        &authenticated.principal.rate_key(),
+                        || authenticated.principal.rate_key(),
                         authenticated.rate_limit_per_second,
                     ) {
                         return Ok(exhausted(wait));
@@ -123,7 +123,7 @@ where
                         .get::<TcpConnectInfo>()
                         .and_then(TcpConnectInfo::remote_addr)
                         .map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string());
-                    if let Some(wait) = layer.over_quota(&format!("peer:{peer}"), None) {
+                    if let Some(wait) = layer.over_quota(|| format!("peer:{peer}"), None) {
                         return Ok(exhausted(wait));
                     }
                     let status = match failure {
@@ -140,8 +140,13 @@ where
 }
 
 impl AuthLayer {
-    fn over_quota(&self, caller: &str, own: Option<std::num::NonZeroU32>) -> Option<Duration> {
-        let wait = self.limits.as_ref()?.check(caller, own).err()?;
+    /// `caller` names the quota's owner; it is built only when limits are on.
+    fn over_quota(
+        &self,
+        caller: impl FnOnce() -> String,
+        own: Option<std::num::NonZeroU32>,
+    ) -> Option<Duration> {
+        let wait = self.limits.as_ref()?.check(&caller(), own).err()?;
         self.metrics.rejected(Rejection::RateLimit);
         Some(wait)
     }

@@ -20,7 +20,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 use uuid::Uuid;
 
-use crate::metrics::{Metrics, code_name};
+use crate::metrics::{CallLabels, Metrics, code_name};
 
 /// Header that carries the request id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -93,14 +93,15 @@ where
             .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
         let caller = CallerSlot::default();
         request.extensions_mut().insert(caller.clone());
+        let method = request.uri().path().to_owned();
         let call = Call {
-            method: request.uri().path().to_owned(),
+            labels: self.metrics.call_started(&method),
+            method,
             request_id,
             caller,
             started: Instant::now(),
             metrics: Arc::clone(&self.metrics),
         };
-        call.metrics.call_started(&call.method);
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
@@ -130,6 +131,7 @@ fn is_safe_request_id(id: &str) -> bool {
 #[derive(Debug)]
 struct Call {
     method: String,
+    labels: CallLabels,
     request_id: String,
     caller: CallerSlot,
     started: Instant,
@@ -137,9 +139,9 @@ struct Call {
 }
 
 impl Call {
-    fn finish(&self, code: Code) {
+    fn finish(self, code: Code) {
         let elapsed = self.started.elapsed();
-        self.metrics.call_handled(&self.method, code, elapsed);
+        self.metrics.call_handled(self.labels, code, elapsed);
         // Milliseconds with microsecond resolution.
         let duration_ms = (elapsed.as_micros() as f64) / 1000.0;
         let method = self.method.as_str();

@@ -107,6 +107,8 @@ impl<B: Batch> Coalescer<B> {
             .unwrap_or_else(|_| Err(Error::Internal("a batch ended without an answer".into())))
     }
 
+    /// A plain fn, not inlined into `lead`: a spawn of `lead` inside `lead`
+    /// would make the compiler prove the future `Send` in terms of itself.
     fn start_leader(self: Arc<Self>) {
         tokio::spawn(self.lead());
     }

@@ -606,9 +606,6 @@ impl Batch for FindUsers {
         conn: &mut AsyncPgConnection,
         items: Vec<Self::Item>,
     ) -> Result<Vec<Result<Option<UserRow>, Error>>, Error> {
-        if let [(id, tenant)] = items[..] {
-            return Ok(vec![Ok(find(conn, id, tenant).await?)]);
-        }
         let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
         let rows: HashMap<Uuid, UserRow> = users::table
             .filter(users::id.eq_any(ids))
@@ -651,6 +648,8 @@ impl Batch for InsertUsers {
         items: Vec<NewUser>,
     ) -> Result<Vec<Result<UserRow, Error>>, Error> {
         let mut stored = HashMap::new();
+        // A lone row goes straight to the plain insert below: one round trip,
+        // its own error included.
         if items.len() > 1 {
             match insert_all(conn, &items).await.map_err(Error::from) {
                 Ok(rows) => stored.extend(rows.into_iter().map(|row| (row.id, row))),
