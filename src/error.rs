@@ -11,6 +11,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::FieldViolation;
+use crate::store::failure::is_outage;
 
 /// `google.rpc.ErrorInfo.domain` of every error this service reports.
 pub const ERROR_DOMAIN: &str = "users-service";
@@ -82,17 +83,6 @@ const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
     ("tenants_reference_key", "tenant", "reference"),
 ];
 
-/// Server messages that mean the database went away or is not ready; diesel
-/// reports them with kind `Unknown`, so they are recognised by text.
-const UNAVAILABLE_MESSAGES: &[&str] = &[
-    "terminating connection",
-    "the database system is shutting down",
-    "the database system is starting up",
-    "the database system is in recovery mode",
-    "canceling statement due to statement timeout",
-    "connection closed",
-];
-
 impl From<DieselError> for Error {
     fn from(error: DieselError) -> Self {
         match &error {
@@ -108,17 +98,7 @@ impl From<DieselError> for Error {
             {
                 Self::invalid("user.tenant_id", "no tenant has this id")
             }
-            DieselError::DatabaseError(
-                DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection,
-                _,
-            ) => Self::Unavailable(error.into()),
-            DieselError::DatabaseError(_, info)
-                if UNAVAILABLE_MESSAGES
-                    .iter()
-                    .any(|m| info.message().contains(m)) =>
-            {
-                Self::Unavailable(error.into())
-            }
+            _ if is_outage(&error) => Self::Unavailable(error.into()),
             _ => Self::Internal(error.into()),
         }
     }

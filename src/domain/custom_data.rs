@@ -22,6 +22,10 @@ impl CustomData {
         if depth(&value) > MAX_DEPTH {
             return Err(format!("must be nested at most {MAX_DEPTH} levels deep"));
         }
+        if holds_nul(&value) {
+            // Postgres' jsonb cannot store it.
+            return Err("must not contain NUL characters in keys or strings".to_owned());
+        }
         // Display writes compact JSON, the same bytes the store keeps.
         if value.to_string().len() > MAX_BYTES {
             return Err(format!("must be at most {MAX_BYTES} bytes as JSON"));
@@ -92,6 +96,18 @@ fn depth(value: &Value) -> usize {
         Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
         Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
         _ => 0,
+    }
+}
+
+/// Whether a key or string anywhere in `value` holds U+0000.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || holds_nul(value)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 
@@ -256,6 +272,21 @@ mod tests {
             &json!({ "name": "Ada", "n": 1.5, "on": true, "none": null, "list": [2.0], "obj": { "x": "y" } })
         );
         assert_eq!(data.to_struct(), proto);
+    }
+
+    #[test]
+    fn rejects_nul_in_keys_and_strings_at_any_depth() {
+        for value in [
+            json!({ "k": "a\0b" }),
+            json!({ "a\0": 1 }),
+            json!({ "k": [{ "deep": ["\0"] }] }),
+        ] {
+            assert_eq!(
+                CustomData::parse(value).unwrap_err(),
+                "must not contain NUL characters in keys or strings"
+            );
+        }
+        assert!(CustomData::parse(json!({ "k": "a\\u0000b" })).is_ok());
     }
 
     #[test]

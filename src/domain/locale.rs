@@ -4,6 +4,8 @@ use std::fmt;
 
 /// The locale the service assumes when a user has not chosen one.
 const DEFAULT: &str = "en-US";
+/// Longest input: bounds the parser's work; real tags are far shorter.
+const MAX_INPUT_CHARS: usize = 64;
 
 /// A BCP 47 language tag (`language[-script][-region][-variant...]`) in
 /// canonical form: each subtag in its canonical case and variants sorted,
@@ -16,6 +18,9 @@ pub struct Locale(String);
 
 impl Locale {
     pub fn parse(input: &str) -> Result<Self, String> {
+        if input.len() > MAX_INPUT_CHARS {
+            return Err(format!("must be at most {MAX_INPUT_CHARS} characters"));
+        }
         canonicalize(input)
             .map(Self)
             .ok_or_else(|| "must be a BCP 47 language tag such as en-US".to_owned())
@@ -57,6 +62,16 @@ fn canonicalize(input: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlong_input_is_refused_before_parsing() {
+        let long = format!("en-US-x-{}", "abcdefgh-".repeat(7));
+        assert!(long.len() > 64);
+        assert_eq!(
+            Locale::parse(&long).unwrap_err(),
+            "must be at most 64 characters"
+        );
+    }
 
     fn canonical(input: &str) -> String {
         Locale::parse(input).unwrap().into_inner()

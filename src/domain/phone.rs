@@ -7,6 +7,9 @@ use phonenumber::Mode;
 /// E.164 caps a number at 15 digits, country code included.
 const MAX_DIGITS: usize = 15;
 
+/// Longest input, separators included: bounds the parser's work.
+const MAX_INPUT_CHARS: usize = 64;
+
 const EXPECTED: &str = "must be an E.164 phone number such as +15550001234";
 
 /// A phone number in E.164 form (`+15550001234`).
@@ -20,6 +23,9 @@ pub struct Phone(String);
 
 impl Phone {
     pub fn parse(input: &str) -> Result<Self, String> {
+        if input.len() > MAX_INPUT_CHARS && input.chars().count() > MAX_INPUT_CHARS {
+            return Err(format!("must be at most {MAX_INPUT_CHARS} characters"));
+        }
         // Without a default region the crate would still guess at some
         // national forms; the contract wants the international form only.
         if !input.trim_start().starts_with('+') {
@@ -67,6 +73,16 @@ impl fmt::Display for Phone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlong_input_is_refused_before_parsing() {
+        let padded = format!("+1 555 000 1234{}", " ".repeat(50));
+        assert_eq!(
+            Phone::parse(&padded).unwrap_err(),
+            "must be at most 64 characters"
+        );
+        assert!(Phone::parse(&format!("+1 555 000 1234{}", " ".repeat(40))).is_ok());
+    }
 
     fn normalized(input: &str) -> String {
         Phone::parse(input).unwrap().into_inner()

@@ -4,6 +4,9 @@ use std::fmt;
 
 use chrono_tz::Tz;
 
+/// Longest input; the longest IANA name has 32 characters.
+const MAX_INPUT_CHARS: usize = 64;
+
 /// An IANA time zone name in the database's own spelling
 /// (`asia/bangkok` becomes `Asia/Bangkok`). Input is matched
 /// case-insensitively.
@@ -12,6 +15,9 @@ pub struct TimeZone(Tz);
 
 impl TimeZone {
     pub fn parse(input: &str) -> Result<Self, String> {
+        if input.len() > MAX_INPUT_CHARS {
+            return Err(format!("must be at most {MAX_INPUT_CHARS} characters"));
+        }
         Tz::from_str_insensitive(input)
             .ok()
             .map(Self)
@@ -41,6 +47,15 @@ impl fmt::Display for TimeZone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlong_input_is_refused_before_lookup() {
+        assert_eq!(
+            TimeZone::parse(&"a".repeat(65)).unwrap_err(),
+            "must be at most 64 characters"
+        );
+        assert_eq!(canonical("America/Argentina/ComodRivadavia").len(), 32);
+    }
 
     fn canonical(input: &str) -> &'static str {
         TimeZone::parse(input).unwrap().as_str()

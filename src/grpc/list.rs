@@ -21,8 +21,24 @@ use crate::store::{tenants, users};
 pub const DEFAULT_LIMIT: i32 = 20;
 /// Largest page a request may ask for.
 pub const MAX_LIMIT: i32 = 1000;
+/// Largest `offset`: deeper pages are reached with page tokens, whose cost
+/// does not grow with the depth.
+pub const MAX_OFFSET: i32 = 100_000;
 /// Largest `total_count_limit` of ListUsers.
 pub const MAX_COUNT_LIMIT: i32 = 100_000;
+/// Most ordering terms of ListUsers: one per field users can be ordered by.
+pub const MAX_ORDER_TERMS: usize = 10;
+/// Longest `search`, in characters.
+pub const MAX_SEARCH_CHARS: usize = 100;
+/// Longest value compared by a filter (`equal_to`, `not_equal_to`, one item
+/// of `value_in` or `value_not_in`), in characters: no stored text is longer.
+pub const MAX_FILTER_VALUE_CHARS: usize = 255;
+/// Most values in one `value_in` or `value_not_in`.
+pub const MAX_FILTER_VALUES: usize = 100;
+/// Longest `like` or `i_like` pattern, in characters.
+pub const MAX_PATTERN_CHARS: usize = 100;
+/// Longest page token, in bytes; the tokens this service makes are far shorter.
+pub const MAX_PAGE_TOKEN_BYTES: usize = 8192;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Token {
@@ -54,10 +70,17 @@ fn decode_token(v: &mut Violations, token: &str, fingerprint: &str) -> Option<Ve
     if token.is_empty() {
         return None;
     }
+    if token.len() > MAX_PAGE_TOKEN_BYTES {
+        v.push("page_token", "is not a page token of this service");
+        return None;
+    }
     let decoded = URL_SAFE_NO_PAD
         .decode(token)
         .ok()
-        .and_then(|bytes| serde_json::from_slice::<Token>(&bytes).ok());
+        .and_then(|bytes| serde_json::from_slice::<Token>(&bytes).ok())
+        // Tokens are not signed: a forged one must not carry what a stored
+        // value cannot (text Postgres refuses, more values than terms).
+        .filter(|token| token.k.len() <= MAX_ORDER_TERMS + 1 && token.k.iter().all(plausible));
     match decoded {
         Some(token) if token.f == fingerprint => Some(token.k),
         Some(_) => {
@@ -74,6 +97,16 @@ fn decode_token(v: &mut Violations, token: &str, fingerprint: &str) -> Option<Ve
     }
 }
 
+/// Whether a cursor value could be the sort key of a stored row.
+fn plausible(value: &CursorValue) -> bool {
+    match value {
+        CursorValue::Text(text) => {
+            text.chars().count() <= MAX_FILTER_VALUE_CHARS && !text.contains('\0')
+        }
+        CursorValue::Bool(_) | CursorValue::Micros(_) => true,
+    }
+}
+
 /// Paging fields shared by the list requests.
 struct Paging {
     limit: i64,
@@ -85,76 +118,129 @@ fn paging(v: &mut Violations, limit: Option<i32>, offset: i32, token: &str) -> P
     if !(0..=MAX_LIMIT).contains(&limit) {
         v.push("limit", format!("must be between 0 and {MAX_LIMIT}"));
     }
-    if offset < 0 {
-        v.push("offset", "must not be negative");
+    if !(0..=MAX_OFFSET).contains(&offset) {
+        v.push(
+            "offset",
+            format!("must be between 0 and {MAX_OFFSET}; page with page_token beyond"),
+        );
     }
     if offset > 0 && !token.is_empty() {
         v.push("offset", "cannot be combined with page_token");
     }
     Paging {
         limit: i64::from(limit.clamp(0, MAX_LIMIT)),
-        offset: i64::from(offset.max(0)),
+        offset: i64::from(offset.clamp(0, MAX_OFFSET)),
     }
 }
 
-fn text_ops(filter: &pb::StringFilter) -> Vec<TextOp> {
+/// Checks a value a filter compares with; `None` (and a violation) when it
+/// is too long or holds a NUL, which no stored text can.
+fn filter_value(v: &mut Violations, field: &str, value: &str) -> Option<String> {
+    v.check(field, bounded_text(value, MAX_FILTER_VALUE_CHARS))
+}
+
+fn bounded_text(value: &str, max: usize) -> Result<String, String> {
+    if value.len() > max && value.chars().count() > max {
+        return Err(format!("must be at most {max} characters"));
+    }
+    if value.contains('\0') {
+        return Err("must not contain NUL characters".to_owned());
+    }
+    Ok(value.to_owned())
+}
+
+/// A LIKE pattern: bounded, and well formed (`\` escapes the character
+/// after it, so it cannot end the pattern).
+fn like_pattern(v: &mut Violations, field: &str, pattern: &str) -> Option<String> {
+    let checked = bounded_text(pattern, MAX_PATTERN_CHARS).and_then(|pattern| {
+        let mut escaped = false;
+        for c in pattern.chars() {
+            escaped = !escaped && c == '\\';
+        }
+        if escaped {
+            Err("must not end with an unescaped \\ (write \\\\ for a backslash)".to_owned())
+        } else {
+            Ok(pattern)
+        }
+    });
+    v.check(field, checked)
+}
+
+/// The values of `value_in` or `value_not_in`, each parsed by `one`.
+fn value_list<T>(
+    v: &mut Violations,
+    field: &str,
+    values: &[String],
+    mut one: impl FnMut(&mut Violations, &str, &str) -> Option<T>,
+) -> Option<Vec<T>> {
+    if values.len() > MAX_FILTER_VALUES {
+        v.push(
+            field,
+            format!("must have at most {MAX_FILTER_VALUES} values"),
+        );
+        return None;
+    }
+    let parsed: Vec<T> = values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, value)| one(v, &format!("{field}[{i}]"), value))
+        .collect();
+    (parsed.len() == values.len()).then_some(parsed)
+}
+
+fn text_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<TextOp> {
+    let path = |name: &str| format!("{field}.{name}");
     let mut ops = Vec::new();
     if let Some(value) = &filter.equal_to {
-        ops.push(TextOp::EqualTo(value.clone()));
+        ops.extend(filter_value(v, &path("equal_to"), value).map(TextOp::EqualTo));
     }
     if let Some(value) = &filter.not_equal_to {
-        ops.push(TextOp::NotEqualTo(value.clone()));
+        ops.extend(filter_value(v, &path("not_equal_to"), value).map(TextOp::NotEqualTo));
     }
     if !filter.value_in.is_empty() {
-        ops.push(TextOp::ValueIn(filter.value_in.clone()));
+        ops.extend(
+            value_list(v, &path("value_in"), &filter.value_in, filter_value).map(TextOp::ValueIn),
+        );
     }
     if !filter.value_not_in.is_empty() {
-        ops.push(TextOp::ValueNotIn(filter.value_not_in.clone()));
+        ops.extend(
+            value_list(v, &path("value_not_in"), &filter.value_not_in, filter_value)
+                .map(TextOp::ValueNotIn),
+        );
     }
-    if let Some(value) = &filter.like {
-        ops.push(TextOp::Like(value.clone()));
+    if let Some(pattern) = &filter.like {
+        ops.extend(like_pattern(v, &path("like"), pattern).map(TextOp::Like));
     }
-    if let Some(value) = &filter.i_like {
-        ops.push(TextOp::ILike(value.clone()));
+    if let Some(pattern) = &filter.i_like {
+        ops.extend(like_pattern(v, &path("i_like"), pattern).map(TextOp::ILike));
     }
     ops
 }
 
 /// Equality operators of a UUID field need UUIDs; patterns stay text.
 fn uuid_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<UuidOp> {
-    let mut one = |name: &str, value: &str| v.check(&format!("{field}.{name}"), uuid(value));
+    let path = |name: &str| format!("{field}.{name}");
+    let one = |v: &mut Violations, field: &str, value: &str| v.check(field, uuid(value));
     let mut ops = Vec::new();
-    if let Some(id) = filter.equal_to.as_deref().and_then(|s| one("equal_to", s)) {
-        ops.push(UuidOp::EqualTo(id));
+    if let Some(value) = &filter.equal_to {
+        ops.extend(one(v, &path("equal_to"), value).map(UuidOp::EqualTo));
     }
-    if let Some(id) = filter
-        .not_equal_to
-        .as_deref()
-        .and_then(|s| one("not_equal_to", s))
-    {
-        ops.push(UuidOp::NotEqualTo(id));
+    if let Some(value) = &filter.not_equal_to {
+        ops.extend(one(v, &path("not_equal_to"), value).map(UuidOp::NotEqualTo));
     }
     if !filter.value_in.is_empty() {
-        let ids: Vec<_> = filter
-            .value_in
-            .iter()
-            .filter_map(|s| one("value_in", s))
-            .collect();
-        ops.push(UuidOp::ValueIn(ids));
+        ops.extend(value_list(v, &path("value_in"), &filter.value_in, one).map(UuidOp::ValueIn));
     }
     if !filter.value_not_in.is_empty() {
-        let ids: Vec<_> = filter
-            .value_not_in
-            .iter()
-            .filter_map(|s| one("value_not_in", s))
-            .collect();
-        ops.push(UuidOp::ValueNotIn(ids));
+        ops.extend(
+            value_list(v, &path("value_not_in"), &filter.value_not_in, one).map(UuidOp::ValueNotIn),
+        );
     }
     if let Some(pattern) = &filter.like {
-        ops.push(UuidOp::Like(pattern.clone()));
+        ops.extend(like_pattern(v, &path("like"), pattern).map(UuidOp::Like));
     }
     if let Some(pattern) = &filter.i_like {
-        ops.push(UuidOp::ILike(pattern.clone()));
+        ops.extend(like_pattern(v, &path("i_like"), pattern).map(UuidOp::ILike));
     }
     ops
 }
@@ -234,18 +320,22 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
     use users::{BoolField, Condition, TextField, TimeField, UuidField};
     let mut conditions = Vec::new();
     let text_fields = [
-        (&filter.reference, TextField::Reference),
-        (&filter.email, TextField::Email),
-        (&filter.phone, TextField::Phone),
-        (&filter.first_name, TextField::FirstName),
-        (&filter.last_name, TextField::LastName),
-        (&filter.locale, TextField::Locale),
-        (&filter.timezone, TextField::Timezone),
+        (&filter.reference, TextField::Reference, "filter.reference"),
+        (&filter.email, TextField::Email, "filter.email"),
+        (&filter.phone, TextField::Phone, "filter.phone"),
+        (
+            &filter.first_name,
+            TextField::FirstName,
+            "filter.first_name",
+        ),
+        (&filter.last_name, TextField::LastName, "filter.last_name"),
+        (&filter.locale, TextField::Locale, "filter.locale"),
+        (&filter.timezone, TextField::Timezone, "filter.timezone"),
     ];
-    for (filter, field) in text_fields {
+    for (filter, field, name) in text_fields {
         if let Some(filter) = filter {
             conditions.extend(
-                text_ops(filter)
+                text_ops(v, name, filter)
                     .into_iter()
                     .map(|op| Condition::Text(field, op)),
             );
@@ -316,6 +406,14 @@ fn user_order(v: &mut Violations, order: &[pb::UserOrder]) -> Vec<(users::OrderF
     if order.is_empty() {
         return vec![(OrderField::CreatedAt, Direction::Asc)];
     }
+    if order.len() > MAX_ORDER_TERMS {
+        v.push(
+            "order",
+            format!("must have at most {MAX_ORDER_TERMS} terms, one per field"),
+        );
+        return Vec::new();
+    }
+    let mut seen = Vec::with_capacity(order.len());
     order
         .iter()
         .enumerate()
@@ -344,9 +442,26 @@ fn user_order(v: &mut Violations, order: &[pb::UserOrder]) -> Vec<(users::OrderF
                     return None;
                 }
             };
+            if seen.contains(&field) {
+                v.push(
+                    format!("order[{i}].field"),
+                    "orders by a field an earlier term already orders by",
+                );
+                return None;
+            }
+            seen.push(field);
             Some((field, direction))
         })
         .collect()
+}
+
+/// The condition of a non-empty `search`.
+fn search(v: &mut Violations, search: &str) -> Option<users::Condition> {
+    if search.is_empty() {
+        return None;
+    }
+    v.check("search", bounded_text(search, MAX_SEARCH_CHARS))
+        .map(users::Condition::Search)
 }
 
 /// A parsed ListUsers request and the fingerprint its page tokens carry.
@@ -363,9 +478,7 @@ pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
         .as_ref()
         .map(|filter| user_conditions(&mut v, filter))
         .unwrap_or_default();
-    if !request.search.is_empty() {
-        conditions.push(users::Condition::Search(request.search.clone()));
-    }
+    conditions.extend(search(&mut v, &request.search));
     let order = user_order(&mut v, &request.order);
     let fingerprint = fingerprint(
         "users",
@@ -424,7 +537,7 @@ pub fn tenant_list(request: &pb::ListTenantsRequest) -> Result<TenantList, Error
         }
         if let Some(reference) = &filter.reference {
             conditions.extend(
-                text_ops(reference)
+                text_ops(&mut v, "filter.reference", reference)
                     .into_iter()
                     .map(tenants::Condition::Reference),
             );
@@ -462,9 +575,7 @@ pub fn export_conditions(request: &pb::ExportUsersRequest) -> Result<Vec<users::
         .as_ref()
         .map(|filter| user_conditions(&mut v, filter))
         .unwrap_or_default();
-    if !request.search.is_empty() {
-        conditions.push(users::Condition::Search(request.search.clone()));
-    }
+    conditions.extend(search(&mut v, &request.search));
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));
     }

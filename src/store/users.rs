@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::error::Error;
 
 use super::coalesce::Batch;
+use super::failure::is_outage;
 use super::filter::{
     Boxed, CursorValue, Direction, TextOp, TimeOp, UuidOp, escape_like, text_condition,
     time_condition, uuid_condition,
@@ -237,9 +238,7 @@ pub async fn list(
     if let Some(after) = after {
         rows_query = rows_query.filter(after);
     }
-    for (field, direction) in &terms {
-        rows_query = order_by(rows_query, *field, *direction);
-    }
+    let rows_query = rows_query.order(OrderBy(terms.clone()));
     // One row more than asked tells whether another page follows.
     let mut rows = rows_query
         .select(UserRow::as_select())
@@ -327,31 +326,57 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
     }
 }
 
-fn order_by(
-    query: users::BoxedQuery<'static, Pg>,
-    field: OrderField,
-    direction: Direction,
-) -> users::BoxedQuery<'static, Pg> {
-    macro_rules! by {
-        ($column:expr) => {
-            match direction {
-                Direction::Asc => query.then_order_by($column.asc()),
-                Direction::Desc => query.then_order_by($column.desc()),
+/// The `ORDER BY` list of a user list, written out term by term.
+///
+/// diesel's `then_order_by` nests one more tuple per term, and walking a
+/// nested tuple walks each level twice (once to ask whether it is empty), so
+/// its cost doubles with every term. This walks the terms once.
+#[derive(Debug, Clone)]
+struct OrderBy(Vec<(OrderField, Direction)>);
+
+impl diesel::Expression for OrderBy {
+    type SqlType = diesel::expression::expression_types::NotSelectable;
+}
+
+impl diesel::AppearsOnTable<users::table> for OrderBy {}
+
+impl diesel::query_builder::QueryFragment<Pg> for OrderBy {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        for (i, (field, direction)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push_sql(", ");
             }
-        };
+            out.push_identifier("users")?;
+            out.push_sql(".");
+            out.push_identifier(field.column())?;
+            out.push_sql(match direction {
+                Direction::Asc => " ASC",
+                Direction::Desc => " DESC",
+            });
+        }
+        Ok(())
     }
-    match field {
-        OrderField::CreatedAt => by!(users::created_at),
-        OrderField::UpdatedAt => by!(users::updated_at),
-        OrderField::Email => by!(users::email),
-        OrderField::FirstName => by!(users::first_name),
-        OrderField::LastName => by!(users::last_name),
-        OrderField::Locale => by!(users::locale),
-        OrderField::Phone => by!(users::phone),
-        OrderField::Timezone => by!(users::timezone),
-        OrderField::Reference => by!(users::reference),
-        OrderField::Active => by!(users::active),
-        OrderField::Id => by!(users::id),
+}
+
+impl OrderField {
+    /// The column of `users` this field orders by.
+    fn column(self) -> &'static str {
+        match self {
+            Self::CreatedAt => "created_at",
+            Self::UpdatedAt => "updated_at",
+            Self::Email => "email",
+            Self::FirstName => "first_name",
+            Self::LastName => "last_name",
+            Self::Locale => "locale",
+            Self::Phone => "phone",
+            Self::Timezone => "timezone",
+            Self::Reference => "reference",
+            Self::Active => "active",
+            Self::Id => "id",
+        }
     }
 }
 
@@ -500,14 +525,15 @@ pub async fn upsert_all(
 
 /// Upserts a batch in one transaction, with one outcome per row, in order.
 ///
-/// The whole batch goes in one statement; only when that hits a unique
-/// violation does it fall back to one savepoint per row, so that the rows
-/// that can be stored are, and each other row reports its own clash.
+/// The whole batch goes in one statement; only when that fails for a reason
+/// other than an outage (a unique violation, a value Postgres refuses) does
+/// it fall back to one savepoint per row, so that the rows that can be
+/// stored are, and each other row reports its own error.
 pub async fn upsert_batch(
     conn: &mut AsyncPgConnection,
     rows: &[NewUser],
 ) -> diesel::QueryResult<Vec<Result<UserRow, diesel::result::Error>>> {
-    use diesel::result::{DatabaseErrorKind, Error};
+    use diesel::result::Error;
     use diesel_async::AsyncConnection;
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -532,7 +558,8 @@ pub async fn upsert_batch(
                     })
                     .collect())
             }
-            Err(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+            Err(e) if is_outage(&e) => Err(e),
+            Err(_) => {
                 let mut outcomes = Vec::with_capacity(rows.len());
                 for row in rows {
                     let one = conn
@@ -540,15 +567,12 @@ pub async fn upsert_batch(
                         .await;
                     outcomes.push(match one {
                         Ok(mut stored) => stored.pop().ok_or(Error::NotFound),
-                        Err(e @ Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
-                            Err(e)
-                        }
-                        Err(e) => return Err(e),
+                        Err(e) if is_outage(&e) => return Err(e),
+                        Err(e) => Err(e),
                     });
                 }
                 Ok(outcomes)
             }
-            Err(e) => Err(e),
         }
     })
     .await

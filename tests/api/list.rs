@@ -523,8 +523,8 @@ async fn list_users_with_a_malformed_uuid_in_an_id_filter_is_invalid_argument() 
         let cases = [
             (eq("nope"), "equal_to"),
             (ne("12345"), "not_equal_to"),
-            (any_of(&[valid.as_str(), "not-a-uuid"]), "value_in"),
-            (none_of(&[""]), "value_not_in"),
+            (any_of(&[valid.as_str(), "not-a-uuid"]), "value_in[1]"),
+            (none_of(&[""]), "value_not_in[0]"),
         ];
         for (filter, operator) in cases {
             let status = list_err(

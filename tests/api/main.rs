@@ -4,6 +4,7 @@
 mod auth;
 mod batches;
 mod bulk;
+mod hardening;
 mod helpers;
 mod keys_cli;
 mod lifecycle;
