@@ -10,14 +10,13 @@ use tonic_health::server::HealthReporter;
 use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
 use crate::config::Config;
 use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
-use crate::layers::{
-    auth::AuthLayer, call_log::CallLogLayer, in_flight::InFlightLimitLayer, rate_limit::RateLimits,
-};
+use crate::layers::{auth::AuthLayer, call_log::CallLogLayer, in_flight::InFlightLimitLayer};
 use crate::metrics::{self, Metrics};
 use crate::pb::{
     self,
     v1::{tenants_service_server::TenantsServiceServer, users_service_server::UsersServiceServer},
 };
+use crate::quota::Quotas;
 use crate::store::{
     database::{Database, OpenError, Sharing},
     db, tenants,
@@ -54,7 +53,7 @@ pub struct Application {
     state: AppState,
     database: Database,
     authenticator: Arc<Authenticator>,
-    limits: Option<Arc<RateLimits>>,
+    limits: Option<Arc<Quotas<String>>>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<TcpListener>,
     config: Config,
@@ -72,7 +71,7 @@ impl Application {
                 .rate_limit_burst
                 .and_then(NonZeroU32::new)
                 .unwrap_or(per_second);
-            Arc::new(RateLimits::new(per_second, burst))
+            Arc::new(Quotas::new(per_second, burst))
         });
 
         let database = Database::open(
@@ -108,6 +107,7 @@ impl Application {
             state.pool.clone(),
             jwt,
             config.key_cache_ttl,
+            config.auth_failure_budget(),
             Arc::clone(&state.clock),
         ));
 

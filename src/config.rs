@@ -16,6 +16,7 @@
 //! | `--max-request-bytes` | `MAX_REQUEST_BYTES` | 4 MiB |
 //! | `--max-call-duration` | `MAX_CALL_DURATION` | `30s` |
 //! | `--key-cache-ttl` | `KEY_CACHE_TTL` | `5s` |
+//! | `--auth-failures-per-second` | `AUTH_FAILURES_PER_SECOND` | `10` |
 //! | `--disable-reflection` | `DISABLE_REFLECTION` | off |
 //! | `--jwt-issuer` | `JWT_ISSUER` | none: no end-user tokens |
 //! | `--jwt-audience` | `JWT_AUDIENCE` | `users-service` |
@@ -27,12 +28,13 @@
 //!
 //! Log filtering follows `RUST_LOG` (default `info`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::{
     Role,
+    authenticator::FailureBudget,
     jwt::{JwtAlgorithm, JwtSettings},
 };
 
@@ -42,6 +44,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./.users-service";
 /// Calls per second per caller unless configured.
 pub const DEFAULT_RATE_LIMIT: u32 = 200;
+/// Failed authentications per second per address unless configured.
+pub const DEFAULT_AUTH_FAILURES: NonZeroU32 = NonZeroU32::new(10).expect("not zero");
 
 /// users-service: the gRPC service that owns the users of every tenant.
 #[derive(Debug, Clone, Parser)]
@@ -205,6 +209,12 @@ pub struct Config {
     #[arg(long, global = true, env = "KEY_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub key_cache_ttl: Duration,
 
+    /// Failed authentications per second allowed to each address (IPv6: each
+    /// /64), with bursts of three seconds' worth. Past it, a key id this
+    /// replica has never seen is refused without a database lookup.
+    #[arg(long, global = true, env = "AUTH_FAILURES_PER_SECOND", default_value_t = DEFAULT_AUTH_FAILURES)]
+    pub auth_failures_per_second: NonZeroU32,
+
     /// Do not serve gRPC reflection.
     #[arg(long, global = true, env = "DISABLE_REFLECTION")]
     pub disable_reflection: bool,
@@ -272,6 +282,7 @@ impl Config {
             max_request_bytes: 4 * 1024 * 1024,
             max_call_duration: Duration::from_secs(30),
             key_cache_ttl: Duration::from_secs(5),
+            auth_failures_per_second: DEFAULT_AUTH_FAILURES,
             disable_reflection: false,
             jwt_issuer: None,
             jwt_audience: "users-service".to_owned(),
@@ -290,6 +301,16 @@ impl Config {
             key_file: self.jwt_key_file.clone(),
             secret: self.jwt_secret.clone(),
         })
+    }
+
+    /// How many failed authentications an address may have.
+    pub fn auth_failure_budget(&self) -> FailureBudget {
+        FailureBudget {
+            per_second: self.auth_failures_per_second,
+            burst: self
+                .auth_failures_per_second
+                .saturating_mul(NonZeroU32::new(3).expect("not zero")),
+        }
     }
 
     pub fn pool_settings(&self) -> PoolSettings {

@@ -2,6 +2,7 @@
 
 pub mod app; // builds and runs the server
 pub mod auth; // who is calling: API keys, end-user tokens
+pub mod clock; // the time, as the service sees it
 pub mod codec; // the protobuf codec of the generated code
 pub mod commands; // the `keys` command line
 pub mod config; // flags and environment variables
@@ -11,6 +12,7 @@ pub mod grpc; // handlers, authorization, conversions
 pub mod layers; // tower layers: auth, rate limits, load shedding, call log
 pub mod metrics; // Prometheus metrics
 pub mod pb; // generated protobuf code
+pub mod quota; // per-caller call quotas (GCRA)
 pub mod store; // Postgres: schema, queries, pool, embedded cluster
 pub mod telemetry; // logging
 pub mod transfer; // the `import` and `export` commands: users in bulk over gRPC

@@ -64,6 +64,8 @@ pub enum Rejection {
     RateLimit,
     /// Over the global in-flight limit.
     LoadShed,
+    /// From an address with too many failed authentications lately.
+    AuthFailures,
 }
 
 /// The service's metrics, one registry per server.
@@ -187,6 +189,7 @@ impl Metrics {
         let reason = match why {
             Rejection::RateLimit => "rate_limit",
             Rejection::LoadShed => "load_shed",
+            Rejection::AuthFailures => "auth_failures",
         };
         self.rejections
             .get_or_create(&ReasonLabels { reason })

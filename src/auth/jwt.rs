@@ -1,7 +1,11 @@
 //! End-user tokens: JWTs of the company's identity provider, verified with a
 //! configured key. The algorithm is pinned to the configured one (so `none`
-//! and key confusion are refused), and `exp`, `iss`, `aud` and `sub` are
-//! required and checked.
+//! and key confusion are refused), `exp`, `iss`, `aud` and `sub` are
+//! required and checked, and so is `nbf` when present (with 30 s of leeway
+//! for clock skew, as `exp`). `sub` is the user's id in its canonical form,
+//! hyphenated lower-case (`0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e`): one
+//! spelling per user, so that a token cannot be told apart from another for
+//! the same user by how its id is written.
 
 use std::path::PathBuf;
 
@@ -84,6 +88,7 @@ impl JwtVerifier {
         validation.set_issuer(&[&settings.issuer]);
         validation.set_audience(&[&settings.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = 30;
         Ok(Self { key, validation })
     }
@@ -91,6 +96,7 @@ impl JwtVerifier {
     /// The user id of a valid token, or `None`.
     pub fn verify(&self, token: &str) -> Option<Uuid> {
         let data = decode::<Claims>(token, &self.key, &self.validation).ok()?;
-        Uuid::try_parse(&data.claims.sub).ok()
+        let id = Uuid::try_parse(&data.claims.sub).ok()?;
+        (id.hyphenated().to_string() == data.claims.sub).then_some(id)
     }
 }

@@ -22,8 +22,7 @@ use crate::store::{
     users::{FindUsers, InsertUsers},
 };
 
-/// Where handlers read the time from; tests may pin it.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+pub use crate::clock::Clock;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -57,7 +56,7 @@ impl AppState {
             inserts: Coalescer::new(InsertUsers, pool.clone(), metrics),
             pool,
             default_tenant,
-            clock: Arc::new(Utc::now),
+            clock: crate::clock::system(),
             exports: Arc::new(tokio::sync::Semaphore::new(exports)),
         }
     }

@@ -18,15 +18,15 @@ use tonic::{Status, transport::server::TcpConnectInfo};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
-use super::{
-    call_log::{CallerInfo, CallerSlot},
-    rate_limit::RateLimits,
-};
+use super::call_log::{CallerInfo, CallerSlot};
 use crate::auth::{
     Principal,
     authenticator::{AuthFailure, Authenticator},
 };
 use crate::metrics::{Metrics, Rejection};
+use crate::quota::Quotas;
+
+type RateLimits = Quotas<String>;
 
 /// Paths that need a caller.
 const PROTECTED_PREFIX: &str = "/users.v1.";
@@ -100,7 +100,12 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|value| value.to_str().ok());
-            let outcome = layer.authenticator.authenticate(header).await;
+            let peer = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+                .map(|addr| addr.ip());
+            let outcome = layer.authenticator.authenticate(header, peer).await;
             match outcome {
                 Ok(authenticated) => {
                     if let Some(slot) = request.extensions().get::<CallerSlot>() {
@@ -115,22 +120,22 @@ where
                     request.extensions_mut().insert(authenticated.principal);
                     inner.call(request).await
                 }
+                Err(AuthFailure::Throttled(wait)) => {
+                    layer.metrics.rejected(Rejection::AuthFailures);
+                    Ok(exhausted(wait))
+                }
                 Err(failure) => {
                     // Unauthenticated callers share a quota per address, which
                     // bounds how fast anyone can guess.
-                    let peer = request
-                        .extensions()
-                        .get::<TcpConnectInfo>()
-                        .and_then(TcpConnectInfo::remote_addr)
-                        .map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string());
+                    let peer = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
                     if let Some(wait) = layer.over_quota(|| format!("peer:{peer}"), None) {
                         return Ok(exhausted(wait));
                     }
                     let status = match failure {
-                        AuthFailure::Unauthenticated => {
+                        AuthFailure::Unavailable(error) => error.into(),
+                        AuthFailure::Unauthenticated | AuthFailure::Throttled(_) => {
                             Status::unauthenticated("missing or invalid credentials")
                         }
-                        AuthFailure::Unavailable(error) => error.into(),
                     };
                     Ok(status.into_http())
                 }
@@ -146,7 +151,7 @@ impl AuthLayer {
         caller: impl FnOnce() -> String,
         own: Option<std::num::NonZeroU32>,
     ) -> Option<Duration> {
-        let wait = self.limits.as_ref()?.check(&caller(), own).err()?;
+        let wait = self.limits.as_ref()?.check(caller(), own).err()?;
         self.metrics.rejected(Rejection::RateLimit);
         Some(wait)
     }

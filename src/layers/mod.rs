@@ -3,4 +3,3 @@
 pub mod auth;
 pub mod call_log;
 pub mod in_flight;
-pub mod rate_limit;

@@ -156,6 +156,20 @@ pub async fn find(
         .optional()
 }
 
+/// The active flag of the user with this id, in any tenant; `None` when
+/// there is none.
+pub async fn active_flag(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> diesel::QueryResult<Option<bool>> {
+    users::table
+        .filter(users::id.eq(id))
+        .select(users::active)
+        .first(conn)
+        .await
+        .optional()
+}
+
 /// Applies `changes`; `None` when no user in scope has this id.
 pub async fn update(
     conn: &mut AsyncPgConnection,

@@ -337,12 +337,23 @@ fn expected(rpc: Rpc) -> [(Caller, Code, Code); 7] {
             (OtherUser, DENIED, DENIED),
             (Anonymous, UNAUTH, UNAUTH),
         ],
-        Rpc::DeactivateUser | Rpc::ReactivateUser => [
+        Rpc::DeactivateUser => [
             (Admin, OK, OK),
             (EditorA, OK, NOT_FOUND),
             (ViewerA, DENIED, DENIED),
             (EditorB, NOT_FOUND, OK),
             (UserSelf, DENIED, DENIED),
+            (OtherUser, DENIED, DENIED),
+            (Anonymous, UNAUTH, UNAUTH),
+        ],
+        // Each cell deactivates its target first, so UserSelf (X) is
+        // deactivated by then: its token is refused before any role check.
+        Rpc::ReactivateUser => [
+            (Admin, OK, OK),
+            (EditorA, OK, NOT_FOUND),
+            (ViewerA, DENIED, DENIED),
+            (EditorB, NOT_FOUND, OK),
+            (UserSelf, UNAUTH, UNAUTH),
             (OtherUser, DENIED, DENIED),
             (Anonymous, UNAUTH, UNAUTH),
         ],
@@ -1150,6 +1161,38 @@ async fn bad_credentials_are_unauthenticated_with_one_message_before_any_handler
                 sign(&with(base.clone(), "sub", json!("not-a-uuid")))
             )),
         ),
+        (
+            "JWT whose sub is a braced UUID",
+            Some(format!(
+                "Bearer {}",
+                sign(&with(base.clone(), "sub", json!(format!("{{{user_id}}}"))))
+            )),
+        ),
+        (
+            "JWT whose sub is a urn:uuid",
+            Some(format!(
+                "Bearer {}",
+                sign(&with(
+                    base.clone(),
+                    "sub",
+                    json!(format!("urn:uuid:{user_id}"))
+                ))
+            )),
+        ),
+        (
+            "JWT whose sub is an upper-case UUID",
+            Some(format!(
+                "Bearer {}",
+                sign(&with(base.clone(), "sub", json!(user_id.to_uppercase())))
+            )),
+        ),
+        (
+            "JWT not valid before an hour from now",
+            Some(format!(
+                "Bearer {}",
+                sign(&with(base.clone(), "nbf", json!(now_secs() + 3600)))
+            )),
+        ),
         ("unsigned alg none JWT", Some(format!("Bearer {alg_none}"))),
         (
             "HS256 JWT keyed with the RSA public key",
@@ -1270,4 +1313,167 @@ fn hex_digest(s: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Deactivated end users, and floods of bad credentials
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_deactivated_users_token_is_refused_until_it_is_reactivated() {
+    let mut app = spawn_app().await;
+    let created = crate::users::create(&mut app, user("ada", "ada@example.com")).await;
+    let token = user_token(&created.id);
+    let mut own = app.users_as(Some(&token));
+    let read = |id: &str| GetUserRequest { id: id.to_owned() };
+    let rename = |id: &str| UpdateUserRequest {
+        id: id.to_owned(),
+        user: Some(UserUpdate {
+            first_name: Some("Ada".into()),
+            ..Default::default()
+        }),
+    };
+    own.get_user(read(&created.id))
+        .await
+        .expect("active: reads");
+    // A token whose sub has no user still authenticates (and finds nothing).
+    let nobody = Uuid::now_v7().to_string();
+    let status = app
+        .users_as(Some(&user_token(&nobody)))
+        .get_user(read(&nobody))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    crate::users::deactivate(&mut app, &created.id).await;
+    tokio::time::sleep(app.config.key_cache_ttl + Duration::from_millis(200)).await;
+    for status in [
+        own.get_user(read(&created.id)).await.unwrap_err(),
+        own.update_user(rename(&created.id)).await.unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    let stored: String = app
+        .db
+        .query_one("SELECT first_name FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "", "the refused update changed nothing");
+
+    crate::users::reactivate(&mut app, &created.id).await;
+    tokio::time::sleep(app.config.key_cache_ttl + Duration::from_millis(200)).await;
+    own.update_user(rename(&created.id))
+        .await
+        .expect("reactivated: updates");
+}
+
+/// A call with a well-formed key token whose id no key has.
+async fn unknown_key_call(app: &TestApp, id: &str) -> Status {
+    let token = format!("usk_{id}_{}", random_hex(32));
+    let mut request = tonic::Request::new(GetUserRequest {
+        id: Uuid::now_v7().to_string(),
+    });
+    request.set_timeout(Duration::from_millis(1500));
+    app.users_as(Some(&token))
+        .get_user(request)
+        .await
+        .expect_err("an unknown key is refused")
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_key_ids_is_refused_before_the_database_and_known_keys_still_work() {
+    let app = crate::limits::app_with(|c| {
+        c.auth_failures_per_second = std::num::NonZeroU32::new(5).unwrap();
+        // Long enough for the service's key to stay cached through the
+        // flood below; the lookups that hang on the lock end sooner.
+        c.key_cache_ttl = Duration::from_secs(4);
+        c.db_statement_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let service_key = app.create_key(Role::Admin, None, None).await;
+    let header = format!("Bearer {service_key}");
+    assert_eq!(
+        get_nope(&app, Some(&header)).await.code(),
+        Code::InvalidArgument,
+        "the service's key works"
+    );
+    let looked_up = random_hex(8);
+    assert_eq!(
+        unknown_key_call(&app, &looked_up).await.code(),
+        Code::Unauthenticated
+    );
+
+    // With api_keys locked, any lookup would hang: what answers at once
+    // did no database work.
+    let (locker, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // An id found unknown is answered from memory.
+    assert_eq!(
+        unknown_key_call(&app, &looked_up).await.code(),
+        Code::Unauthenticated
+    );
+    // A flood of never-seen ids: the budget (15 at once) gets lookups, which
+    // hang on the lock; the rest are refused at once.
+    let started = std::time::Instant::now();
+    let flood = futures::future::join_all((0..60).map(|_| {
+        let id = random_hex(8);
+        let app = &app;
+        async move {
+            let status = unknown_key_call(app, &id).await;
+            (status.code(), started.elapsed())
+        }
+    }))
+    .await;
+    let refused: Vec<_> = flood
+        .iter()
+        .filter(|(code, _)| *code == Code::ResourceExhausted)
+        .collect();
+    assert!(
+        refused.len() >= 40,
+        "{} of 60 refused: {flood:?}",
+        refused.len()
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|(_, at)| *at < Duration::from_millis(1000)),
+        "refused without waiting for the database: {refused:?}"
+    );
+    // The service behind the same address is not limited by the flood.
+    assert_eq!(
+        get_nope(&app, Some(&header)).await.code(),
+        Code::InvalidArgument
+    );
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+
+    // Once its cache entry has expired, a known key is looked up again even
+    // while its address is over the failure budget; a key never seen before
+    // waits for the budget to refill.
+    let new_key = app.create_key(Role::Admin, None, None).await;
+    tokio::time::sleep(app.config.key_cache_ttl + Duration::from_millis(200)).await;
+    for _ in 0..30 {
+        unknown_key_call(&app, &random_hex(8)).await;
+    }
+    assert_eq!(
+        unknown_key_call(&app, &random_hex(8)).await.code(),
+        Code::ResourceExhausted,
+        "the address is over its budget"
+    );
+    assert_eq!(
+        get_nope(&app, Some(&header)).await.code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        get_nope(&app, Some(&format!("Bearer {new_key}")))
+            .await
+            .code(),
+        Code::ResourceExhausted
+    );
 }
