@@ -10,6 +10,7 @@ pub mod domain; // validated types, built once at the edge
 pub mod error; // the one error type and its gRPC status
 pub mod grpc; // handlers, authorization, conversions
 pub mod layers; // tower layers: auth, rate limits, load shedding, call log
+pub mod methods; // the gRPC methods served, from their descriptors
 pub mod metrics; // Prometheus metrics
 pub mod pb; // generated protobuf code
 pub mod quota; // per-caller call quotas (GCRA)

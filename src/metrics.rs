@@ -10,6 +10,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
+use crate::methods::Method;
 use crate::store::db::DbPool;
 
 /// Buckets of `grpc_server_handling_seconds` (Prometheus' defaults, as
@@ -21,16 +22,16 @@ const HANDLING_BUCKETS: [f64; 11] = [
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     grpc_type: &'static str,
-    grpc_service: String,
-    grpc_method: String,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandledLabels {
     grpc_type: &'static str,
-    grpc_service: String,
-    grpc_method: String,
-    grpc_code: String,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,8 +161,12 @@ impl Metrics {
     }
 
     /// Counts a call as started; the labels it returns go to [`Self::call_handled`].
-    pub fn call_started(&self, path: &str) -> CallLabels {
-        let labels = method_labels(path);
+    pub fn call_started(&self, method: &'static Method) -> CallLabels {
+        let labels = MethodLabels {
+            grpc_type: method.kind.as_str(),
+            grpc_service: &method.service,
+            grpc_method: &method.name,
+        };
         self.started.get_or_create(&labels).inc();
         CallLabels(labels)
     }
@@ -180,7 +185,7 @@ impl Metrics {
                 grpc_type: labels.grpc_type,
                 grpc_service: labels.grpc_service,
                 grpc_method: labels.grpc_method,
-                grpc_code: code_name(code).to_owned(),
+                grpc_code: code_name(code),
             })
             .inc();
     }
@@ -219,24 +224,6 @@ impl Metrics {
 /// The labels of one call's method, worked out once when it starts.
 #[derive(Debug)]
 pub struct CallLabels(MethodLabels);
-
-/// `/users.v1.UsersService/GetUser` -> (unary, users.v1.UsersService, GetUser).
-fn method_labels(path: &str) -> MethodLabels {
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or(("unknown", "unknown"));
-    let grpc_type = match path {
-        "/grpc.health.v1.Health/Watch" | "/users.v1.UsersService/ExportUsers" => "server_stream",
-        p if p.starts_with("/grpc.reflection.") => "bidi_stream",
-        _ => "unary",
-    };
-    MethodLabels {
-        grpc_type,
-        grpc_service: service.to_owned(),
-        grpc_method: method.to_owned(),
-    }
-}
 
 /// The canonical upper-case name of a code, as go-grpc-prometheus writes it.
 pub fn code_name(code: tonic::Code) -> &'static str {

@@ -20,6 +20,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 use uuid::Uuid;
 
+use crate::methods::{self, Method};
 use crate::metrics::{CallLabels, Metrics, code_name};
 
 /// Header that carries the request id, in and out.
@@ -93,9 +94,9 @@ where
             .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
         let caller = CallerSlot::default();
         request.extensions_mut().insert(caller.clone());
-        let method = request.uri().path().to_owned();
+        let method = methods::lookup(request.uri().path());
         let call = Call {
-            labels: self.metrics.call_started(&method),
+            labels: self.metrics.call_started(method),
             method,
             request_id,
             caller,
@@ -130,7 +131,7 @@ fn is_safe_request_id(id: &str) -> bool {
 
 #[derive(Debug)]
 struct Call {
-    method: String,
+    method: &'static Method,
     labels: CallLabels,
     request_id: String,
     caller: CallerSlot,
@@ -144,7 +145,7 @@ impl Call {
         self.metrics.call_handled(self.labels, code, elapsed);
         // Milliseconds with microsecond resolution.
         let duration_ms = (elapsed.as_micros() as f64) / 1000.0;
-        let method = self.method.as_str();
+        let method = self.method.path.as_str();
         let code = code_name(code);
         let caller = self.caller.0.get();
         let caller_id = caller.map_or("", |c| c.id.as_str());

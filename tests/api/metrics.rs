@@ -142,3 +142,61 @@ async fn metrics_count_calls_per_method_and_code() {
         "the pool has opened connections: {text}"
     );
 }
+
+#[tokio::test]
+async fn calls_to_paths_that_name_no_method_share_one_label() {
+    let name = format!(
+        "users_service_metrics_{}_{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    );
+    let mut config = test_config(Some(server().url(&name)));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut app = spawn_with(config).await;
+    app.database = name;
+    let metrics_addr = app.metrics_addr.expect("metrics are on");
+
+    // Unique, long paths, with and without credentials.
+    for i in 0..200 {
+        let path: &'static str =
+            Box::leak(format!("/users.v1.UsersService/{i}{}", "x".repeat(1000)).into_boxed_str());
+        let token = (i % 2 == 0).then_some(app.admin_token.as_str());
+        let status = crate::helpers::raw_call(&app.channel, token, path, Vec::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(status.code(), Code::Unimplemented | Code::Unauthenticated),
+            "{status:?}"
+        );
+    }
+    create(&mut app, roq_user()).await;
+
+    let text = scrape(metrics_addr).await;
+    assert!(!text.contains("xxxx"), "a client's path became a label");
+    assert_eq!(
+        sample(
+            &text,
+            "grpc_server_started_total",
+            &[("grpc_service", "unknown"), ("grpc_method", "unknown")]
+        ),
+        Some(200.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "grpc_server_handled_total",
+            &[("grpc_method", "CreateUser"), ("grpc_code", "OK")]
+        ),
+        Some(1.0)
+    );
+    let methods: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("grpc_server_started_total{"))
+        .filter_map(|line| line.split("grpc_method=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        methods,
+        ["CreateUser", "unknown"].into_iter().collect(),
+        "{text}"
+    );
+}
