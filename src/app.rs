@@ -4,14 +4,19 @@
 use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc};
 
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
+use tower::ServiceBuilder;
 
 use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
 use crate::config::Config;
 use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
-use crate::layers::{auth::AuthLayer, call_log::CallLogLayer, in_flight::InFlightLimitLayer};
+use crate::layers::{
+    auth::AuthLayer, call_log::CallLogLayer, deadline::DeadlineLayer,
+    in_flight::InFlightLimitLayer, read_request::ReadRequestLayer,
+};
 use crate::metrics::{self, Metrics};
+use crate::net;
 use crate::pb::{
     self,
     v1::{tenants_service_server::TenantsServiceServer, users_service_server::UsersServiceServer},
@@ -91,7 +96,8 @@ impl Application {
             let default_tenant = tenants::default_id(&mut conn)
                 .await
                 .map_err(|e| StartError::Database(e.into()))?;
-            let state = AppState::new(pool, default_tenant, &metrics);
+            let mut state = AppState::new(pool, default_tenant, &metrics);
+            state.stream_stall_timeout = config.stream_stall_timeout;
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?
@@ -155,9 +161,9 @@ impl Application {
             .and_then(|listener| listener.local_addr().ok())
     }
 
-    /// Serves until `shutdown` completes; then reports NOT_SERVING, lets
-    /// in-flight calls finish within the grace period, and stops the
-    /// embedded Postgres.
+    /// Serves until `shutdown` completes; then reports NOT_SERVING, closes
+    /// the listener, sends GOAWAY on every connection, lets in-flight calls
+    /// finish within the grace period, and stops the embedded Postgres.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, true).await;
@@ -167,34 +173,43 @@ impl Application {
             .max_decoding_message_size(max_request);
         let tenants = TenantsServiceServer::new(TenantsApi::new(self.state.clone()))
             .max_decoding_message_size(max_request);
-
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut builder = Server::builder()
-            // Caps every call, whatever deadline the client asked for.
-            .timeout(self.config.max_call_duration)
+        let mut routes = Routes::new(health_service)
+            .add_service(users)
+            .add_service(tenants);
+        if !self.config.disable_reflection {
+            routes = routes
+                .add_service(reflection_v1()?)
+                .add_service(reflection_v1alpha()?);
+        }
+        // Outermost first: every call is logged and bounded in time; callers
+        // are known before their request is read, and a call takes an
+        // in-flight slot only once its request is in.
+        let service = ServiceBuilder::new()
             .layer(CallLogLayer::new(Arc::clone(&self.metrics)))
-            .layer(InFlightLimitLayer::new(
-                self.config.max_in_flight,
-                Arc::clone(&self.metrics),
-            ))
+            .layer(DeadlineLayer::new(self.config.max_call_duration))
             .layer(AuthLayer::new(
                 self.authenticator,
                 self.limits,
                 Arc::clone(&self.metrics),
-            ));
-        let mut router = builder
-            .add_service(health_service)
-            .add_service(users)
-            .add_service(tenants);
-        if !self.config.disable_reflection {
-            router = router
-                .add_service(reflection_v1()?)
-                .add_service(reflection_v1alpha()?);
-        }
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        }));
+            ))
+            .layer(ReadRequestLayer::new(
+                self.config.request_read_timeout,
+                max_request,
+            ))
+            .layer(InFlightLimitLayer::new(
+                self.config.max_in_flight,
+                Arc::clone(&self.metrics),
+            ))
+            .service(routes.prepare());
+
+        let (draining, draining_rx) = tokio::sync::watch::channel(false);
+        let mut server = Box::pin(net::serve(
+            self.listener,
+            service,
+            self.config.connection_limits(),
+            Arc::clone(&self.metrics),
+            draining_rx,
+        ));
         tracing::info!(addr = %self.local_addr, "serving");
 
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -212,27 +227,20 @@ impl Application {
             ))
         });
 
-        let outcome = tokio::select! {
-            result = &mut server => Some(result),
-            () = shutdown => None,
-        };
-        let grace = self.config.shutdown_grace;
-        let result = match outcome {
-            Some(result) => result,
-            None => {
+        tokio::select! {
+            () = &mut server => {}
+            () = shutdown => {
+                let grace = self.config.shutdown_grace;
                 tracing::info!(?grace, "shutting down");
                 set_serving(&health, false).await;
-                let _ = stop_tx.send(());
-                match tokio::time::timeout(grace, &mut server).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        tracing::warn!("grace period over, cancelling the calls still running");
-                        server.abort();
-                        Ok(Ok(()))
-                    }
+                let _ = draining.send(true);
+                if tokio::time::timeout(grace, &mut server).await.is_err() {
+                    tracing::warn!("grace period over, cancelling the calls still running");
                 }
             }
-        };
+        }
+        // Ends every connection and call still open.
+        drop(server);
         let _ = metrics_stop.send(());
         if let Some(metrics_server) = metrics_server {
             let _ = metrics_server.await;
@@ -241,12 +249,7 @@ impl Application {
         self.database
             .close()
             .await
-            .map_err(|e| StartError::Serve(e.into()))?;
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StartError::Serve(e.into())),
-            Err(e) => Err(StartError::Serve(e.into())),
-        }
+            .map_err(|e| StartError::Serve(e.into()))
     }
 }
 

@@ -15,6 +15,13 @@
 //! | `--max-in-flight` | `MAX_IN_FLIGHT` | `512` |
 //! | `--max-request-bytes` | `MAX_REQUEST_BYTES` | 4 MiB |
 //! | `--max-call-duration` | `MAX_CALL_DURATION` | `30s` |
+//! | `--request-read-timeout` | `REQUEST_READ_TIMEOUT` | `10s` |
+//! | `--stream-stall-timeout` | `STREAM_STALL_TIMEOUT` | `10s` |
+//! | `--max-connections` | `MAX_CONNECTIONS` | `4096` |
+//! | `--max-concurrent-streams` | `MAX_CONCURRENT_STREAMS` | `128` |
+//! | `--connection-idle-timeout` | `CONNECTION_IDLE_TIMEOUT` | `5m` |
+//! | `--keepalive-interval` | `KEEPALIVE_INTERVAL` | `60s` |
+//! | `--keepalive-timeout` | `KEEPALIVE_TIMEOUT` | `20s` |
 //! | `--key-cache-ttl` | `KEY_CACHE_TTL` | `5s` |
 //! | `--auth-failures-per-second` | `AUTH_FAILURES_PER_SECOND` | `10` |
 //! | `--disable-reflection` | `DISABLE_REFLECTION` | off |
@@ -38,12 +45,15 @@ use crate::auth::{
     jwt::{JwtAlgorithm, JwtSettings},
 };
 
+use crate::net::ConnectionLimits;
 use crate::store::db::PoolSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./.users-service";
 /// Calls per second per caller unless configured.
 pub const DEFAULT_RATE_LIMIT: u32 = 200;
+/// Largest header block of a call (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// Failed authentications per second per address unless configured.
 pub const DEFAULT_AUTH_FAILURES: NonZeroU32 = NonZeroU32::new(10).expect("not zero");
 
@@ -204,6 +214,43 @@ pub struct Config {
     #[arg(long, global = true, env = "MAX_CALL_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub max_call_duration: Duration,
 
+    /// Longest wait for a call's request message once its headers are in;
+    /// past it the call is answered DEADLINE_EXCEEDED.
+    #[arg(long, global = true, env = "REQUEST_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_read_timeout: Duration,
+
+    /// A streamed response (ExportUsers) whose client reads nothing for this
+    /// long is ended with DEADLINE_EXCEEDED, releasing what it holds.
+    #[arg(long, global = true, env = "STREAM_STALL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stream_stall_timeout: Duration,
+
+    /// Client connections open at once; one more is closed as soon as it is
+    /// accepted.
+    #[arg(long, global = true, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Calls open at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS).
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_CONCURRENT_STREAMS",
+        default_value_t = 128
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// A connection with no call for this long is closed (GOAWAY); clients
+    /// reconnect when they next call.
+    #[arg(long, global = true, env = "CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// How often the server pings each connection's peer (HTTP/2 PING).
+    #[arg(long, global = true, env = "KEEPALIVE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// A connection whose peer does not answer a ping within this is closed.
+    #[arg(long, global = true, env = "KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
     /// How long a verified API key is trusted before it is looked up again;
     /// a revoked key stops working within this time.
     #[arg(long, global = true, env = "KEY_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -281,6 +328,13 @@ impl Config {
             max_in_flight: 512,
             max_request_bytes: 4 * 1024 * 1024,
             max_call_duration: Duration::from_secs(30),
+            request_read_timeout: Duration::from_secs(10),
+            stream_stall_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_concurrent_streams: 128,
+            connection_idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
             key_cache_ttl: Duration::from_secs(5),
             auth_failures_per_second: DEFAULT_AUTH_FAILURES,
             disable_reflection: false,
@@ -301,6 +355,18 @@ impl Config {
             key_file: self.jwt_key_file.clone(),
             secret: self.jwt_secret.clone(),
         })
+    }
+
+    /// Limits on client connections.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections.max(1),
+            max_concurrent_streams: self.max_concurrent_streams.max(1),
+            max_header_list_bytes: MAX_HEADER_LIST_BYTES,
+            idle_timeout: self.connection_idle_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+        }
     }
 
     /// How many failed authentications an address may have.

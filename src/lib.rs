@@ -12,6 +12,7 @@ pub mod grpc; // handlers, authorization, conversions
 pub mod layers; // tower layers: auth, rate limits, load shedding, call log
 pub mod methods; // the gRPC methods served, from their descriptors
 pub mod metrics; // Prometheus metrics
+pub mod net; // TCP and HTTP/2: connections and their limits
 pub mod pb; // generated protobuf code
 pub mod quota; // per-caller call quotas (GCRA)
 pub mod store; // Postgres: schema, queries, pool, embedded cluster

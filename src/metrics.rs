@@ -78,6 +78,8 @@ pub struct Metrics {
     rejections: Family<ReasonLabels, Counter>,
     pool: Family<StateLabels, Gauge>,
     batches: Family<BatchLabels, Histogram, fn() -> Histogram>,
+    connections: Gauge,
+    refused_connections: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,6 +105,8 @@ impl Metrics {
         let pool = Family::<StateLabels, Gauge>::default();
         let batches: Family<BatchLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(BATCH_BUCKETS));
+        let connections = Gauge::default();
+        let refused_connections = Counter::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -111,37 +115,47 @@ impl Metrics {
             .set(1);
         registry.register(
             "grpc_server_started",
-            "Total number of RPCs started on the server.",
+            "Total number of RPCs started on the server",
             started.clone(),
         );
         registry.register(
             "grpc_server_handled",
-            "Total number of RPCs completed on the server, regardless of success or failure.",
+            "Total number of RPCs completed on the server, regardless of success or failure",
             handled.clone(),
         );
         registry.register(
             "grpc_server_handling_seconds",
-            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server",
             handling.clone(),
         );
         registry.register(
             "users_service_rejected_calls",
-            "Calls turned away before a handler: over a caller's rate limit, or shed over the in-flight limit.",
+            "Calls turned away before a handler: over a caller's rate limit, or shed over the in-flight limit",
             rejections.clone(),
         );
         registry.register(
             "users_service_db_pool_connections",
-            "Database pool connections by state: in_use, idle, and callers waiting for one.",
+            "Database pool connections by state: in_use, idle, and callers waiting for one",
             pool.clone(),
         );
         registry.register(
             "users_service_db_batch_items",
-            "Calls served by one statement, by kind of batch: concurrent calls that wait for the database together are folded into one.",
+            "Calls served by one statement, by kind of batch: concurrent calls that wait for the database together are folded into one",
             batches.clone(),
         );
         registry.register(
+            "users_service_connections",
+            "Client connections open now",
+            connections.clone(),
+        );
+        registry.register(
+            "users_service_refused_connections",
+            "Client connections closed as soon as they were accepted, because --max-connections were open",
+            refused_connections.clone(),
+        );
+        registry.register(
             "users_service_build_info",
-            "Always 1; the labels describe the running build.",
+            "Always 1; the labels describe the running build",
             build,
         );
         Self {
@@ -152,7 +166,19 @@ impl Metrics {
             rejections,
             pool,
             batches,
+            connections,
+            refused_connections,
         }
+    }
+
+    /// Counts a connection as open until the guard is dropped.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.connections.inc();
+        ConnectionGuard(self.connections.clone())
+    }
+
+    pub fn connection_refused(&self) {
+        self.refused_connections.inc();
     }
 
     /// The histogram of batch sizes of one kind of batch.
@@ -218,6 +244,16 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// An open connection, counted in `users_service_connections` until dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,9 +1,10 @@
 //! BatchUpsertUsers and ExportUsers: moving many users at once.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, pin::Pin, sync::Arc};
 
+use futures_util::{Stream, StreamExt};
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use uuid::Uuid;
@@ -19,7 +20,7 @@ pub const MAX_BATCH: usize = 1000;
 /// Users per ExportUsers message.
 pub const EXPORT_CHUNK: i64 = 500;
 
-pub type ExportStream = ReceiverStream<Result<pb::ExportUsersResponse, Status>>;
+pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportUsersResponse, Status>> + Send>>;
 
 /// Parses every item; the ones that cannot be stored get their error now.
 struct Batch {
@@ -152,9 +153,16 @@ fn rpc_status(error: Error) -> tonic_types::pb::Status {
     })
 }
 
+/// Streams the users matching the request from one snapshot, in chunks.
+///
+/// The stream ends by `deadline` whatever the client does, and sooner when
+/// the client reads nothing for `stall_timeout`: either way its export slot
+/// and its transaction are released, and the client sees DEADLINE_EXCEEDED
+/// after the chunks it did read, never a clean end.
 pub async fn export(
     state: &AppState,
     principal: &Principal,
+    deadline: tokio::time::Instant,
     request: pb::ExportUsersRequest,
 ) -> Result<ExportStream, Error> {
     let scope = super::authz::list_users(principal)?;
@@ -166,10 +174,17 @@ pub async fn export(
     // A small buffer: the reader's pace sets the pace, and memory stays flat
     // however many users there are.
     let (tx, rx) = mpsc::channel(2);
+    let (end_tx, end_rx) = oneshot::channel();
     let pool = state.pool.clone();
+    let stall_timeout = state.stream_stall_timeout;
     tokio::spawn(async move {
         let _permit = permit;
-        let outcome = db::run(&pool, async |conn| {
+        let send = async |chunk| match tokio::time::timeout(stall_timeout, tx.send(chunk)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::Gone),
+            Err(_) => Err(Ended::Stalled),
+        };
+        let work = db::run(&pool, async |conn| {
             // One snapshot for the whole export.
             conn.build_transaction()
                 .repeatable_read()
@@ -185,26 +200,39 @@ pub async fn export(
                             let chunk = pb::ExportUsersResponse {
                                 users: rows.into_iter().map(Into::into).collect(),
                             };
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                // The client went away.
-                                break;
+                            if let Err(ended) = send(chunk).await {
+                                return Ok::<_, diesel::result::Error>(Err(ended));
                             }
                         }
                         if last_chunk {
-                            break;
+                            return Ok(Ok(()));
                         }
                     }
-                    Ok::<_, diesel::result::Error>(())
                 })
                 .await
-        })
-        .await;
-        let error = match outcome {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => Error::from(e),
-            Err(e) => Error::from(e),
+        });
+        // Dropping the work at the deadline cancels its statement and closes
+        // its connection, which ends the transaction.
+        let end = match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(Ok(Ok(())))) | Ok(Ok(Ok(Err(Ended::Gone)))) => return,
+            Ok(Ok(Ok(Err(Ended::Stalled)))) => Status::deadline_exceeded(format!(
+                "the client read nothing for {} s",
+                stall_timeout.as_secs_f64()
+            )),
+            Ok(Ok(Err(e))) => Error::from(e).into(),
+            Ok(Err(e)) => Error::from(e).into(),
+            Err(_) => Status::deadline_exceeded("the export ran past the call's deadline"),
         };
-        let _ = tx.send(Err(error.into())).await;
+        let _ = end_tx.send(end);
     });
-    Ok(ReceiverStream::new(rx))
+    let end = futures_util::stream::once(end_rx).filter_map(|end| async move { end.ok().map(Err) });
+    Ok(Box::pin(ReceiverStream::new(rx).map(Ok).chain(end)))
+}
+
+/// Why an export stopped sending before its last chunk.
+enum Ended {
+    /// The client went away.
+    Gone,
+    /// The client read nothing for the stall timeout.
+    Stalled,
 }

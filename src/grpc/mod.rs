@@ -38,6 +38,8 @@ pub struct AppState {
     /// to Postgres as one statement (see [`crate::store::coalesce`]).
     pub finds: Arc<Coalescer<FindUsers>>,
     pub inserts: Arc<Coalescer<InsertUsers>>,
+    /// A streamed response whose client reads nothing for this long ends.
+    pub stream_stall_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for AppState {
@@ -58,6 +60,7 @@ impl AppState {
             default_tenant,
             clock: crate::clock::system(),
             exports: Arc::new(tokio::sync::Semaphore::new(exports)),
+            stream_stall_timeout: std::time::Duration::from_secs(10),
         }
     }
 

@@ -6,6 +6,11 @@ use uuid::Uuid;
 use super::{AppState, authz, bulk, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
+use crate::layers::deadline::CallDeadline;
+
+/// How long a stream may run when no deadline layer set one (the server
+/// always does; this bounds a handler called some other way).
+const DEFAULT_STREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
 use crate::store::users;
 
@@ -199,7 +204,11 @@ impl UsersService for UsersApi {
         request: Request<pb::ExportUsersRequest>,
     ) -> Result<Response<Self::ExportUsersStream>, Status> {
         let principal = authz::principal(&request)?;
-        let stream = bulk::export(&self.state, &principal, request.into_inner()).await?;
+        let deadline = request.extensions().get::<CallDeadline>().map_or_else(
+            || tokio::time::Instant::now() + DEFAULT_STREAM_LIFE,
+            |d| d.0,
+        );
+        let stream = bulk::export(&self.state, &principal, deadline, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 }

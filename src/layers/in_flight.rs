@@ -1,6 +1,7 @@
 //! A global limit on calls in progress: past it, new calls are shed at once
 //! with UNAVAILABLE (which clients retry with back-off) instead of queueing
-//! until everything times out.
+//! until everything times out. Health checks are never shed: an overloaded
+//! replica is still alive, and its probes must say so.
 
 use std::{
     future::Future,
@@ -12,6 +13,7 @@ use std::{
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
+use crate::methods;
 use crate::metrics::{Metrics, Rejection};
 
 #[derive(Debug, Clone)]
@@ -62,6 +64,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if methods::lookup(request.uri().path()).is_health() {
+            return Box::pin(self.inner.call(request));
+        }
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             self.metrics.rejected(Rejection::LoadShed);
             return Box::pin(async {

@@ -2,4 +2,6 @@
 
 pub mod auth;
 pub mod call_log;
+pub mod deadline;
 pub mod in_flight;
+pub mod read_request;

@@ -235,8 +235,8 @@ pub struct TestApp {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Starts a server on a fresh database cloned from the template.
-pub async fn spawn_app() -> TestApp {
+/// A fresh database cloned from the migrated template; its name.
+pub async fn fresh_database() -> String {
     let server = server();
     let name = format!(
         "users_service_test_{}_{}",
@@ -257,7 +257,36 @@ pub async fn spawn_app() -> TestApp {
         ))
         .await
         .expect("clone template");
-    let mut app = spawn_with(test_config(Some(server.url(&name)))).await;
+    name
+}
+
+/// Drops a test database, from a thread with its own runtime: callers may
+/// be in `Drop`, which cannot await, while their runtime shuts down.
+pub fn drop_database(name: &str) {
+    let url = server().config("postgres");
+    let name = name.to_owned();
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                if let Ok((client, connection)) = url.connect(NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            db::quote_identifier(&name)
+                        ))
+                        .await;
+                }
+            });
+    })
+    .join();
+}
+
+/// Starts a server on a fresh database cloned from the template.
+pub async fn spawn_app() -> TestApp {
+    let name = fresh_database().await;
+    let mut app = spawn_with(test_config(Some(server().url(&name)))).await;
     app.database = name;
     app
 }
@@ -400,29 +429,9 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if self.database.is_empty() {
-            return;
+        if !self.database.is_empty() {
+            drop_database(&self.database);
         }
-        // Drop the test database from a thread with its own runtime: Drop
-        // cannot await, and the test's runtime may be shutting down.
-        let url = server().config("postgres");
-        let name = self.database.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(async move {
-                    if let Ok((client, connection)) = url.connect(NoTls).await {
-                        tokio::spawn(connection);
-                        let _ = client
-                            .batch_execute(&format!(
-                                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                                db::quote_identifier(&name)
-                            ))
-                            .await;
-                    }
-                });
-        })
-        .join();
     }
 }
 

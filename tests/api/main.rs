@@ -4,6 +4,7 @@
 mod auth;
 mod batches;
 mod bulk;
+mod connections;
 mod hardening;
 mod helpers;
 mod keys_cli;
@@ -11,6 +12,7 @@ mod lifecycle;
 mod limits;
 mod list;
 mod metrics;
+mod process;
 mod tenants;
 mod transfer;
 mod users;

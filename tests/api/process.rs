@@ -1,0 +1,186 @@
+//! The service as a process of its own, for what only a process shows: its
+//! log lines, its memory and CPU time, how it takes signals and limits.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tonic::transport::Channel;
+
+use crate::helpers::{Bearer, Users, drop_database, fresh_database, scratch_dir, server};
+use users_service::pb::v1::users_service_client::UsersServiceClient;
+
+/// A running `users-service` binary on a fresh database.
+pub struct ServiceProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    pub database: String,
+    pub data_dir: PathBuf,
+    log: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+/// How to start it.
+#[derive(Debug, Default, Clone)]
+pub struct Start {
+    /// Flags after the defaults (which they override).
+    pub args: Vec<String>,
+    /// Most open files (RLIMIT_NOFILE), when set.
+    pub max_open_files: Option<u32>,
+}
+
+impl ServiceProcess {
+    pub async fn start(start: Start) -> Self {
+        let database = fresh_database().await;
+        let data_dir = scratch_dir("process");
+        let binary = env!("CARGO_BIN_EXE_users-service");
+        let mut command = match start.max_open_files {
+            Some(n) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--rate-limit-per-second", "0", "--db-pool-size", "4"])
+            .arg("--database-url")
+            .arg(server().url(&database))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&start.args)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the service binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "message": line, "raw": true }));
+                lines.lock().unwrap().push(value);
+            }
+        });
+        let mut process = Self {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            admin_token: String::new(),
+            database,
+            data_dir,
+            log,
+        };
+        let serving = process
+            .wait_for_log(Duration::from_secs(30), |line| line["message"] == "serving")
+            .await
+            .unwrap_or_else(|| panic!("the service did not start: {:?}", process.log_lines()));
+        process.addr = serving["addr"].as_str().unwrap().parse().unwrap();
+        process.admin_token = std::fs::read_to_string(process.data_dir.join("admin.key"))
+            .expect("the bootstrap key")
+            .trim()
+            .to_owned();
+        process
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every log line so far, as JSON.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The first log line that `matches`, waiting up to `timeout` for it.
+    pub async fn wait_for_log(
+        &self,
+        timeout: Duration,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| matches(l)) {
+                return Some(line.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the service")
+    }
+
+    pub async fn users(&self) -> Users {
+        UsersServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(Some(&self.admin_token)),
+        )
+    }
+
+    /// CPU time used so far (user and system).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.server_pid()))
+            .expect("the process is alive");
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, in clock ticks.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
+    }
+
+    /// The service's own pid: prlimit execs it in place, so it is the child's.
+    fn server_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the service.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal)
+            .expect("signal sent");
+    }
+
+    /// Waits up to `timeout` for the service to exit; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        drop_database(&self.database);
+    }
+}
