@@ -101,6 +101,8 @@ fn describe(error: &prost::DecodeError) -> (String, String) {
         rest = tail;
     }
     fields.reverse();
+    // Deep nesting makes a long path; its start says where it went wrong.
+    fields.truncate(8);
     let field = if fields.is_empty() {
         "request".to_owned()
     } else {

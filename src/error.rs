@@ -120,15 +120,43 @@ impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
     }
 }
 
+/// Most field violations one answer carries: they travel in the response
+/// headers, which clients cap (often at 16 KiB), so a request with hundreds
+/// of bad values gets the first ones and a count of the rest.
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+/// Violations spelled out in the status message too.
+const VIOLATIONS_IN_MESSAGE: usize = 3;
+
+/// The violations to report: the first ones, then one that counts the rest.
+fn reported(mut violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
+    if violations.len() > MAX_REPORTED_VIOLATIONS {
+        let more = violations.len() - (MAX_REPORTED_VIOLATIONS - 1);
+        violations.truncate(MAX_REPORTED_VIOLATIONS - 1);
+        violations.push(FieldViolation {
+            field: "request".to_owned(),
+            description: format!("and {more} more violations"),
+        });
+    }
+    violations
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
             Error::InvalidArgument(violations) => {
-                let message = violations
+                let violations = reported(violations);
+                let mut message = violations
                     .iter()
+                    .take(VIOLATIONS_IN_MESSAGE)
                     .map(|v| format!("{}: {}", v.field, v.description))
                     .collect::<Vec<_>>()
                     .join("; ");
+                if violations.len() > VIOLATIONS_IN_MESSAGE {
+                    message.push_str(&format!(
+                        "; and {} more in the details",
+                        violations.len() - VIOLATIONS_IN_MESSAGE
+                    ));
+                }
                 let fields = violations
                     .iter()
                     .map(|v| v.field.as_str())
@@ -207,4 +235,32 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hundreds_of_violations_fit_in_a_response_header() {
+        let violations: Vec<FieldViolation> = (0..500)
+            .map(|i| FieldViolation {
+                field: format!("filter.id.value_in[{i}]"),
+                description: "must be a UUID such as 0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e".into(),
+            })
+            .collect();
+        let status = Status::from(Error::InvalidArgument(violations));
+        assert!(status.message().len() < 400, "{}", status.message());
+        assert!(status.message().ends_with("and 17 more in the details"));
+        // Base64 in the header makes the details a third larger.
+        assert!(
+            status.details().len() * 4 / 3 < 8 * 1024,
+            "{}",
+            status.details().len()
+        );
+        let details = status.get_error_details();
+        let reported = &details.bad_request().unwrap().field_violations;
+        assert_eq!(reported.len(), MAX_REPORTED_VIOLATIONS);
+        assert_eq!(reported[19].description, "and 481 more violations");
+    }
 }

@@ -528,3 +528,35 @@ async fn names_with_invisible_or_direction_changing_characters_are_refused() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_request_of_megabytes_is_answered_not_reset() {
+    let app = spawn_app().await;
+    for size in [300_000, 1_000_000, 3_000_000] {
+        let outcome = list(
+            &app,
+            ListUsersRequest {
+                search: "x".repeat(size),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(invalid(outcome), ["search"], "{size} bytes");
+    }
+}
+
+#[tokio::test]
+async fn a_big_request_without_credentials_is_answered_unauthenticated() {
+    let app = spawn_app().await;
+    for size in [300_000, 1_000_000, 3_000_000] {
+        let status = app
+            .users_as(None)
+            .list_users(ListUsersRequest {
+                search: "x".repeat(size),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{size}: {status:?}");
+    }
+}

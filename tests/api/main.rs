@@ -5,6 +5,7 @@ mod auth;
 mod batches;
 mod bulk;
 mod connections;
+mod contract;
 mod hardening;
 mod helpers;
 mod keys_cli;
@@ -12,6 +13,8 @@ mod lifecycle;
 mod limits;
 mod list;
 mod metrics;
+// Shared with the fuzz and abuse binaries, which use all of it.
+#[allow(dead_code)]
 mod process;
 mod tenants;
 mod transfer;

@@ -52,7 +52,9 @@ impl ServiceProcess {
         };
         command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--rate-limit-per-second", "0", "--db-pool-size", "4"])
+            // Defaults through the environment, so that flags can override them.
+            .env("RATE_LIMIT_PER_SECOND", "0")
+            .env("DB_POOL_SIZE", "4")
             .arg("--database-url")
             .arg(server().url(&database))
             .arg("--data-dir")
@@ -82,9 +84,19 @@ impl ServiceProcess {
             data_dir,
             log,
         };
-        let serving = process
-            .wait_for_log(Duration::from_secs(30), |line| line["message"] == "serving")
-            .await
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let serving = loop {
+            let found = process
+                .wait_for_log(Duration::from_millis(100), |line| {
+                    line["message"] == "serving"
+                })
+                .await;
+            let exited = process.child.try_wait().ok().flatten().is_some();
+            if found.is_some() || exited || Instant::now() > deadline {
+                break found;
+            }
+        };
+        let serving = serving
             .unwrap_or_else(|| panic!("the service did not start: {:?}", process.log_lines()));
         process.addr = serving["addr"].as_str().unwrap().parse().unwrap();
         process.admin_token = std::fs::read_to_string(process.data_dir.join("admin.key"))
@@ -134,6 +146,45 @@ impl ServiceProcess {
             self.channel().await,
             Bearer::new(Some(&self.admin_token)),
         )
+    }
+
+    /// Creates an API key in the service's database; its token.
+    pub async fn create_key(
+        &self,
+        role: users_service::auth::Role,
+        tenant: Option<uuid::Uuid>,
+        rate_limit: Option<u32>,
+    ) -> String {
+        let config = server().config(&self.database);
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        let mut conn =
+            diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
+                .await
+                .unwrap();
+        let (_, token) = users_service::auth::keys::create(
+            &mut conn,
+            role,
+            tenant,
+            "test",
+            rate_limit.and_then(std::num::NonZeroU32::new),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+        token.reveal()
+    }
+
+    /// Resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.server_pid()))
+            .expect("the process is alive");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS");
+        kib * 1024
     }
 
     /// CPU time used so far (user and system).
