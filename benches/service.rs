@@ -10,7 +10,8 @@
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
 //! `--keep` to keep the database, `--only get,create,update,bulk,lists` to run
-//! some scenario groups. `BENCH_DATABASE_URL` (default
+//! some scenario groups. `BENCH_SERVER` is a server binary to run instead of
+//! this build's (for A/B runs against another commit). `BENCH_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) is the server to use; each run
 //! creates and drops its own database there.
 
@@ -338,7 +339,11 @@ impl Server {
         let data_dir = std::env::temp_dir().join(format!("users-bench-{}", std::process::id()));
         std::fs::create_dir_all(&data_dir)?;
         let log = std::fs::File::create(data_dir.join("server.log"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_users-service"))
+        // BENCH_SERVER runs another build of the server (an A/B against an
+        // earlier commit) with the same driver.
+        let binary = std::env::var_os("BENCH_SERVER")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_users-service").into());
+        let child = Command::new(binary)
             .args(["--rate-limit-per-second", "0", "--database-url", url])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
