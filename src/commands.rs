@@ -7,11 +7,11 @@ use tokio_postgres::NoTls;
 
 use crate::auth::{jwt::JwtVerifier, keys};
 use crate::config::{Config, KeysCommand};
+use crate::embedded_pg::{self, Cluster, Sharing};
 use crate::error::with_causes;
 use crate::store::{
     api_keys,
-    database::{Database, EMBEDDED_DATABASE, Sharing},
-    embedded::{self, EmbeddedError, EmbeddedPostgres},
+    database::{Database, EMBEDDED_DATABASE},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -93,30 +93,26 @@ pub async fn check(config: &Config) -> Result<(), BoxError> {
             settings.issuer, settings.algorithm
         );
     }
-    let mut started = None;
+    let mut cluster = None;
     let pg_config: tokio_postgres::Config = match &config.database_url {
         Some(url) => url
             .parse()
             .map_err(|e| format!("DATABASE_URL is not a valid connection string: {e}"))?,
+        // A server running on this data directory is reached through its cluster.
         None => {
-            let data_dir = std::path::absolute(&config.data_dir)?;
-            match EmbeddedPostgres::start(&data_dir, embedded::Options::default()).await {
-                Ok(pg) => {
-                    let pg_config = pg.config("postgres");
-                    started = Some(pg);
-                    pg_config
-                }
-                // A server runs on this data directory: reach its cluster.
-                Err(EmbeddedError::InUse { .. }) => {
-                    EmbeddedPostgres::attach_config(&data_dir, "postgres")
-                }
-                Err(e) => return Err(format!("embedded PostgreSQL: {e}").into()),
-            }
+            let started = Cluster::start_or_attach(
+                &config.data_dir,
+                embedded_pg::Options::default(),
+                Sharing::Attach,
+            )
+            .await
+            .map_err(|e| format!("embedded PostgreSQL: {e}"))?;
+            cluster.insert(started).config("postgres")
         }
     };
     let reached = reach(&pg_config, config.db_connect_timeout).await;
-    if let Some(pg) = started {
-        pg.stop().await?;
+    if let Some(cluster) = cluster {
+        cluster.close().await?;
     }
     let version = reached?;
     let target = pg_config.get_dbname().unwrap_or(EMBEDDED_DATABASE);

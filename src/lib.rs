@@ -7,6 +7,7 @@ pub mod codec; // the protobuf codec of the generated code
 pub mod commands; // the `keys` command line
 pub mod config; // flags and environment variables
 pub mod domain; // validated types, built once at the edge
+pub mod embedded_pg; // the private PostgreSQL run when no DATABASE_URL is given
 pub mod error; // the one error type and its gRPC status
 pub mod grpc; // handlers, authorization, conversions
 pub mod layers; // tower layers: auth, rate limits, load shedding, call log

@@ -4,10 +4,10 @@
 
 use std::{path::Path, str::FromStr};
 
-use super::{
-    db,
-    embedded::{self, EmbeddedError, EmbeddedPostgres},
-};
+use super::db;
+use crate::embedded_pg::{self, Cluster, EmbeddedError};
+
+pub use crate::embedded_pg::Sharing;
 
 /// Name of the database inside the embedded cluster.
 pub const EMBEDDED_DATABASE: &str = "users_service";
@@ -24,21 +24,11 @@ pub enum OpenError {
     Database(#[source] BoxError),
 }
 
-/// An open, migrated database and, when embedded, the cluster we run.
+/// An open, migrated database and, when embedded, its cluster.
 #[derive(Debug)]
 pub struct Database {
     pub config: tokio_postgres::Config,
-    embedded: Option<EmbeddedPostgres>,
-}
-
-/// Whether to share an embedded cluster that another process already runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sharing {
-    /// The server owns its cluster: one running already is an error.
-    Exclusive,
-    /// Tools (`keys`) work beside a running server, or start the cluster
-    /// themselves for the time they need it.
-    Attach,
+    cluster: Option<Cluster>,
 }
 
 impl Database {
@@ -47,21 +37,16 @@ impl Database {
         data_dir: &Path,
         sharing: Sharing,
     ) -> Result<Self, OpenError> {
-        let (config, embedded) = match database_url {
+        let (config, cluster) = match database_url {
             Some(url) => (
                 tokio_postgres::Config::from_str(url).map_err(OpenError::DatabaseUrl)?,
                 None,
             ),
             None => {
-                let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.into());
-                match EmbeddedPostgres::start(&data_dir, embedded::Options::default()).await {
-                    Ok(pg) => (pg.config(EMBEDDED_DATABASE), Some(pg)),
-                    Err(EmbeddedError::InUse { .. }) if sharing == Sharing::Attach => (
-                        EmbeddedPostgres::attach_config(&data_dir, EMBEDDED_DATABASE),
-                        None,
-                    ),
-                    Err(e) => return Err(e.into()),
-                }
+                let cluster =
+                    Cluster::start_or_attach(data_dir, embedded_pg::Options::default(), sharing)
+                        .await?;
+                (cluster.config(EMBEDDED_DATABASE), Some(cluster))
             }
         };
         db::create_database_if_missing(&config)
@@ -70,13 +55,13 @@ impl Database {
         db::run_migrations(&config)
             .await
             .map_err(OpenError::Database)?;
-        Ok(Self { config, embedded })
+        Ok(Self { config, cluster })
     }
 
     /// Stops the embedded cluster, if this process started it.
     pub async fn close(self) -> Result<(), EmbeddedError> {
-        match self.embedded {
-            Some(pg) => pg.stop().await,
+        match self.cluster {
+            Some(cluster) => cluster.close().await,
             None => Ok(()),
         }
     }

@@ -4,7 +4,6 @@ pub mod api_keys;
 pub mod coalesce;
 pub mod database;
 pub mod db;
-pub mod embedded;
 pub mod failure;
 pub mod filter;
 pub mod models;

@@ -26,13 +26,11 @@ use users_service::{
     app::Application,
     auth::{Role, jwt::JwtAlgorithm, keys},
     config::Config,
+    embedded_pg::{self as embedded, EmbeddedPostgres},
     pb::v1::{
         tenants_service_client::TenantsServiceClient, users_service_client::UsersServiceClient,
     },
-    store::{
-        db,
-        embedded::{self, EmbeddedPostgres},
-    },
+    store::db,
 };
 
 /// The Postgres server of this test run and its migrated template database.
