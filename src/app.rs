@@ -217,10 +217,19 @@ impl Application {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving metrics on /metrics");
             }
+            let pool = self.state.pool.clone();
+            let gauges = move || {
+                let status = pool.status();
+                metrics::PoolGauges {
+                    in_use: status.size.saturating_sub(status.available),
+                    idle: status.available,
+                    waiting: status.waiting,
+                }
+            };
             tokio::spawn(metrics::serve(
                 listener,
                 Arc::clone(&self.metrics),
-                self.state.pool.clone(),
+                gauges,
                 async {
                     let _ = metrics_stopped.await;
                 },

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::result::Error as DieselError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::FieldViolation;
-use crate::store::failure::is_outage;
+use crate::store::StoreError;
 
 /// `google.rpc.ErrorInfo.domain` of every error this service reports.
 pub const ERROR_DOMAIN: &str = "users-service";
@@ -83,40 +83,33 @@ const UNIQUE_FIELDS: &[(&str, &str, &str)] = &[
     ("tenants_reference_key", "tenant", "reference"),
 ];
 
-impl From<DieselError> for Error {
-    fn from(error: DieselError) -> Self {
-        match &error {
-            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
-                let constraint = info.constraint_name().unwrap_or_default();
-                match UNIQUE_FIELDS.iter().find(|(name, ..)| *name == constraint) {
+impl From<StoreError> for Error {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(cause) => Self::Unavailable(cause.to_string().into()),
+            StoreError::Unique(Some(index)) => {
+                match UNIQUE_FIELDS.iter().find(|(name, ..)| **name == *index) {
                     Some((_, resource, field)) => Self::AlreadyExists { resource, field },
-                    None => Self::Internal(error.into()),
+                    None => Self::Internal(format!("unique index {index} refused a row").into()),
                 }
             }
-            DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info)
-                if info.constraint_name() == Some("users_tenant_id_fkey") =>
-            {
+            StoreError::ForeignKey(Some(constraint)) if &*constraint == "users_tenant_id_fkey" => {
                 Self::invalid("user.tenant_id", "no tenant has this id")
             }
-            _ if is_outage(&error) => Self::Unavailable(error.into()),
-            _ => Self::Internal(error.into()),
+            other => Self::Internal(other.into()),
         }
+    }
+}
+
+impl From<DieselError> for Error {
+    fn from(error: DieselError) -> Self {
+        StoreError::from(error).into()
     }
 }
 
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
     fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        use deadpool::managed::PoolError;
-        match error {
-            // No connection free in time, or none could be opened: the
-            // database is overloaded or unreachable.
-            PoolError::Timeout(_) | PoolError::Backend(_) | PoolError::Closed => {
-                Self::Unavailable(error.into())
-            }
-            PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
-                Self::Internal(error.into())
-            }
-        }
+        StoreError::from(error).into()
     }
 }
 

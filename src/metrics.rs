@@ -11,7 +11,15 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 use crate::methods::Method;
-use crate::store::db::DbPool;
+
+/// How the database pool's connections are used right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolGauges {
+    pub in_use: usize,
+    pub idle: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
 
 /// Buckets of `grpc_server_handling_seconds` (Prometheus' defaults, as
 /// go-grpc-prometheus uses).
@@ -227,14 +235,12 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with the pool gauges read now.
-    pub fn render(&self, pool: &DbPool) -> String {
-        let status = pool.status();
-        let in_use = status.size.saturating_sub(status.available);
+    /// The text exposition, with the pool gauges as `pool` reads them now.
+    pub fn render(&self, pool: PoolGauges) -> String {
         for (state, value) in [
-            ("in_use", in_use),
-            ("idle", status.available),
-            ("waiting", status.waiting),
+            ("in_use", pool.in_use),
+            ("idle", pool.idle),
+            ("waiting", pool.waiting),
         ] {
             self.pool
                 .get_or_create(&StateLabels { state })
@@ -285,18 +291,19 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics` on `listener` until `shutdown` completes; `pool`
+/// reads the database pool's gauges at each scrape.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    pool: DbPool,
+    pool: impl Fn() -> PoolGauges + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::{Router, http::header, routing::get};
     let app = Router::new().route(
         "/metrics",
         get(move || {
-            let text = metrics.render(&pool);
+            let text = metrics.render(pool());
             async move {
                 (
                     [(

@@ -13,7 +13,11 @@ use super::{AppState, authz::Scope, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, batch_upsert_users_result::Outcome};
-use crate::store::{db, models::NewUser, tenants, users};
+use crate::store::{
+    db,
+    models::NewUser,
+    users::{self, Commit, Write, Written},
+};
 
 /// Most users in one BatchUpsertUsers call.
 pub const MAX_BATCH: usize = 1000;
@@ -83,45 +87,24 @@ pub async fn batch_upsert(
             format!("at most {MAX_BATCH} users per call"),
         ));
     }
-    let Batch {
-        mut outcomes,
-        mut rows,
-    } = parse_batch(state, scope, request.users);
+    let Batch { mut outcomes, rows } = parse_batch(state, scope, request.users);
 
+    let writes: Vec<Write> = rows
+        .iter()
+        .map(|(_, row)| Write::Upsert(row.clone()))
+        .collect();
     let stored = state
-        .db(async |conn| {
-            // A missing tenant would fail the whole statement: refuse those
-            // items up front.
-            let mut wanted: Vec<Uuid> = rows.iter().map(|(_, row)| row.tenant_id).collect();
-            wanted.sort_unstable();
-            wanted.dedup();
-            let known: HashSet<Uuid> = tenants::existing(conn, &wanted)
-                .await?
-                .into_iter()
-                .collect();
-            rows.retain(|(i, row)| {
-                let exists = known.contains(&row.tenant_id);
-                if !exists {
-                    outcomes[*i] = Some(Err(Error::invalid(
-                        "user.tenant_id",
-                        "no tenant has this id",
-                    )));
-                }
-                exists
-            });
-            let new_rows: Vec<NewUser> = rows.iter().map(|(_, row)| row.clone()).collect();
-            users::upsert_batch(conn, &new_rows).await
-        })
+        .db(async |conn| users::apply(conn, &writes, Commit::Together).await)
         .await?;
-
-    for ((i, row), result) in rows.into_iter().zip(stored) {
+    for ((i, _), result) in rows.into_iter().zip(stored) {
         outcomes[i] = Some(
             result
-                .map(|stored| {
-                    let created = stored.id == row.id;
-                    (stored.into(), created)
-                })
-                .map_err(Error::from),
+                .map_err(Error::from)
+                .and_then(|written| match written {
+                    Written::Created(row) => Ok((row.into(), true)),
+                    Written::Updated(row) | Written::Unchanged(row) => Ok((row.into(), false)),
+                    Written::Missing => Err(Error::Internal("an upsert stored no row".into())),
+                }),
         );
     }
     Ok(pb::BatchUpsertUsersResponse {

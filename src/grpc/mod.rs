@@ -17,7 +17,7 @@ use crate::{error::Error, metrics::Metrics};
 use diesel_async::AsyncPgConnection;
 
 use crate::store::{
-    coalesce::Coalescer,
+    coalesce::{Batch, Coalescer},
     db::{self, DbPool},
     users::{FindUsers, InsertUsers},
 };
@@ -54,8 +54,16 @@ impl AppState {
     pub fn new(pool: DbPool, default_tenant: Uuid, metrics: &Metrics) -> Self {
         let exports = (pool.status().max_size / 4).max(1);
         Self {
-            finds: Coalescer::new(FindUsers, pool.clone(), metrics),
-            inserts: Coalescer::new(InsertUsers, pool.clone(), metrics),
+            finds: Coalescer::new(
+                FindUsers,
+                pool.clone(),
+                metrics.batch_items(FindUsers::NAME),
+            ),
+            inserts: Coalescer::new(
+                InsertUsers,
+                pool.clone(),
+                metrics.batch_items(InsertUsers::NAME),
+            ),
             pool,
             default_tenant,
             clock: crate::clock::system(),
@@ -71,10 +79,10 @@ impl AppState {
     }
 
     /// Runs one store call on a pooled connection (see [`db::run`]).
-    pub async fn db<T>(
+    pub async fn db<T, E: Into<Error>>(
         &self,
-        work: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,
+        work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     ) -> Result<T, Error> {
-        Ok(db::run(&self.pool, work).await??)
+        db::run(&self.pool, work).await?.map_err(Into::into)
     }
 }

@@ -12,7 +12,7 @@ use crate::layers::deadline::CallDeadline;
 /// always does; this bounds a handler called some other way).
 const DEFAULT_STREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
-use crate::store::users;
+use crate::store::users::{self, Write};
 
 #[derive(Debug, Clone)]
 pub struct UsersApi {
@@ -33,7 +33,13 @@ impl UsersApi {
         let given = request.user.as_ref().map_or("", |u| u.tenant_id.as_str());
         let tenant = scope.tenant_for_new_user(given, self.state.default_tenant)?;
         let new = convert::new_user(request.user, tenant, Uuid::now_v7(), self.state.now())?;
-        Ok(self.state.inserts.submit(new).await?.into())
+        Ok(self
+            .state
+            .inserts
+            .submit(new)
+            .await
+            .map_err(Error::from)?
+            .into())
     }
 
     async fn get(
@@ -44,7 +50,12 @@ impl UsersApi {
         let scope = authz::read_user(principal);
         let id = convert::parse_id("id", &request.id)?;
         scope.check_user(id)?;
-        let row = self.state.finds.submit((id, scope.tenant())).await?;
+        let row = self
+            .state
+            .finds
+            .submit((id, scope.tenant()))
+            .await
+            .map_err(Error::from)?;
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 
@@ -58,11 +69,12 @@ impl UsersApi {
         let changes = convert::user_changes(request.user, self.state.now());
         let (id, changes) = merge_violations(id, changes)?;
         scope.check_user(id)?;
-        let row = self
-            .state
-            .db(async |conn| users::update(conn, id, scope.tenant(), &changes).await)
-            .await?;
-        row.map(Into::into).ok_or(Error::NotFound("user"))
+        self.write(Write::Update {
+            id,
+            tenant: scope.tenant(),
+            changes,
+        })
+        .await
     }
 
     async fn set_active(
@@ -73,13 +85,26 @@ impl UsersApi {
     ) -> Result<pb::User, Error> {
         let scope = authz::manage_users(principal)?;
         let id = convert::parse_id("id", id)?;
-        let row = self
+        self.write(Write::SetActive {
+            id,
+            tenant: scope.tenant(),
+            active,
+            at: self.state.now(),
+        })
+        .await
+    }
+
+    /// One write of one user, through the write path; the user after it.
+    async fn write(&self, write: Write) -> Result<pb::User, Error> {
+        let written = self
             .state
-            .db(async |conn| {
-                users::set_active(conn, id, scope.tenant(), active, self.state.now()).await
-            })
-            .await?;
-        row.map(Into::into).ok_or(Error::NotFound("user"))
+            .db(async |conn| users::apply_one(conn, &write).await)
+            .await?
+            .map_err(Error::from)?;
+        written
+            .into_row()
+            .map(Into::into)
+            .ok_or(Error::NotFound("user"))
     }
 
     async fn list(

@@ -12,8 +12,11 @@
 //! one each.
 //!
 //! An item whose caller has gone away before its batch starts is dropped.
-//! Once a batch has started it runs to its end: its result is other callers'
-//! too, so an abandoned call's write may still be stored.
+//! A batch that has started runs while any of its callers waits: its result
+//! is theirs too, so an abandoned call's write may still be stored. Once
+//! every caller of a running batch is gone, its statement is cancelled in
+//! Postgres and its connection closed, as `db::run` does for a call of its
+//! own (see `users::write` for the rule).
 
 use std::{
     future::Future,
@@ -23,10 +26,11 @@ use std::{
 use diesel_async::AsyncPgConnection;
 use tokio::sync::{Semaphore, oneshot};
 
+use futures_util::future::join_all;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::db::DbPool;
-use crate::{error::Error, metrics::Metrics};
+use super::db::{self, DbPool};
+use super::error::StoreError;
 
 /// One kind of work that can be done for many calls at once.
 pub trait Batch: Send + Sync + 'static {
@@ -48,10 +52,10 @@ pub trait Batch: Send + Sync + 'static {
         &self,
         conn: &mut AsyncPgConnection,
         items: Vec<Self::Item>,
-    ) -> impl Future<Output = Result<Vec<Result<Self::Output, Error>>, Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<Result<Self::Output, StoreError>>, StoreError>> + Send;
 }
 
-type Reply<B> = oneshot::Sender<Result<<B as Batch>::Output, Error>>;
+type Reply<B> = oneshot::Sender<Result<<B as Batch>::Output, StoreError>>;
 
 /// The queue of one [`Batch`] in front of the pool.
 pub struct Coalescer<B: Batch> {
@@ -78,10 +82,11 @@ impl<B: Batch> std::fmt::Debug for Coalescer<B> {
 }
 
 impl<B: Batch> Coalescer<B> {
-    pub fn new(batch: B, pool: DbPool, metrics: &Metrics) -> Arc<Self> {
+    /// `items` observes how many calls each batch serves.
+    pub fn new(batch: B, pool: DbPool, items: Histogram) -> Arc<Self> {
         Arc::new(Self {
             batch,
-            items: metrics.batch_items(B::NAME),
+            items,
             running: Semaphore::new((pool.status().max_size / B::POOL_SHARE).max(1)),
             queue: Mutex::new(Queue {
                 waiting: Vec::new(),
@@ -92,7 +97,7 @@ impl<B: Batch> Coalescer<B> {
     }
 
     /// Runs `item` in the next batch and returns its result.
-    pub async fn submit(self: &Arc<Self>, item: B::Item) -> Result<B::Output, Error> {
+    pub async fn submit(self: &Arc<Self>, item: B::Item) -> Result<B::Output, StoreError> {
         let (reply, result) = oneshot::channel();
         let lead = {
             let mut queue = self.queue.lock().expect("batch queue lock");
@@ -104,7 +109,7 @@ impl<B: Batch> Coalescer<B> {
         }
         result
             .await
-            .unwrap_or_else(|_| Err(Error::Internal("a batch ended without an answer".into())))
+            .unwrap_or_else(|_| Err(StoreError::Other("a batch ended without an answer".into())))
     }
 
     /// A plain fn, not inlined into `lead`: a spawn of `lead` inside `lead`
@@ -117,7 +122,7 @@ impl<B: Batch> Coalescer<B> {
     /// meanwhile.
     async fn lead(self: Arc<Self>) {
         let _running = self.running.acquire().await;
-        let connection = self.pool.get().await;
+        let connection = db::checkout(&self.pool).await;
         let taken: Vec<_> = {
             let mut queue = self.queue.lock().expect("batch queue lock");
             let n = queue.waiting.len().min(B::MAX);
@@ -129,7 +134,7 @@ impl<B: Batch> Coalescer<B> {
             }
             taken
         };
-        let (items, replies): (Vec<_>, Vec<_>) = taken
+        let (items, mut replies): (Vec<_>, Vec<_>) = taken
             .into_iter()
             .filter(|(_, reply)| !reply.is_closed())
             .unzip();
@@ -137,9 +142,17 @@ impl<B: Batch> Coalescer<B> {
             return;
         }
         self.items.observe(items.len() as f64);
-        let outcome = match connection {
-            Ok(mut connection) => self.batch.run(&mut connection, items).await,
-            Err(error) => Err(error.into()),
+        let work = async {
+            let mut connection = connection?;
+            let outcome = self.batch.run(&mut connection, items).await;
+            connection.release();
+            outcome
+        };
+        let everyone_gone = join_all(replies.iter_mut().map(oneshot::Sender::closed));
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            // Dropping `work` cancels the statement and closes its connection.
+            _ = everyone_gone => return,
         };
         match outcome {
             Ok(results) => {
@@ -150,9 +163,149 @@ impl<B: Batch> Coalescer<B> {
             }
             Err(error) => {
                 for reply in replies {
-                    let _ = reply.send(Err(error.duplicate()));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::embedded_pg::{EmbeddedPostgres, Options};
+    use crate::store::db::{PoolSettings, build_pool};
+
+    /// Doubles each item; records the size of every batch; fails the whole
+    /// batch on an item 0, and never ends on an item 1 (noting when it is
+    /// dropped).
+    #[derive(Default)]
+    struct Doubler {
+        sizes: Mutex<Vec<usize>>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    struct NoteDrop(Arc<AtomicBool>);
+
+    impl Drop for NoteDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Batch for Arc<Doubler> {
+        type Item = u32;
+        type Output = u32;
+        const MAX: usize = 8;
+        const POOL_SHARE: usize = 1;
+        const NAME: &'static str = "test";
+
+        async fn run(
+            &self,
+            _conn: &mut AsyncPgConnection,
+            items: Vec<u32>,
+        ) -> Result<Vec<Result<u32, StoreError>>, StoreError> {
+            self.sizes.lock().unwrap().push(items.len());
+            if items.contains(&0) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            if items.contains(&1) {
+                let _note = NoteDrop(Arc::clone(&self.dropped));
+                std::future::pending::<()>().await;
+            }
+            Ok(items.into_iter().map(|n| Ok(n * 2)).collect())
+        }
+    }
+
+    async fn pool(pg: &EmbeddedPostgres) -> DbPool {
+        build_pool(
+            pg.config("postgres"),
+            &PoolSettings {
+                max_size: 1,
+                connect_timeout: Duration::from_secs(5),
+                acquire_timeout: Duration::from_secs(5),
+                statement_timeout: Duration::from_secs(5),
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn calls_are_batched_while_they_wait_and_each_gets_its_own_answer() {
+        let dir =
+            std::env::temp_dir().join(format!("users-service-coalesce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = EmbeddedPostgres::start(
+            &dir,
+            Options {
+                settings: vec![("fsync".into(), "off".into())],
+            },
+        )
+        .await
+        .unwrap();
+        let pool = pool(&pg).await;
+        let batch = Arc::new(Doubler::default());
+        let coalescer = Coalescer::new(Arc::clone(&batch), pool.clone(), Histogram::new([1.0]));
+
+        // While the pool's only connection is taken, calls queue; one whose
+        // caller leaves before its batch starts is not run.
+        let held = pool.get().await.unwrap();
+        let early_leaver = {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::time::timeout(Duration::from_millis(50), async move {
+                coalescer.submit(100).await
+            })
+        };
+        assert!(early_leaver.await.is_err());
+        let calls: Vec<_> = (2..7)
+            .map(|n| {
+                let coalescer = Arc::clone(&coalescer);
+                tokio::spawn(async move { coalescer.submit(n).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        for (n, call) in (2..7).zip(calls) {
+            assert_eq!(call.await.unwrap(), Ok(n * 2));
+        }
+        assert_eq!(
+            *batch.sizes.lock().unwrap(),
+            [5],
+            "one batch, without the leaver"
+        );
+
+        // A failure of the whole batch reaches each of its callers.
+        let held = pool.get().await.unwrap();
+        let failing: Vec<_> = [0, 7]
+            .into_iter()
+            .map(|n| {
+                let coalescer = Arc::clone(&coalescer);
+                tokio::spawn(async move { coalescer.submit(n).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        for call in failing {
+            assert_eq!(
+                call.await.unwrap(),
+                Err(StoreError::Unavailable("down".into()))
+            );
+        }
+
+        // A running batch whose callers have all left is dropped.
+        let stuck = tokio::time::timeout(Duration::from_millis(200), coalescer.submit(1)).await;
+        assert!(stuck.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(batch.dropped.load(Ordering::SeqCst));
+        // Its connection was closed, not returned busy: the next call runs.
+        assert_eq!(coalescer.submit(8).await, Ok(16));
+
+        drop(coalescer);
+        pool.close();
+        pg.stop().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

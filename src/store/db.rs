@@ -160,17 +160,46 @@ pub async fn run<T, E>(
     pool: &DbPool,
     work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
 ) -> Result<Result<T, E>, diesel_async::pooled_connection::deadpool::PoolError> {
-    let mut guard = CancelOnDrop(Some(pool.get().await?));
-    let connection = guard.0.as_mut().expect("guard holds the connection");
-    let result = work(connection).await;
-    // Finished: the connection goes back to the pool.
-    drop(guard.0.take());
+    let mut connection = checkout(pool).await?;
+    let result = work(&mut connection).await;
+    connection.release();
     Ok(result)
 }
 
-struct CancelOnDrop(Option<DbConn>);
+/// Borrows a connection that cancels its running statement if dropped
+/// before [`Checkout::release`]: work abandoned midway leaves nothing
+/// running in Postgres.
+pub async fn checkout(
+    pool: &DbPool,
+) -> Result<Checkout, diesel_async::pooled_connection::deadpool::PoolError> {
+    Ok(Checkout(Some(pool.get().await?)))
+}
 
-impl Drop for CancelOnDrop {
+/// A pooled connection that is cancelled and closed unless released.
+pub struct Checkout(Option<DbConn>);
+
+impl Checkout {
+    /// The work is done: the connection goes back to the pool.
+    pub fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = AsyncPgConnection;
+
+    fn deref(&self) -> &AsyncPgConnection {
+        self.0.as_ref().expect("a checkout holds its connection")
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        self.0.as_mut().expect("a checkout holds its connection")
+    }
+}
+
+impl Drop for Checkout {
     fn drop(&mut self) {
         let Some(connection) = self.0.take() else {
             return;

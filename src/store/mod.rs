@@ -4,9 +4,12 @@ pub mod api_keys;
 pub mod coalesce;
 pub mod database;
 pub mod db;
-pub mod failure;
+pub mod error;
 pub mod filter;
 pub mod models;
+pub mod page;
 pub mod schema;
 pub mod tenants;
 pub mod users;
+
+pub use error::StoreError;

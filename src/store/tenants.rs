@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::filter::{Boxed, CursorValue, TextOp, UuidOp, text_condition, uuid_condition};
 use super::models::{NewTenant, TenantChanges, TenantRow};
+use super::page::{CursorMismatch, Page};
 use super::schema::tenants;
-use super::users::{CursorMismatch, Page};
 
 /// One condition of a tenant list; a list ANDs all of its conditions.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,16 +145,4 @@ fn after_cursor(values: &[CursorValue]) -> Option<Boxed<tenants::table>> {
     Some(Box::new(tenants::created_at.gt(created_at).or(
         tenants::created_at.eq(created_at).and(tenants::id.gt(id)),
     )))
-}
-
-/// Which of `ids` name a tenant.
-pub async fn existing(
-    conn: &mut AsyncPgConnection,
-    ids: &[Uuid],
-) -> diesel::QueryResult<Vec<Uuid>> {
-    tenants::table
-        .filter(tenants::id.eq_any(ids))
-        .select(tenants::id)
-        .load(conn)
-        .await
 }

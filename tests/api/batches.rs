@@ -194,3 +194,77 @@ async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_ow
         );
     }
 }
+
+/// A CreateUser whose statement waits for another transaction's insert of
+/// the same reference, while `rest` runs; that transaction then rolls back.
+async fn create_behind_an_open_insert(
+    app: &TestApp,
+    reference: &str,
+    client_deadline: Duration,
+) -> (Result<User, tonic::Status>, tokio_postgres::Client) {
+    let (blocker, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO users (tenant_id, id, reference) \
+             SELECT id, gen_random_uuid(), '{reference}' FROM tenants WHERE is_default"
+        ))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(CreateUserRequest {
+        user: Some(user(reference, "late@example.com")),
+    });
+    request.set_timeout(client_deadline);
+    let outcome = app
+        .users
+        .clone()
+        .create_user(request)
+        .await
+        .map(|r| r.into_inner().user.unwrap());
+    (outcome, blocker)
+}
+
+async fn waiting_inserts(app: &TestApp) -> i64 {
+    app.db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND query LIKE 'INSERT%' AND state = 'active' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_shared_insert_whose_callers_all_left_is_cancelled_and_leaves_nothing() {
+    let app = crate::helpers::spawn_app().await;
+    let (outcome, blocker) =
+        create_behind_an_open_insert(&app, "contested", Duration::from_millis(700)).await;
+    let status = outcome.expect_err("the caller gave up");
+    // The client's own timer may end the call before the server's answer.
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    // No caller waits any more: the statement does not either.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while waiting_inserts(&app).await > 0 {
+        assert!(Instant::now() < deadline, "the abandoned insert still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Had it still been waiting, it would now go through.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stored: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM users WHERE reference = 'contested'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "nothing of the abandoned write remains");
+}

@@ -1,0 +1,443 @@
+//! Lists of users: filters, ordering, keyset pages and counts.
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    BoolExpressionMethods, ExpressionMethods, PgJsonbExpressionMethods, PgTextExpressionMethods,
+    QueryDsl, SelectableHelper, pg::Pg,
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{BoolField, Condition, OrderField, TextField, TimeField, UuidField};
+use crate::store::filter::{
+    Boxed, CursorValue, Direction, escape_like, text_condition, time_condition, uuid_condition,
+};
+use crate::store::models::UserRow;
+use crate::store::page::{CursorMismatch, Page};
+use crate::store::schema::users;
+
+/// What a page of users is made of.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ListQuery {
+    pub conditions: Vec<Condition>,
+    /// Ordering terms, most significant first, not including the `Id` tie-breaker.
+    pub order: Vec<(OrderField, Direction)>,
+    /// Keyset cursor: the sort key of the last row already seen, one value per
+    /// term of [`ListQuery::terms`].
+    pub after: Option<Vec<CursorValue>>,
+    pub limit: i64,
+    pub offset: i64,
+    pub count_total: bool,
+    /// With `count_total`: count at most this many matches plus one, so
+    /// that a total above the limit tells that the count stopped there.
+    pub count_limit: Option<i64>,
+}
+
+impl ListQuery {
+    /// The ordering terms including the `Id` tie-breaker.
+    pub fn terms(&self) -> Vec<(OrderField, Direction)> {
+        let mut terms = self.order.clone();
+        terms.push((OrderField::Id, Direction::Asc));
+        terms
+    }
+}
+
+/// One page of users, with the total count when asked for.
+///
+/// Fails with [`CursorMismatch`] (inside `Ok`) when `query.after` does not fit
+/// the order, which callers report as a bad page token.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    query: &ListQuery,
+) -> diesel::QueryResult<Result<Page<UserRow>, CursorMismatch>> {
+    let terms = query.terms();
+    let after = match &query.after {
+        Some(values) => match keyset_condition(&terms, values) {
+            Some(condition) => Some(condition),
+            None => return Ok(Err(CursorMismatch)),
+        },
+        None => None,
+    };
+
+    let total = match (query.count_total, query.count_limit) {
+        (false, _) => None,
+        (true, None) => Some(
+            filtered(&query.conditions)
+                .count()
+                .get_result::<i64>(conn)
+                .await?,
+        ),
+        // The first limit + 1 matches, counted: as many rows at most.
+        (true, Some(limit)) => Some(
+            CountRows(
+                filtered(&query.conditions)
+                    .select(users::id)
+                    .limit(limit + 1),
+            )
+            .get_result::<i64>(conn)
+            .await?,
+        ),
+    };
+
+    let mut rows_query = filtered(&query.conditions);
+    if let Some(after) = after {
+        rows_query = rows_query.filter(after);
+    }
+    let rows_query = rows_query.order(OrderBy(terms.clone()));
+    // One row more than asked tells whether another page follows.
+    let mut rows = rows_query
+        .select(UserRow::as_select())
+        .limit(query.limit + 1)
+        .offset(query.offset)
+        .load::<UserRow>(conn)
+        .await?;
+    let next = if rows.len() as i64 > query.limit {
+        rows.truncate(query.limit as usize);
+        rows.last().map(|row| cursor_of(row, &terms))
+    } else {
+        None
+    };
+    Ok(Ok(Page { rows, total, next }))
+}
+
+/// `SELECT count(*) FROM (query) AS matches`: counts the rows of a query
+/// that has a LIMIT, which `query.count()` cannot (it would drop the limit)
+/// and `id IN (query)` does badly (Postgres joins the whole table to it).
+#[derive(Debug, Clone, diesel::query_builder::QueryId)]
+struct CountRows<Q>(Q);
+
+impl<Q> diesel::query_builder::Query for CountRows<Q> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl<Q: diesel::query_builder::QueryFragment<Pg>> diesel::query_builder::QueryFragment<Pg>
+    for CountRows<Q>
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        out.push_sql("SELECT count(*) FROM (");
+        self.0.walk_ast(out.reborrow())?;
+        out.push_sql(") AS matches");
+        Ok(())
+    }
+}
+
+/// The rows matching every condition, unordered.
+pub(super) fn filtered(conditions: &[Condition]) -> users::BoxedQuery<'static, Pg> {
+    let mut query = users::table.into_boxed();
+    for condition in conditions {
+        query = query.filter(condition_expression(condition));
+    }
+    query
+}
+
+fn condition_expression(condition: &Condition) -> Boxed<users::table> {
+    match condition {
+        Condition::Text(field, op) => match field {
+            TextField::Reference => text_condition!(users::reference, op),
+            TextField::Email => text_condition!(users::email, op),
+            TextField::Phone => text_condition!(users::phone, op),
+            TextField::FirstName => text_condition!(users::first_name, op),
+            TextField::LastName => text_condition!(users::last_name, op),
+            TextField::Locale => text_condition!(users::locale, op),
+            TextField::Timezone => text_condition!(users::timezone, op),
+        },
+        Condition::Uuid(field, op) => match field {
+            UuidField::Id => uuid_condition!(users::id, op),
+            UuidField::TenantId => uuid_condition!(users::tenant_id, op),
+        },
+        Condition::Bool(field, value) => match field {
+            BoolField::Active => Box::new(users::active.eq(*value)),
+            BoolField::IsOptedIn => Box::new(users::is_opted_in.eq(*value)),
+        },
+        Condition::Time(field, op) => match field {
+            TimeField::CreatedAt => time_condition!(users::created_at, *op),
+            TimeField::UpdatedAt => time_condition!(users::updated_at, *op),
+        },
+        Condition::CustomDataContains(value) => {
+            Box::new(users::custom_data.contains(value.clone()))
+        }
+        Condition::Search(text) => {
+            let pattern = format!("%{}%", escape_like(text));
+            Box::new(
+                users::email
+                    .ilike(pattern.clone())
+                    .or(users::first_name.ilike(pattern.clone()))
+                    .or(users::last_name.ilike(pattern)),
+            )
+        }
+    }
+}
+
+/// The `ORDER BY` list of a user list, written out term by term.
+///
+/// diesel's `then_order_by` nests one more tuple per term, and walking a
+/// nested tuple walks each level twice (once to ask whether it is empty), so
+/// its cost doubles with every term. This walks the terms once.
+#[derive(Debug, Clone)]
+struct OrderBy(Vec<(OrderField, Direction)>);
+
+impl diesel::Expression for OrderBy {
+    type SqlType = diesel::expression::expression_types::NotSelectable;
+}
+
+impl diesel::AppearsOnTable<users::table> for OrderBy {}
+
+impl diesel::query_builder::QueryFragment<Pg> for OrderBy {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        for (i, (field, direction)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push_sql(", ");
+            }
+            out.push_identifier("users")?;
+            out.push_sql(".");
+            out.push_identifier(field.column())?;
+            out.push_sql(match direction {
+                Direction::Asc => " ASC",
+                Direction::Desc => " DESC",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl OrderField {
+    /// The column of `users` this field orders by.
+    fn column(self) -> &'static str {
+        match self {
+            Self::CreatedAt => "created_at",
+            Self::UpdatedAt => "updated_at",
+            Self::Email => "email",
+            Self::FirstName => "first_name",
+            Self::LastName => "last_name",
+            Self::Locale => "locale",
+            Self::Phone => "phone",
+            Self::Timezone => "timezone",
+            Self::Reference => "reference",
+            Self::Active => "active",
+            Self::Id => "id",
+        }
+    }
+}
+
+/// The sort key of `row` under `terms`, as a cursor.
+fn cursor_of(row: &UserRow, terms: &[(OrderField, Direction)]) -> Vec<CursorValue> {
+    terms
+        .iter()
+        .map(|(field, _)| match field {
+            OrderField::CreatedAt => CursorValue::time(row.created_at),
+            OrderField::UpdatedAt => CursorValue::time(row.updated_at),
+            OrderField::Email => CursorValue::Text(row.email.clone()),
+            OrderField::FirstName => CursorValue::Text(row.first_name.clone()),
+            OrderField::LastName => CursorValue::Text(row.last_name.clone()),
+            OrderField::Locale => CursorValue::Text(row.locale.clone()),
+            OrderField::Phone => CursorValue::Text(row.phone.clone()),
+            OrderField::Timezone => CursorValue::Text(row.timezone.clone()),
+            OrderField::Reference => CursorValue::Text(row.reference.clone()),
+            OrderField::Active => CursorValue::Bool(row.active),
+            OrderField::Id => CursorValue::Text(row.id.to_string()),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cmp {
+    Eq,
+    Before,
+    After,
+    AtOrAfter,
+}
+
+/// Rows strictly after the cursor in the order of `terms`:
+/// `k1 > v1 OR (k1 = v1 AND k2 > v2) OR ...` (with `<` for descending terms),
+/// plus the redundant `k1 >= v1`, which lets Postgres start the index scan at
+/// the cursor instead of filtering every earlier row.
+fn keyset_condition(
+    terms: &[(OrderField, Direction)],
+    values: &[CursorValue],
+) -> Option<Boxed<users::table>> {
+    if terms.len() != values.len() {
+        return None;
+    }
+    let mut any: Option<Boxed<users::table>> = None;
+    for i in 0..terms.len() {
+        let (field, direction) = terms[i];
+        let past = match direction {
+            Direction::Asc => Cmp::After,
+            Direction::Desc => Cmp::Before,
+        };
+        let mut all = compare(field, past, &values[i])?;
+        for j in 0..i {
+            all = Box::new(diesel::BoolExpressionMethods::and(
+                compare(terms[j].0, Cmp::Eq, &values[j])?,
+                all,
+            ));
+        }
+        any = Some(match any {
+            None => all,
+            Some(any) => Box::new(diesel::BoolExpressionMethods::or(any, all)),
+        });
+    }
+    let (first, direction) = terms[0];
+    let bound = match direction {
+        Direction::Asc => compare(first, Cmp::AtOrAfter, &values[0])?,
+        Direction::Desc => {
+            // `k1 <= v1` for descending order.
+            let before = compare(first, Cmp::Before, &values[0])?;
+            let equal = compare(first, Cmp::Eq, &values[0])?;
+            Box::new(diesel::BoolExpressionMethods::or(before, equal))
+        }
+    };
+    Some(Box::new(diesel::BoolExpressionMethods::and(bound, any?)))
+}
+
+/// `field <cmp> value`, or `None` when the value has the wrong type for the field.
+fn compare(field: OrderField, cmp: Cmp, value: &CursorValue) -> Option<Boxed<users::table>> {
+    macro_rules! compare {
+        ($column:expr, $value:expr) => {{
+            let value = $value;
+            let expression: Boxed<users::table> = match cmp {
+                Cmp::Eq => Box::new($column.eq(value)),
+                Cmp::Before => Box::new($column.lt(value)),
+                Cmp::After => Box::new($column.gt(value)),
+                Cmp::AtOrAfter => Box::new($column.ge(value)),
+            };
+            Some(expression)
+        }};
+    }
+    match (field, value) {
+        (OrderField::CreatedAt, CursorValue::Micros(m)) => {
+            compare!(
+                users::created_at,
+                DateTime::<Utc>::from_timestamp_micros(*m)?
+            )
+        }
+        (OrderField::UpdatedAt, CursorValue::Micros(m)) => {
+            compare!(
+                users::updated_at,
+                DateTime::<Utc>::from_timestamp_micros(*m)?
+            )
+        }
+        (OrderField::Email, CursorValue::Text(s)) => compare!(users::email, s.clone()),
+        (OrderField::FirstName, CursorValue::Text(s)) => compare!(users::first_name, s.clone()),
+        (OrderField::LastName, CursorValue::Text(s)) => compare!(users::last_name, s.clone()),
+        (OrderField::Locale, CursorValue::Text(s)) => compare!(users::locale, s.clone()),
+        (OrderField::Phone, CursorValue::Text(s)) => compare!(users::phone, s.clone()),
+        (OrderField::Timezone, CursorValue::Text(s)) => compare!(users::timezone, s.clone()),
+        (OrderField::Reference, CursorValue::Text(s)) => compare!(users::reference, s.clone()),
+        (OrderField::Active, CursorValue::Bool(b)) => compare!(users::active, *b),
+        (OrderField::Id, CursorValue::Text(s)) => compare!(users::id, Uuid::parse_str(s).ok()?),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQL of a query of ids filtered by `condition`, binds included.
+    fn sql(condition: Boxed<users::table>) -> String {
+        diesel::debug_query::<Pg, _>(&users::table.select(users::id).filter(condition)).to_string()
+    }
+
+    const ID: &str = "0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e";
+
+    #[test]
+    fn a_keyset_starts_at_the_cursor_and_breaks_ties_by_id() {
+        let terms = [
+            (OrderField::LastName, Direction::Asc),
+            (OrderField::Id, Direction::Asc),
+        ];
+        let values = [
+            CursorValue::Text("Lovelace".into()),
+            CursorValue::Text(ID.into()),
+        ];
+        assert_eq!(
+            sql(keyset_condition(&terms, &values).unwrap()),
+            format!(
+                "SELECT \"users\".\"id\" FROM \"users\" WHERE ((\"users\".\"last_name\" >= $1) AND \
+                 ((\"users\".\"last_name\" > $2) OR ((\"users\".\"last_name\" = $3) AND (\"users\".\"id\" > $4)))) \
+                 -- binds: [\"Lovelace\", \"Lovelace\", \"Lovelace\", {ID}]"
+            )
+        );
+    }
+
+    #[test]
+    fn a_descending_term_pages_downwards() {
+        let terms = [
+            (OrderField::CreatedAt, Direction::Desc),
+            (OrderField::Active, Direction::Asc),
+            (OrderField::Id, Direction::Asc),
+        ];
+        let values = [
+            CursorValue::Micros(1_000_000),
+            CursorValue::Bool(true),
+            CursorValue::Text(ID.into()),
+        ];
+        // created_at <= t AND (created_at < t OR (created_at = t AND active > a)
+        //   OR (active = a AND created_at = t AND id > i))
+        let t = "1970-01-01T00:00:01Z";
+        assert_eq!(
+            sql(keyset_condition(&terms, &values).unwrap()),
+            format!(
+                "SELECT \"users\".\"id\" FROM \"users\" WHERE (((\"users\".\"created_at\" < $1) OR \
+                 (\"users\".\"created_at\" = $2)) AND (((\"users\".\"created_at\" < $3) OR \
+                 ((\"users\".\"created_at\" = $4) AND (\"users\".\"active\" > $5))) OR \
+                 ((\"users\".\"active\" = $6) AND ((\"users\".\"created_at\" = $7) AND \
+                 (\"users\".\"id\" > $8))))) -- binds: [{t}, {t}, {t}, {t}, true, true, {t}, {ID}]"
+            )
+        );
+    }
+
+    #[test]
+    fn a_cursor_that_does_not_fit_the_order_builds_nothing() {
+        let terms = [
+            (OrderField::Email, Direction::Asc),
+            (OrderField::Id, Direction::Asc),
+        ];
+        // Too few values, a value of the wrong type, an id that is no UUID.
+        assert!(keyset_condition(&terms, &[CursorValue::Text(ID.into())]).is_none());
+        assert!(
+            keyset_condition(
+                &terms,
+                &[CursorValue::Bool(true), CursorValue::Text(ID.into())]
+            )
+            .is_none()
+        );
+        assert!(
+            keyset_condition(
+                &terms,
+                &[CursorValue::Text("a".into()), CursorValue::Text("x".into())]
+            )
+            .is_none()
+        );
+        assert!(
+            keyset_condition(
+                &[(OrderField::CreatedAt, Direction::Asc)],
+                &[CursorValue::Micros(i64::MAX)]
+            )
+            .is_none(),
+            "a time out of range"
+        );
+    }
+
+    #[test]
+    fn the_order_by_is_written_once_per_term() {
+        let order = OrderBy(vec![
+            (OrderField::LastName, Direction::Desc),
+            (OrderField::Email, Direction::Asc),
+            (OrderField::Id, Direction::Asc),
+        ]);
+        let query = users::table.into_boxed().select(users::id).order(order);
+        assert_eq!(
+            diesel::debug_query::<Pg, _>(&query).to_string(),
+            "SELECT \"users\".\"id\" FROM \"users\" ORDER BY \"users\".\"last_name\" DESC, \
+             \"users\".\"email\" ASC, \"users\".\"id\" ASC -- binds: []"
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! Reading users: one by id, an export's chunks, and GetUser's shared lookup.
+
+use std::collections::HashMap;
+
+use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{Condition, in_scope, list::filtered};
+use crate::store::coalesce::Batch;
+use crate::store::error::StoreError;
+use crate::store::models::UserRow;
+use crate::store::schema::users;
+
+pub async fn find(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+) -> diesel::QueryResult<Option<UserRow>> {
+    users::table
+        .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
+        .select(UserRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The active flag of the user with this id, in any tenant; `None` when
+/// there is none.
+pub async fn active_flag(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> diesel::QueryResult<Option<bool>> {
+    users::table
+        .filter(users::id.eq(id))
+        .select(users::active)
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The next `limit` users matching `conditions` after id `after`, in id order.
+pub async fn export_chunk(
+    conn: &mut AsyncPgConnection,
+    conditions: &[Condition],
+    after: Option<Uuid>,
+    limit: i64,
+) -> diesel::QueryResult<Vec<UserRow>> {
+    let mut query = filtered(conditions);
+    if let Some(after) = after {
+        query = query.filter(users::id.gt(after));
+    }
+    query
+        .order_by(users::id.asc())
+        .select(UserRow::as_select())
+        .limit(limit)
+        .load(conn)
+        .await
+}
+
+/// GetUser for the calls of one batch: one lookup by id for all of them,
+/// each result seen through its own caller's scope `(id, tenant)`.
+#[derive(Debug)]
+pub struct FindUsers;
+
+impl Batch for FindUsers {
+    type Item = (Uuid, Option<Uuid>);
+    type Output = Option<UserRow>;
+    const MAX: usize = 128;
+    /// A lookup by primary key takes well under a millisecond.
+    const POOL_SHARE: usize = 4;
+    const NAME: &'static str = "get_user";
+
+    async fn run(
+        &self,
+        conn: &mut AsyncPgConnection,
+        items: Vec<Self::Item>,
+    ) -> Result<Vec<Result<Option<UserRow>, StoreError>>, StoreError> {
+        let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
+        let rows: HashMap<Uuid, UserRow> = users::table
+            .filter(users::id.eq_any(ids))
+            .select(UserRow::as_select())
+            .load(conn)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
+        Ok(items
+            .iter()
+            .map(|(id, tenant)| {
+                Ok(rows
+                    .get(id)
+                    .filter(|row| tenant.is_none_or(|t| row.tenant_id == t))
+                    .cloned())
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,401 @@
+//! The one path of every change to users.
+//!
+//! CreateUser (through its coalescer, [`InsertUsers`]), UpdateUser,
+//! DeactivateUser, ReactivateUser and BatchUpsertUsers (and `import`, which
+//! calls it) all reach the database through [`apply`]. A rule that every
+//! change must follow (write an event row, check and bump an etag) is
+//! written here, once.
+//!
+//! # One policy for several rows
+//!
+//! A write of one row is one statement. Several rows go first as one
+//! multi-row statement; when that fails for a reason of its rows rather
+//! than an outage (a unique key taken, a tenant that does not exist), or
+//! leaves some rows out (a clash with a stored row), each row that is not
+//! settled goes again on its own and gets its own outcome. The rows of one
+//! call ([`Commit::Together`]: BatchUpsertUsers) commit together, in one
+//! transaction, each row that goes on its own on a savepoint of its own;
+//! the rows of different calls ([`Commit::Apart`]: coalesced CreateUser
+//! calls) commit on their own. An outage fails all of them.
+//!
+//! # A caller that goes away
+//!
+//! A statement runs as long as a caller waits for its result. Once none
+//! does (each gave up or ran out of time), it is cancelled in Postgres and
+//! its connection closed (`db::run`, and the coalescer for a shared
+//! statement), so nothing of a write that had not committed remains. A
+//! write that committed first, or that shares its statement with a caller
+//! still waiting, stays. Either way a caller that went away learns nothing
+//! of it: for that caller DEADLINE_EXCEEDED, CANCELLED and UNAVAILABLE mean
+//! "outcome unknown".
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::{ExpressionMethods, OptionalExtension, SelectableHelper};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{find, in_scope};
+use crate::store::coalesce::Batch;
+use crate::store::error::StoreError;
+use crate::store::models::{NewUser, UserChanges, UserRow};
+use crate::store::schema::users;
+
+/// Runs `$work` on `$conn`, on a savepoint when `$savepoint`, so that its
+/// failure leaves the surrounding transaction usable; a `StoreError` on
+/// failure. (A macro: a generic function would have to promise that any
+/// closure's future is `Send`, which the transaction API requires.)
+macro_rules! guarded {
+    ($conn:expr, $savepoint:expr, |$c:ident| $work:expr) => {{
+        let result = if $savepoint {
+            $conn.transaction(async |$c| $work.await).await
+        } else {
+            let $c = &mut *$conn;
+            $work.await
+        };
+        result.map_err(StoreError::from)
+    }};
+}
+
+/// One change to one user.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new user; its reference and email must be free in its tenant.
+    Create(NewUser),
+    /// A new user or, when its tenant has a user with its reference, that
+    /// user with every field of this one but its id and creation time.
+    Upsert(NewUser),
+    /// The fields `changes` sets, on the user with this id if the scope
+    /// (one tenant, or all) has it.
+    Update {
+        id: Uuid,
+        tenant: Option<Uuid>,
+        changes: UserChanges,
+    },
+    /// The active flag of the user with this id; a user already in that
+    /// state stays as it is, `updated_at` included.
+    SetActive {
+        id: Uuid,
+        tenant: Option<Uuid>,
+        active: bool,
+        at: DateTime<Utc>,
+    },
+}
+
+/// What one write did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Written {
+    Created(UserRow),
+    Updated(UserRow),
+    /// The user already was as asked: nothing was written.
+    Unchanged(UserRow),
+    /// No user in the write's scope has its id.
+    Missing,
+}
+
+impl Written {
+    /// The user after the write, if there is one.
+    pub fn into_row(self) -> Option<UserRow> {
+        match self {
+            Self::Created(row) | Self::Updated(row) | Self::Unchanged(row) => Some(row),
+            Self::Missing => None,
+        }
+    }
+}
+
+/// Whether the rows of one [`apply`] commit together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// All of them, in one transaction: the rows of one call.
+    Together,
+    /// Each on its own: the rows of different calls.
+    Apart,
+}
+
+/// The outcome of each write, in order; `Err` for the whole when an outage
+/// stopped them.
+pub type Outcomes = Vec<Result<Written, StoreError>>;
+
+/// Applies `writes`, with one outcome each, by the policy of this module.
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    writes: &[Write],
+    commit: Commit,
+) -> Result<Outcomes, StoreError> {
+    match (writes, commit) {
+        ([], _) => Ok(Vec::new()),
+        ([write], _) => Ok(vec![settled(one(conn, write).await)?]),
+        (_, Commit::Apart) => several(conn, writes, false).await,
+        (_, Commit::Together) => {
+            conn.transaction(async |conn| several(conn, writes, true).await)
+                .await
+        }
+    }
+}
+
+/// Applies one write: its outcome, or `Err` for an outage.
+pub async fn apply_one(
+    conn: &mut AsyncPgConnection,
+    write: &Write,
+) -> Result<Result<Written, StoreError>, StoreError> {
+    settled(one(conn, write).await)
+}
+
+/// An outage fails the whole; any other failure is the row's own outcome.
+fn settled(
+    result: diesel::QueryResult<Written>,
+) -> Result<Result<Written, StoreError>, StoreError> {
+    match result.map_err(StoreError::from) {
+        Err(error) if error.is_outage() => Err(error),
+        result => Ok(result),
+    }
+}
+
+/// Several writes: the multi-row statement when they are all of one kind
+/// that has one, then each write it did not settle on its own (on a
+/// savepoint of its own when `savepoints`).
+async fn several(
+    conn: &mut AsyncPgConnection,
+    writes: &[Write],
+    savepoints: bool,
+) -> Result<Outcomes, StoreError> {
+    let mut outcomes: Vec<Option<Result<Written, StoreError>>> = vec![None; writes.len()];
+    let together = match multi_row(writes) {
+        Some(MultiRow::Create(rows)) => guarded!(conn, savepoints, |conn| insert_all(conn, &rows))
+            .map(|stored| {
+                let mut by_id: HashMap<Uuid, UserRow> =
+                    stored.into_iter().map(|row| (row.id, row)).collect();
+                for (outcome, row) in outcomes.iter_mut().zip(&rows) {
+                    *outcome = by_id.remove(&row.id).map(|row| Ok(Written::Created(row)));
+                }
+            }),
+        Some(MultiRow::Upsert(rows)) => {
+            guarded!(conn, savepoints, |conn| upsert_all(conn, &rows)).map(|stored| {
+                // RETURNING order is not guaranteed: match rows by their key.
+                let mut by_key: HashMap<(Uuid, String), UserRow> = stored
+                    .into_iter()
+                    .map(|row| ((row.tenant_id, row.reference.clone()), row))
+                    .collect();
+                for (outcome, row) in outcomes.iter_mut().zip(&rows) {
+                    *outcome = by_key
+                        .remove(&(row.tenant_id, row.reference.clone()))
+                        .map(|stored| Ok(upserted(row, stored)));
+                }
+            })
+        }
+        None => Ok(()),
+    };
+    match together {
+        Err(error) if error.is_outage() => return Err(error),
+        // The rows go one by one below, each to its own outcome.
+        Ok(()) | Err(_) => {}
+    }
+    for (outcome, write) in outcomes.iter_mut().zip(writes) {
+        if outcome.is_none() {
+            let result = guarded!(conn, savepoints, |conn| one(conn, write));
+            *outcome = Some(match result {
+                Err(error) if error.is_outage() => return Err(error),
+                result => result,
+            });
+        }
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every write has its outcome"))
+        .collect())
+}
+
+/// The rows of writes that all have one kind with a multi-row statement.
+enum MultiRow<'a> {
+    Create(Vec<&'a NewUser>),
+    Upsert(Vec<&'a NewUser>),
+}
+
+fn multi_row(writes: &[Write]) -> Option<MultiRow<'_>> {
+    let creates: Option<Vec<&NewUser>> = writes
+        .iter()
+        .map(|write| match write {
+            Write::Create(row) => Some(row),
+            _ => None,
+        })
+        .collect();
+    if let Some(rows) = creates {
+        return Some(MultiRow::Create(rows));
+    }
+    let upserts: Option<Vec<&NewUser>> = writes
+        .iter()
+        .map(|write| match write {
+            Write::Upsert(row) => Some(row),
+            _ => None,
+        })
+        .collect();
+    upserts.map(MultiRow::Upsert)
+}
+
+/// One write as one statement.
+async fn one(conn: &mut AsyncPgConnection, write: &Write) -> diesel::QueryResult<Written> {
+    match write {
+        Write::Create(row) => insert(conn, row).await.map(Written::Created),
+        Write::Upsert(row) => {
+            let stored = upsert_all(conn, &[row])
+                .await?
+                .pop()
+                .ok_or(diesel::result::Error::NotFound)?;
+            Ok(upserted(row, stored))
+        }
+        Write::Update {
+            id,
+            tenant,
+            changes,
+        } => Ok(update(conn, *id, *tenant, changes)
+            .await?
+            .map_or(Written::Missing, Written::Updated)),
+        Write::SetActive {
+            id,
+            tenant,
+            active,
+            at,
+        } => set_active(conn, *id, *tenant, *active, *at).await,
+    }
+}
+
+/// Created when the stored row is the one sent (its id), updated otherwise.
+fn upserted(sent: &NewUser, stored: UserRow) -> Written {
+    if stored.id == sent.id {
+        Written::Created(stored)
+    } else {
+        Written::Updated(stored)
+    }
+}
+
+async fn insert(conn: &mut AsyncPgConnection, user: &NewUser) -> diesel::QueryResult<UserRow> {
+    diesel::insert_into(users::table)
+        .values(user)
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+}
+
+/// Inserts `rows` in one statement and returns those stored. A row that
+/// clashes with a stored one, or with an earlier row of `rows`, on a unique
+/// key is skipped; any other failure fails all of them.
+async fn insert_all(
+    conn: &mut AsyncPgConnection,
+    rows: &[&NewUser],
+) -> diesel::QueryResult<Vec<UserRow>> {
+    diesel::insert_into(users::table)
+        .values(rows.to_vec())
+        .on_conflict_do_nothing()
+        .returning(UserRow::as_returning())
+        .get_results(conn)
+        .await
+}
+
+/// Creates or updates every row, matched on (tenant_id, reference), in one
+/// statement. A row that matches gets every column of `rows` but its id and
+/// creation time. Any unique violation (an email taken) fails it as a whole.
+async fn upsert_all(
+    conn: &mut AsyncPgConnection,
+    rows: &[&NewUser],
+) -> diesel::QueryResult<Vec<UserRow>> {
+    use diesel::upsert::{DecoratableTarget, excluded};
+    diesel::insert_into(users::table)
+        .values(rows.to_vec())
+        .on_conflict((users::tenant_id, users::reference))
+        // The partial unique index covers non-empty references only.
+        .filter_target(users::reference.ne(""))
+        .do_update()
+        .set((
+            users::email.eq(excluded(users::email)),
+            users::phone.eq(excluded(users::phone)),
+            users::first_name.eq(excluded(users::first_name)),
+            users::last_name.eq(excluded(users::last_name)),
+            users::locale.eq(excluded(users::locale)),
+            users::timezone.eq(excluded(users::timezone)),
+            users::is_opted_in.eq(excluded(users::is_opted_in)),
+            users::active.eq(excluded(users::active)),
+            users::custom_data.eq(excluded(users::custom_data)),
+            users::avatar_url.eq(excluded(users::avatar_url)),
+            users::updated_at.eq(excluded(users::updated_at)),
+        ))
+        .returning(UserRow::as_returning())
+        .get_results(conn)
+        .await
+}
+
+/// Applies `changes`; `None` when no user in scope has this id.
+async fn update(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+    changes: &UserChanges,
+) -> diesel::QueryResult<Option<UserRow>> {
+    diesel::update(users::table)
+        .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
+        .set(changes)
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+}
+
+/// Sets the active flag. A user already in that state is returned unchanged
+/// (its `updated_at` stays), which makes (de)activation idempotent.
+async fn set_active(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+    active: bool,
+    at: DateTime<Utc>,
+) -> diesel::QueryResult<Written> {
+    let changed = diesel::update(users::table)
+        .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
+        .filter(users::active.ne(active))
+        .set((users::active.eq(active), users::updated_at.eq(at)))
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    Ok(match changed {
+        Some(row) => Written::Updated(row),
+        None => find(conn, id, tenant)
+            .await?
+            .map_or(Written::Missing, Written::Unchanged),
+    })
+}
+
+/// CreateUser for the calls of one batch: their rows by [`apply`], each
+/// committing on its own.
+#[derive(Debug)]
+pub struct InsertUsers;
+
+impl Batch for InsertUsers {
+    type Item = NewUser;
+    type Output = UserRow;
+    const MAX: usize = 64;
+    /// A commit waits for its WAL flush: two at once overlap them.
+    const POOL_SHARE: usize = 2;
+    const NAME: &'static str = "create_user";
+
+    async fn run(
+        &self,
+        conn: &mut AsyncPgConnection,
+        items: Vec<NewUser>,
+    ) -> Result<Vec<Result<UserRow, StoreError>>, StoreError> {
+        let writes: Vec<Write> = items.into_iter().map(Write::Create).collect();
+        Ok(apply(conn, &writes, Commit::Apart)
+            .await?
+            .into_iter()
+            .map(|outcome| {
+                outcome.and_then(|written| {
+                    written
+                        .into_row()
+                        .ok_or_else(|| StoreError::Other("a create stored no row".into()))
+                })
+            })
+            .collect())
+    }
+}
