@@ -9,6 +9,7 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
 use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
+use crate::clock::{self, Clock};
 use crate::config::Config;
 use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
 use crate::layers::{
@@ -66,6 +67,12 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: &Config) -> Result<Self, StartError> {
+        Self::build_with_clock(config, clock::system()).await
+    }
+
+    /// As [`Application::build`], with the time read from `clock` instead of
+    /// the system's (tests use one they move by hand).
+    pub async fn build_with_clock(config: &Config, clock: Clock) -> Result<Self, StartError> {
         let jwt = config
             .jwt()
             .map(|settings| JwtVerifier::new(&settings))
@@ -96,7 +103,7 @@ impl Application {
             let default_tenant = tenants::default_id(&mut conn)
                 .await
                 .map_err(|e| StartError::Database(e.into()))?;
-            let mut state = AppState::new(pool, default_tenant, &metrics);
+            let mut state = AppState::new(pool, default_tenant, &metrics, clock);
             state.stream_stall_timeout = config.stream_stall_timeout;
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await

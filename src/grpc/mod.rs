@@ -51,7 +51,8 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    pub fn new(pool: DbPool, default_tenant: Uuid, metrics: &Metrics) -> Self {
+    /// `clock` is where handlers read the time from (tests control it).
+    pub fn new(pool: DbPool, default_tenant: Uuid, metrics: &Metrics, clock: Clock) -> Self {
         let exports = (pool.status().max_size / 4).max(1);
         Self {
             finds: Coalescer::new(
@@ -66,7 +67,7 @@ impl AppState {
             ),
             pool,
             default_tenant,
-            clock: crate::clock::system(),
+            clock,
             exports: Arc::new(tokio::sync::Semaphore::new(exports)),
             stream_stall_timeout: std::time::Duration::from_secs(10),
         }

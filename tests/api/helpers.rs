@@ -220,6 +220,8 @@ pub type Tenants = TenantsServiceClient<InterceptedService<Channel, Bearer>>;
 /// key), and a connection to its database to check what it holds.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The server's clock.
+    pub clock: TestClock,
     pub metrics_addr: Option<SocketAddr>,
     pub users: Users,
     pub tenants: Tenants,
@@ -289,9 +291,41 @@ pub async fn spawn_app() -> TestApp {
     app
 }
 
+/// The time as a test server sees it: it starts at the real time, moves
+/// forward a microsecond at each reading (so that no two writes share a
+/// time, as Postgres stores times to the microsecond), and jumps when the
+/// test says so.
+#[derive(Debug, Clone)]
+pub struct TestClock(std::sync::Arc<std::sync::Mutex<chrono::DateTime<chrono::Utc>>>);
+
+impl TestClock {
+    pub fn new() -> Self {
+        use chrono::SubsecRound;
+        Self(std::sync::Arc::new(std::sync::Mutex::new(
+            chrono::Utc::now().trunc_subsecs(6),
+        )))
+    }
+
+    /// Moves the time forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += chrono::TimeDelta::from_std(by).unwrap();
+    }
+
+    /// The service's clock, reading this one.
+    pub fn reader(&self) -> users_service::clock::Clock {
+        let time = std::sync::Arc::clone(&self.0);
+        std::sync::Arc::new(move || {
+            let mut time = time.lock().unwrap();
+            *time += chrono::TimeDelta::microseconds(1);
+            *time
+        })
+    }
+}
+
 /// Starts a server with `config`.
 pub async fn spawn_with(config: Config) -> TestApp {
-    let application = Application::build(&config)
+    let clock = TestClock::new();
+    let application = Application::build_with_clock(&config, clock.reader())
         .await
         .expect("application builds");
     let addr = application.local_addr();
@@ -329,6 +363,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
     let bearer = Bearer::new(Some(&admin_token));
     TestApp {
         addr,
+        clock,
         metrics_addr,
         users: UsersServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         tenants: TenantsServiceClient::with_interceptor(channel.clone(), bearer),

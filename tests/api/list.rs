@@ -646,7 +646,7 @@ async fn three_in_sequence(app: &mut TestApp) -> [User; 3] {
     let mut users = Vec::new();
     for i in 0..3 {
         if i > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            app.clock.advance(Duration::from_millis(5));
         }
         users.push(create(app, user(&format!("seq-{i}"), "")).await);
     }
@@ -743,7 +743,7 @@ async fn list_users_filters_created_at_with_every_operator() {
 async fn list_users_filters_updated_at_with_every_operator() {
     let mut app = spawn_app().await;
     let [u1, u2, u3] = three_in_sequence(&mut app).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    app.clock.advance(Duration::from_millis(5));
     // Updating the first user moves it last by updated_at, while it stays
     // first by created_at: a filter on the wrong column would fail.
     let u1 = update(
@@ -1342,7 +1342,7 @@ async fn list_users_default_order_is_created_at_ascending() {
     // Names and references run backwards, so only created_at gives this order.
     for (i, name) in ["Zoe", "Yan", "Xia", "Wes"].iter().enumerate() {
         if i > 0 {
-            tokio::time::sleep(Duration::from_millis(3)).await;
+            app.clock.advance(Duration::from_millis(3));
         }
         created.push(
             create(
@@ -1464,7 +1464,7 @@ async fn list_users_orders_and_pages_by_every_order_field_in_both_directions() {
             )
             .await,
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        app.clock.advance(Duration::from_millis(2));
     }
     // Make updated_at differ from created_at order.
     let d = update(
