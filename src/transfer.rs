@@ -28,8 +28,8 @@ use tonic_types::{ErrorDetails, RpcStatusExt, StatusExt};
 
 use crate::auth::keys::ADMIN_KEY_FILE;
 use crate::config::{Config, ExportArgs, FileFormat, ImportArgs, ServerArgs};
-use crate::domain::CustomData;
 use crate::error::with_causes;
+use crate::grpc::json;
 use crate::pb::v1::{
     self as pb, batch_upsert_users_result::Outcome, users_service_client::UsersServiceClient,
 };
@@ -116,7 +116,7 @@ impl From<UserRecord> for pb::User {
             is_opted_in: record.is_opted_in.unwrap_or(false),
             active: record.active,
             tenant_id: record.tenant_id,
-            custom_data: record.custom_data.as_ref().map(CustomData::json_to_struct),
+            custom_data: record.custom_data.as_ref().map(json::json_to_struct),
             avatar_url: record.avatar_url,
             ..Self::default()
         }
@@ -145,7 +145,7 @@ impl From<pb::User> for UserRecord {
             // Stored custom data is always a valid object.
             custom_data: user
                 .custom_data
-                .and_then(|data| CustomData::from_struct(&data).ok())
+                .and_then(|data| json::custom_data(&data).ok())
                 .map(|data| {
                     let map = data.into_inner().into_iter();
                     map.map(|(key, value)| (key, whole_numbers(value)))

@@ -383,6 +383,9 @@ pub(super) fn postgres_command(
         .arg("-c")
         .arg(socket_dirs)
         .args(["-c", "unix_socket_permissions=0700"])
+        // Messages in English whatever the machine's locale: the service
+        // recognises a few outages only by their text (store::error).
+        .args(["-c", "lc_messages=C"])
         .arg("-c")
         .arg(format!("port={PORT}"));
     // Last, so callers can override the defaults above.

@@ -55,7 +55,7 @@ fn parse_batch(state: &AppState, scope: Scope, users: Vec<pb::User>) -> Batch {
                     "user.reference",
                     "is required: batch items are matched on it",
                 ))
-            } else if !seen.insert((new.tenant_id, new.reference.clone())) {
+            } else if !seen.insert((new.tenant_id, new.reference.as_str().to_owned())) {
                 Err(Error::invalid(
                     "user.reference",
                     "appears more than once in this batch",

@@ -27,59 +27,38 @@ pub fn uuid(input: &str) -> Result<Uuid, String> {
         .map_err(|_| "must be a UUID such as 0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e".to_owned())
 }
 
-/// A text field where empty means "not set"; otherwise `parse` decides.
-fn optional_text<T>(
-    violations: &mut Violations,
+/// A field that may be unset: empty means "not set" (`None`), anything else
+/// must parse.
+fn unset_or<T>(
+    v: &mut Violations,
     field: &str,
     input: &str,
     parse: impl FnOnce(&str) -> Result<T, String>,
-    into_string: impl FnOnce(T) -> String,
-) -> Option<String> {
+) -> Option<Option<T>> {
     if input.is_empty() {
-        return Some(String::new());
+        return Some(None);
     }
-    violations.check(field, parse(input)).map(into_string)
-}
-
-fn email(v: &mut Violations, field: &str, input: &str) -> Option<String> {
-    optional_text(v, field, input, Email::parse, Email::into_inner)
-}
-
-fn phone(v: &mut Violations, field: &str, input: &str) -> Option<String> {
-    optional_text(v, field, input, Phone::parse, Phone::into_inner)
-}
-
-fn time_zone(v: &mut Violations, field: &str, input: &str) -> Option<String> {
-    optional_text(v, field, input, TimeZone::parse, TimeZone::into_inner)
-}
-
-fn avatar_url(v: &mut Violations, field: &str, input: &str) -> Option<String> {
-    optional_text(v, field, input, AvatarUrl::parse, AvatarUrl::into_inner)
+    v.check(field, parse(input)).map(Some)
 }
 
 /// Empty means the service default, `en-US`.
-fn locale(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+fn locale(v: &mut Violations, field: &str, input: &str) -> Option<Locale> {
     if input.is_empty() {
-        return Some(Locale::default().into_inner());
+        return Some(Locale::default());
     }
-    v.check(field, Locale::parse(input)).map(Locale::into_inner)
+    v.check(field, Locale::parse(input))
 }
 
-fn short_text(v: &mut Violations, field: &str, input: &str) -> Option<String> {
+fn short_text(v: &mut Violations, field: &str, input: &str) -> Option<ShortText> {
     v.check(field, ShortText::parse(input))
-        .map(ShortText::into_inner)
 }
 
-fn custom_data(
-    v: &mut Violations,
-    field: &str,
-    input: &prost_types::Struct,
-) -> Option<serde_json::Value> {
-    v.check(field, CustomData::from_struct(input))
-        .map(CustomData::into_value)
+fn custom_data(v: &mut Violations, field: &str, input: &prost_types::Struct) -> Option<CustomData> {
+    v.check(field, super::json::custom_data(input))
 }
 
 /// Parses the user of a CreateUser request. Output-only fields are ignored.
+/// Every bad field is reported, not only the first.
 pub fn new_user(
     user: Option<pb::User>,
     default_tenant: Uuid,
@@ -95,61 +74,56 @@ pub fn new_user(
     } else {
         v.check("user.tenant_id", uuid(&user.tenant_id))
     };
-    let fields = (
-        tenant_id,
-        short_text(&mut v, "user.reference", &user.reference),
-        email(&mut v, "user.email", &user.email),
-        phone(
-            &mut v,
-            "user.phone",
-            user.phone.as_deref().unwrap_or_default(),
-        ),
-        short_text(&mut v, "user.first_name", &user.first_name),
-        short_text(&mut v, "user.last_name", &user.last_name),
-        locale(&mut v, "user.locale", &user.locale),
-        time_zone(
-            &mut v,
-            "user.timezone",
-            user.timezone.as_deref().unwrap_or_default(),
-        ),
-        avatar_url(&mut v, "user.avatar_url", &user.avatar_url),
-        match &user.custom_data {
-            Some(data) => custom_data(&mut v, "user.custom_data", data),
-            None => Some(CustomData::default().into_value()),
-        },
+    let reference = short_text(&mut v, "user.reference", &user.reference);
+    let email = unset_or(&mut v, "user.email", &user.email, Email::parse);
+    let phone = unset_or(
+        &mut v,
+        "user.phone",
+        user.phone.as_deref().unwrap_or_default(),
+        Phone::parse,
     );
-    let (
-        Some(tenant_id),
-        Some(reference),
-        Some(email),
-        Some(phone),
-        Some(first_name),
-        Some(last_name),
-        Some(locale),
-        Some(timezone),
-        Some(avatar_url),
-        Some(custom_data),
-    ) = fields
-    else {
-        return Err(Error::InvalidArgument(v.into_vec()));
+    let first_name = short_text(&mut v, "user.first_name", &user.first_name);
+    let last_name = short_text(&mut v, "user.last_name", &user.last_name);
+    let locale = locale(&mut v, "user.locale", &user.locale);
+    let timezone = unset_or(
+        &mut v,
+        "user.timezone",
+        user.timezone.as_deref().unwrap_or_default(),
+        TimeZone::parse,
+    );
+    let avatar_url = unset_or(
+        &mut v,
+        "user.avatar_url",
+        &user.avatar_url,
+        AvatarUrl::parse,
+    );
+    let custom_data = match &user.custom_data {
+        Some(data) => custom_data(&mut v, "user.custom_data", data),
+        None => Some(CustomData::default()),
     };
-    Ok(NewUser {
-        tenant_id,
-        id,
-        reference,
-        email,
-        phone,
-        first_name,
-        last_name,
-        locale,
-        timezone,
-        is_opted_in: user.is_opted_in,
-        active: user.active.unwrap_or(true),
-        custom_data,
-        avatar_url,
-        created_at: now,
-        updated_at: now,
-    })
+    // Every field parsed, or `v` says why not.
+    let parsed = (|| {
+        Some(NewUser {
+            tenant_id: tenant_id?,
+            id,
+            reference: reference?,
+            email: email?,
+            phone: phone?,
+            first_name: first_name?,
+            last_name: last_name?,
+            locale: locale?,
+            timezone: timezone?,
+            is_opted_in: user.is_opted_in,
+            active: user.active.unwrap_or(true),
+            custom_data: custom_data?,
+            avatar_url: avatar_url?,
+            created_at: now,
+            updated_at: now,
+        })
+    })();
+    parsed
+        .filter(|_| v.is_empty())
+        .ok_or_else(|| Error::InvalidArgument(v.into_vec()))
 }
 
 /// Parses the changes of an UpdateUser request: absent fields stay as they are.
@@ -165,11 +139,11 @@ pub fn user_changes(
         email: update
             .email
             .as_deref()
-            .and_then(|s| email(&mut v, "user.email", s)),
+            .and_then(|s| unset_or(&mut v, "user.email", s, Email::parse)),
         phone: update
             .phone
             .as_deref()
-            .and_then(|s| phone(&mut v, "user.phone", s)),
+            .and_then(|s| unset_or(&mut v, "user.phone", s, Phone::parse)),
         first_name: update
             .first_name
             .as_deref()
@@ -185,11 +159,11 @@ pub fn user_changes(
         timezone: update
             .timezone
             .as_deref()
-            .and_then(|s| time_zone(&mut v, "user.timezone", s)),
+            .and_then(|s| unset_or(&mut v, "user.timezone", s, TimeZone::parse)),
         avatar_url: update
             .avatar_url
             .as_deref()
-            .and_then(|s| avatar_url(&mut v, "user.avatar_url", s)),
+            .and_then(|s| unset_or(&mut v, "user.avatar_url", s, AvatarUrl::parse)),
         custom_data: update
             .custom_data
             .as_ref()
@@ -215,7 +189,8 @@ pub fn new_tenant(
     };
     let mut v = Violations::new();
     let name = tenant_name(&mut v, &tenant.name);
-    let reference = short_text(&mut v, "tenant.reference", &tenant.reference);
+    let reference =
+        short_text(&mut v, "tenant.reference", &tenant.reference).map(ShortText::into_inner);
     let (Some(name), Some(reference)) = (name, reference) else {
         return Err(Error::InvalidArgument(v.into_vec()));
     };
@@ -233,7 +208,7 @@ fn tenant_name(v: &mut Violations, input: &str) -> Option<String> {
         v.push("tenant.name", "is required");
         return None;
     }
-    short_text(v, "tenant.name", input)
+    short_text(v, "tenant.name", input).map(ShortText::into_inner)
 }
 
 /// Parses the changes of an UpdateTenant request.
@@ -248,7 +223,8 @@ pub fn tenant_changes(
         reference: update
             .reference
             .as_deref()
-            .and_then(|s| short_text(&mut v, "tenant.reference", s)),
+            .and_then(|s| short_text(&mut v, "tenant.reference", s))
+            .map(ShortText::into_inner),
         updated_at: Some(now),
     };
     if !v.is_empty() {
@@ -274,7 +250,7 @@ pub fn from_timestamp(time: &prost_types::Timestamp) -> Result<DateTime<Utc>, St
 impl From<UserRow> for pb::User {
     fn from(row: UserRow) -> Self {
         let custom_data = match &row.custom_data {
-            serde_json::Value::Object(map) => CustomData::json_to_struct(map),
+            serde_json::Value::Object(map) => super::json::json_to_struct(map),
             _ => prost_types::Struct::default(),
         };
         Self {

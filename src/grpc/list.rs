@@ -11,7 +11,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::convert::{from_timestamp, uuid};
-use crate::domain::{CustomData, Violations};
+use crate::domain::Violations;
 use crate::error::Error;
 use crate::pb::v1 as pb;
 use crate::store::filter::{CursorValue, Direction, TextOp, TimeOp, UuidOp};
@@ -392,7 +392,7 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
     {
         if let Some(data) = v.check(
             "filter.custom_data.contains",
-            CustomData::from_struct(contains),
+            super::json::custom_data(contains),
         ) {
             conditions.push(Condition::CustomDataContains(data.into_value()));
         }

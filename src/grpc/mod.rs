@@ -4,6 +4,7 @@
 pub mod authz;
 pub mod bulk;
 pub mod convert;
+pub mod json;
 pub mod list;
 pub mod tenants;
 pub mod users;

@@ -66,7 +66,10 @@ pub fn build_pool(
                 .connect(NoTls)
                 .await
                 .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            let mut connection =
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+            english_messages(&mut connection).await;
+            Ok(connection)
         }
         .boxed()
     });
@@ -79,6 +82,26 @@ pub fn build_pool(
         .runtime(Runtime::Tokio1)
         .build()?;
     Ok(pool)
+}
+
+/// Asks for error messages in English on this connection: a few outages are
+/// recognised only by their text (`store::error`), which must not depend on
+/// the server's `lc_messages`. Setting it takes a superuser (or, from
+/// PostgreSQL 15, `GRANT SET ON PARAMETER lc_messages`); without that right
+/// the server's own setting stays, which is said once in the log.
+async fn english_messages(connection: &mut AsyncPgConnection) {
+    use diesel_async::SimpleAsyncConnection;
+    static REFUSED: std::sync::Once = std::sync::Once::new();
+    if let Err(error) = connection.batch_execute("SET lc_messages TO 'C'").await {
+        REFUSED.call_once(|| {
+            tracing::warn!(
+                %error,
+                "cannot set lc_messages on database connections; unless the server's messages are in English, \
+                 a server shutting down or restarting is reported as INTERNAL instead of UNAVAILABLE \
+                 (grant the service's role SET on lc_messages to fix this)"
+            );
+        });
+    }
 }
 
 /// Creates the database named in `config` when it does not exist yet, by

@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::schema::{tenants, users};
+use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone};
 
 /// One row of `users`.
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
@@ -27,41 +28,41 @@ pub struct UserRow {
     pub updated_at: DateTime<Utc>,
 }
 
-/// A user to insert; every value is already validated and normalized.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = users)]
+/// A user to insert, made of validated values: nothing past the edge
+/// re-checks them. `None` is stored as the empty string (not set).
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewUser {
     pub tenant_id: Uuid,
     pub id: Uuid,
-    pub reference: String,
-    pub email: String,
-    pub phone: String,
-    pub first_name: String,
-    pub last_name: String,
-    pub locale: String,
-    pub timezone: String,
+    pub reference: ShortText,
+    pub email: Option<Email>,
+    pub phone: Option<Phone>,
+    pub first_name: ShortText,
+    pub last_name: ShortText,
+    pub locale: Locale,
+    pub timezone: Option<TimeZone>,
     pub is_opted_in: bool,
     pub active: bool,
-    pub custom_data: serde_json::Value,
-    pub avatar_url: String,
+    pub custom_data: CustomData,
+    pub avatar_url: Option<AvatarUrl>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-/// A partial update of a user: `None` leaves the column as it is.
-#[derive(Debug, Clone, Default, AsChangeset)]
-#[diesel(table_name = users)]
+/// A partial update of a user, made of validated values. `None` leaves a
+/// field as it is; for fields that may be unset, `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserChanges {
-    pub email: Option<String>,
-    pub phone: Option<String>,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    pub locale: Option<String>,
-    pub timezone: Option<String>,
+    pub email: Option<Option<Email>>,
+    pub phone: Option<Option<Phone>>,
+    pub first_name: Option<ShortText>,
+    pub last_name: Option<ShortText>,
+    pub locale: Option<Locale>,
+    pub timezone: Option<Option<TimeZone>>,
     pub is_opted_in: Option<bool>,
     pub active: Option<bool>,
-    pub custom_data: Option<serde_json::Value>,
-    pub avatar_url: Option<String>,
+    pub custom_data: Option<CustomData>,
+    pub avatar_url: Option<Option<AvatarUrl>>,
     pub updated_at: Option<DateTime<Utc>>,
 }
 

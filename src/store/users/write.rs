@@ -32,11 +32,12 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use diesel::{ExpressionMethods, OptionalExtension, SelectableHelper};
+use diesel::{AsChangeset, ExpressionMethods, Insertable, OptionalExtension, SelectableHelper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{find, in_scope};
+use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone};
 use crate::store::coalesce::Batch;
 use crate::store::error::StoreError;
 use crate::store::models::{NewUser, UserChanges, UserRow};
@@ -113,6 +114,90 @@ pub enum Commit {
     Apart,
 }
 
+/// A [`NewUser`] as `users` stores it: text that is not set is empty.
+#[derive(Insertable)]
+#[diesel(table_name = users)]
+struct UserInsert<'a> {
+    tenant_id: Uuid,
+    id: Uuid,
+    reference: &'a str,
+    email: &'a str,
+    phone: &'a str,
+    first_name: &'a str,
+    last_name: &'a str,
+    locale: &'a str,
+    timezone: &'a str,
+    is_opted_in: bool,
+    active: bool,
+    custom_data: &'a serde_json::Value,
+    avatar_url: &'a str,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl<'a> From<&'a NewUser> for UserInsert<'a> {
+    fn from(user: &'a NewUser) -> Self {
+        Self {
+            tenant_id: user.tenant_id,
+            id: user.id,
+            reference: user.reference.as_str(),
+            email: user.email.as_ref().map_or("", Email::as_str),
+            phone: user.phone.as_ref().map_or("", Phone::as_str),
+            first_name: user.first_name.as_str(),
+            last_name: user.last_name.as_str(),
+            locale: user.locale.as_str(),
+            timezone: user.timezone.as_ref().map_or("", TimeZone::as_str),
+            is_opted_in: user.is_opted_in,
+            active: user.active,
+            custom_data: user.custom_data.as_value(),
+            avatar_url: user.avatar_url.as_ref().map_or("", AvatarUrl::as_str),
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+        }
+    }
+}
+
+/// [`UserChanges`] as `users` stores them: `None` leaves a column alone.
+#[derive(AsChangeset)]
+#[diesel(table_name = users)]
+struct UserChangeset<'a> {
+    email: Option<&'a str>,
+    phone: Option<&'a str>,
+    first_name: Option<&'a str>,
+    last_name: Option<&'a str>,
+    locale: Option<&'a str>,
+    timezone: Option<&'a str>,
+    is_opted_in: Option<bool>,
+    active: Option<bool>,
+    custom_data: Option<&'a serde_json::Value>,
+    avatar_url: Option<&'a str>,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
+    fn from(changes: &'a UserChanges) -> Self {
+        /// A field that may be unset: cleared is the empty string.
+        fn text<T>(value: &Option<Option<T>>, as_str: fn(&T) -> &str) -> Option<&str> {
+            value
+                .as_ref()
+                .map(|value| value.as_ref().map_or("", as_str))
+        }
+        Self {
+            email: text(&changes.email, Email::as_str),
+            phone: text(&changes.phone, Phone::as_str),
+            first_name: changes.first_name.as_ref().map(ShortText::as_str),
+            last_name: changes.last_name.as_ref().map(ShortText::as_str),
+            locale: changes.locale.as_ref().map(Locale::as_str),
+            timezone: text(&changes.timezone, |zone| zone.as_str()),
+            is_opted_in: changes.is_opted_in,
+            active: changes.active,
+            custom_data: changes.custom_data.as_ref().map(CustomData::as_value),
+            avatar_url: text(&changes.avatar_url, AvatarUrl::as_str),
+            updated_at: changes.updated_at,
+        }
+    }
+}
+
 /// The outcome of each write, in order; `Err` for the whole when an outage
 /// stopped them.
 pub type Outcomes = Vec<Result<Written, StoreError>>;
@@ -179,7 +264,7 @@ async fn several(
                     .collect();
                 for (outcome, row) in outcomes.iter_mut().zip(&rows) {
                     *outcome = by_key
-                        .remove(&(row.tenant_id, row.reference.clone()))
+                        .remove(&(row.tenant_id, row.reference.as_str().to_owned()))
                         .map(|stored| Ok(upserted(row, stored)));
                 }
             })
@@ -271,7 +356,7 @@ fn upserted(sent: &NewUser, stored: UserRow) -> Written {
 
 async fn insert(conn: &mut AsyncPgConnection, user: &NewUser) -> diesel::QueryResult<UserRow> {
     diesel::insert_into(users::table)
-        .values(user)
+        .values(UserInsert::from(user))
         .returning(UserRow::as_returning())
         .get_result(conn)
         .await
@@ -285,7 +370,11 @@ async fn insert_all(
     rows: &[&NewUser],
 ) -> diesel::QueryResult<Vec<UserRow>> {
     diesel::insert_into(users::table)
-        .values(rows.to_vec())
+        .values(
+            rows.iter()
+                .map(|row| UserInsert::from(*row))
+                .collect::<Vec<_>>(),
+        )
         .on_conflict_do_nothing()
         .returning(UserRow::as_returning())
         .get_results(conn)
@@ -301,7 +390,11 @@ async fn upsert_all(
 ) -> diesel::QueryResult<Vec<UserRow>> {
     use diesel::upsert::{DecoratableTarget, excluded};
     diesel::insert_into(users::table)
-        .values(rows.to_vec())
+        .values(
+            rows.iter()
+                .map(|row| UserInsert::from(*row))
+                .collect::<Vec<_>>(),
+        )
         .on_conflict((users::tenant_id, users::reference))
         // The partial unique index covers non-empty references only.
         .filter_target(users::reference.ne(""))
@@ -334,7 +427,7 @@ async fn update(
     diesel::update(users::table)
         .filter(users::id.eq(id))
         .filter(in_scope(tenant))
-        .set(changes)
+        .set(UserChangeset::from(changes))
         .returning(UserRow::as_returning())
         .get_result(conn)
         .await
