@@ -45,51 +45,47 @@ const BATCH: usize = 1000;
 /// `total_count_limit` of the bounded-count scenario.
 const COUNT_LIMIT: i32 = 10_000;
 
-#[derive(Debug, Clone)]
+/// The service over gRPC against raw SQL on the same Postgres.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "service")]
 struct Options {
+    /// Smoke run: 10k users only, short scenarios (1.5 s each).
+    #[arg(long)]
     quick: bool,
+    /// Concurrent calls.
+    #[arg(long, default_value_t = 64)]
     calls: usize,
+    /// HTTP/2 connections the calls share.
+    #[arg(long, default_value_t = 4)]
     connections: usize,
-    run: Duration,
-    pool: usize,
+    /// Seconds per run [default: 8, or 1.5 with --quick].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Database connections of the server and of the raw side [default: the
+    /// server's default, 2 x cores, at least 4].
+    #[arg(long)]
+    pool: Option<usize>,
+    /// Keep the database afterwards.
+    #[arg(long)]
     keep: bool,
-    /// Scenario groups to run (`lists`, `get`, `create`, `update`, `bulk`);
-    /// empty runs them all.
+    /// Scenario groups to run (lists, get, create, update, bulk); all when
+    /// not given.
+    #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Passed by `cargo bench` to harness-less benchmarks.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 impl Options {
-    fn parse() -> Result<Self, BoxError> {
+    /// How long each run lasts.
+    fn run(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds.unwrap_or(if self.quick { 1.5 } else { 8.0 }))
+    }
+
+    fn pool(&self) -> usize {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let mut options = Self {
-            quick: false,
-            calls: 64,
-            connections: 4,
-            run: Duration::ZERO,
-            pool: (cores * 2).max(4),
-            keep: false,
-            only: Vec::new(),
-        };
-        let mut seconds = None;
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            let mut value = || args.next().ok_or(format!("{arg} needs a value"));
-            match arg.as_str() {
-                "--quick" => options.quick = true,
-                "--keep" => options.keep = true,
-                "--calls" => options.calls = value()?.parse()?,
-                "--connections" => options.connections = value()?.parse()?,
-                "--pool" => options.pool = value()?.parse()?,
-                "--seconds" => seconds = Some(value()?.parse::<f64>()?),
-                "--only" => options.only.extend(value()?.split(',').map(str::to_owned)),
-                // `cargo bench` passes --bench to harness-less benchmarks.
-                "--bench" => {}
-                other => return Err(format!("unknown argument {other}").into()),
-            }
-        }
-        let default = if options.quick { 1.5 } else { 8.0 };
-        options.run = Duration::from_secs_f64(seconds.unwrap_or(default));
-        Ok(options)
+        self.pool.unwrap_or((cores * 2).max(4))
     }
 
     /// Whether the scenario group `name` is part of this run.
@@ -350,7 +346,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--db-pool-size")
-            .arg(options.pool.to_string())
+            .arg(options.pool().to_string())
             .arg("--metrics-listen")
             .arg(metrics.to_string())
             .env_remove("DATABASE_URL")
@@ -608,7 +604,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 // ---------------------------------------------------------------- main
 
 fn main() -> Result<(), BoxError> {
-    let options = Options::parse()?;
+    let options = <Options as clap::Parser>::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -642,6 +638,24 @@ async fn bench(options: Options) -> Result<(), BoxError> {
     result
 }
 
+/// What every scenario shares: the two sides, the data, the pace.
+struct Bench<'a> {
+    options: &'a Options,
+    service: &'a Service,
+    raw: Arc<Raw>,
+    db: PgClient,
+    /// The tenant of 10,000 users that reads and updates pick from.
+    small: Uuid,
+    /// The tenant that creates go to.
+    writes: Uuid,
+    /// Spreads the n-th call over the small tenant's users.
+    pick: Arc<dyn Fn(u64) -> Uuid + Send + Sync>,
+    calls: usize,
+    run: Duration,
+    /// A B pairs per compared scenario.
+    pairs: usize,
+}
+
 async fn run(
     options: &Options,
     service: &Service,
@@ -650,13 +664,12 @@ async fn run(
 ) -> Result<(), BoxError> {
     let pg: tokio_postgres::Config = url.parse()?;
     let db = connect(&pg).await?;
-    let raw = Arc::new(Raw::open(&pg, options.pool).await?);
-    let (calls, run) = (options.calls, options.run);
-    let pairs = if options.quick { 2 } else { 3 };
+    let raw = Arc::new(Raw::open(&pg, options.pool()).await?);
+    let (calls, run) = (options.calls, options.run());
     eprintln!(
         "users-service benchmark: {calls} concurrent calls over {} HTTP/2 connections, pool {}, {:.1} s per run",
         options.connections,
-        options.pool,
+        options.pool(),
         run.as_secs_f64()
     );
     let mut rows = Vec::new();
@@ -669,209 +682,258 @@ async fn run(
         started.elapsed().as_secs_f64()
     ));
     let writes = load_tenant(&db, "benchwrites", 0).await?;
-    let ids: Arc<Vec<Uuid>> = Arc::new(
-        db.query("SELECT id FROM users WHERE tenant_id = $1", &[&small])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect(),
-    );
-    let pick = {
-        let ids = Arc::clone(&ids);
-        move |n: u64| ids[(n.wrapping_mul(2_654_435_761) % ids.len() as u64) as usize]
+    let ids: Vec<Uuid> = db
+        .query("SELECT id FROM users WHERE tenant_id = $1", &[&small])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let bench = Bench {
+        options,
+        service,
+        raw,
+        db,
+        small,
+        writes,
+        pick: Arc::new(move |n: u64| {
+            ids[(n.wrapping_mul(2_654_435_761) % ids.len() as u64) as usize]
+        }),
+        calls,
+        run,
+        pairs: if options.quick { 2 } else { 3 },
     };
 
     // Lists at 10k: the first page, and the last full page (200) by token.
     if options.runs("lists") {
         list_scenarios(
-            &mut rows, options, service, &raw, &db, small, "10k", 200, false,
+            &mut rows,
+            options,
+            service,
+            &bench.raw,
+            &bench.db,
+            bench.small,
+            "10k",
+            200,
+            false,
         )
         .await?;
     }
-
     if options.runs("get") {
-        // GetUser, A B A B as the writes: a single pair varies by +-15%.
-        eprintln!("GetUser");
-        let mut runs = Pairs::default();
-        for _ in 0..pairs {
-            let s = {
-                let (service, pick) = (service.clone(), pick.clone());
-                drive(calls, run, move |w, n| {
-                    let (service, id) = (service.clone(), pick(n));
-                    async move {
-                        let request = service.request(pb::GetUserRequest { id: id.to_string() });
-                        service
-                            .client(w)
-                            .get_user(request)
-                            .await
-                            .map(drop)
-                            .map_err(code)
-                    }
-                })
-                .await
-            };
-            let r = {
-                let (raw, pick) = (Arc::clone(&raw), pick.clone());
-                drive(calls, run, move |_, n| {
-                    let (raw, id) = (Arc::clone(&raw), pick(n));
-                    async move {
-                        let c = raw.lease().await;
-                        c.client
-                            .query_one(&c.get, &[&id])
-                            .await
-                            .map(drop)
-                            .map_err(sql_code)
-                    }
-                })
-                .await
-            };
-            runs.add(s, r);
-        }
-        rows.push(runs.row(format!("GetUser by id (A B x{pairs})")));
+        rows.push(get_user(&bench).await);
     }
-
-    // Writes: A B A B, median of the pair ratios.
-    let run_id = std::process::id();
     for (scenario, group) in [("CreateUser", "create"), ("UpdateUser", "update")] {
-        if !options.runs(group) {
-            continue;
+        if options.runs(group) {
+            rows.push(write_users(&bench, scenario).await);
         }
-        eprintln!("{scenario}");
-        let mut runs = Pairs::default();
-        for pair in 0..pairs {
-            let prefix = format!("{run_id}-{pair}");
-            let s = if scenario == "CreateUser" {
-                create_users(service, calls, run, format!("s{prefix}"), writes).await
-            } else {
-                let (service, pick) = (service.clone(), pick.clone());
-                drive(calls, run, move |w, n| {
-                    let (service, id) = (service.clone(), pick(n));
-                    async move {
-                        let request = service.request(pb::UpdateUserRequest {
-                            id: id.to_string(),
-                            user: Some(pb::UserUpdate {
-                                first_name: Some(format!("Name{n}")),
-                                ..Default::default()
-                            }),
-                        });
-                        service
-                            .client(w)
-                            .update_user(request)
-                            .await
-                            .map(drop)
-                            .map_err(code)
-                    }
-                })
-                .await
-            };
-            let r = if scenario == "CreateUser" {
-                let (raw, prefix) = (Arc::clone(&raw), format!("r{prefix}"));
-                drive(calls, run, move |_, n| {
-                    let raw = Arc::clone(&raw);
-                    let (reference, email) = (
-                        format!("{prefix}-{n}"),
-                        format!("{prefix}-{n}@bench.example"),
-                    );
-                    async move {
-                        let c = raw.lease().await;
-                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-                            &writes,
-                            &Uuid::now_v7(),
-                            &reference,
-                            &email,
-                            &"Ada",
-                            &"Lovelace",
-                        ];
-                        c.client
-                            .query_one(&c.insert, &params)
-                            .await
-                            .map(drop)
-                            .map_err(sql_code)
-                    }
-                })
-                .await
-            } else {
-                let (raw, pick) = (Arc::clone(&raw), pick.clone());
-                drive(calls, run, move |_, n| {
-                    let (raw, id) = (Arc::clone(&raw), pick(n));
-                    async move {
-                        let c = raw.lease().await;
-                        let name = format!("Name{n}");
-                        c.client
-                            .query_one(&c.update, &[&id, &name])
-                            .await
-                            .map(drop)
-                            .map_err(sql_code)
-                    }
-                })
-                .await
-            };
-            runs.add(s, r);
-        }
-        rows.push(runs.row(format!("{scenario} (A B x{pairs})")));
     }
-
-    let mut bulk_speedup = None;
-    if options.runs("bulk") {
-        // BatchUpsertUsers of 1000 new users per call, against CreateUser
-        // calls at the same concurrency, A B A B.
-        let bulk_calls = calls.min(options.pool * 2);
-        eprintln!("BatchUpsertUsers and CreateUser, {bulk_calls} calls");
-        let (mut singles, mut bulks, mut ratios) =
-            (Sample::default(), Sample::default(), Vec::new());
-        for pair in 0..pairs {
-            let single = create_users(
-                service,
-                bulk_calls,
-                run,
-                format!("c{run_id}-{pair}"),
-                writes,
-            )
-            .await;
-            let bulk = bulk_upserts(
-                service,
-                bulk_calls,
-                run,
-                format!("b{run_id}-{pair}"),
-                writes,
-            )
-            .await;
-            ratios.push(bulk.rate() * BATCH as f64 / single.rate());
-            singles.merge(single);
-            bulks.merge(bulk);
-        }
-        bulk_speedup = Some((bulk_calls, median(ratios)));
-        rows.push(Row {
-            scenario: format!("CreateUser, {bulk_calls} calls (A B x{pairs} with bulk)"),
-            service: singles,
-            raw: None,
-            ratio: None,
-        });
-        rows.push(Row {
-            scenario: format!("BatchUpsertUsers x1000, {bulk_calls} calls (A B x{pairs})"),
-            service: bulks,
-            raw: None,
-            ratio: None,
-        });
-    }
-
+    let bulk_speedup = if options.runs("bulk") {
+        let (single, bulk, speedup) = bulk(&bench).await;
+        rows.extend([single, bulk]);
+        Some(speedup)
+    } else {
+        None
+    };
     // Lists at 1M; the rows of the write scenarios go first.
     if !options.quick && options.runs("lists") {
-        db.execute("DELETE FROM users WHERE tenant_id = $1", &[&writes])
+        bench
+            .db
+            .execute("DELETE FROM users WHERE tenant_id = $1", &[&bench.writes])
             .await?;
         eprintln!("loading 1M users");
         let started = Instant::now();
-        let large = load_tenant(&db, "bench1m", 1_000_000).await?;
+        let large = load_tenant(&bench.db, "bench1m", 1_000_000).await?;
         notes.push(format!(
             "loaded 1M users in {:.1} s",
             started.elapsed().as_secs_f64()
         ));
         list_scenarios(
-            &mut rows, options, service, &raw, &db, large, "1M", 1000, true,
+            &mut rows, options, service, &bench.raw, &bench.db, large, "1M", 1000, true,
         )
         .await?;
     }
+    report(&rows, notes, server, calls, bulk_speedup).await
+}
 
+/// GetUser of a random user against the raw lookup, A B A B: a single pair
+/// varies by +-15%.
+async fn get_user(bench: &Bench<'_>) -> Row {
+    eprintln!("GetUser");
+    let (service, raw, calls, run) = (bench.service, &bench.raw, bench.calls, bench.run);
+    let mut runs = Pairs::default();
+    for _ in 0..bench.pairs {
+        let s = {
+            let (service, pick) = (service.clone(), Arc::clone(&bench.pick));
+            drive(calls, run, move |w, n| {
+                let (service, id) = (service.clone(), pick(n));
+                async move {
+                    let request = service.request(pb::GetUserRequest { id: id.to_string() });
+                    service
+                        .client(w)
+                        .get_user(request)
+                        .await
+                        .map(drop)
+                        .map_err(code)
+                }
+            })
+            .await
+        };
+        let r = {
+            let (raw, pick) = (Arc::clone(raw), Arc::clone(&bench.pick));
+            drive(calls, run, move |_, n| {
+                let (raw, id) = (Arc::clone(&raw), pick(n));
+                async move {
+                    let c = raw.lease().await;
+                    c.client
+                        .query_one(&c.get, &[&id])
+                        .await
+                        .map(drop)
+                        .map_err(sql_code)
+                }
+            })
+            .await
+        };
+        runs.add(s, r);
+    }
+    runs.row(format!("GetUser by id (A B x{})", bench.pairs))
+}
+
+/// CreateUser or UpdateUser against the raw statement, A B A B, median of
+/// the pair ratios.
+async fn write_users(bench: &Bench<'_>, scenario: &str) -> Row {
+    eprintln!("{scenario}");
+    let (service, raw, calls, run) = (bench.service, &bench.raw, bench.calls, bench.run);
+    let writes = bench.writes;
+    let run_id = std::process::id();
+    let mut runs = Pairs::default();
+    for pair in 0..bench.pairs {
+        let prefix = format!("{run_id}-{pair}");
+        let s = if scenario == "CreateUser" {
+            create_users(service, calls, run, format!("s{prefix}"), writes).await
+        } else {
+            let (service, pick) = (service.clone(), Arc::clone(&bench.pick));
+            drive(calls, run, move |w, n| {
+                let (service, id) = (service.clone(), pick(n));
+                async move {
+                    let request = service.request(pb::UpdateUserRequest {
+                        id: id.to_string(),
+                        user: Some(pb::UserUpdate {
+                            first_name: Some(format!("Name{n}")),
+                            ..Default::default()
+                        }),
+                    });
+                    service
+                        .client(w)
+                        .update_user(request)
+                        .await
+                        .map(drop)
+                        .map_err(code)
+                }
+            })
+            .await
+        };
+        let r = if scenario == "CreateUser" {
+            let (raw, prefix) = (Arc::clone(raw), format!("r{prefix}"));
+            drive(calls, run, move |_, n| {
+                let raw = Arc::clone(&raw);
+                let (reference, email) = (
+                    format!("{prefix}-{n}"),
+                    format!("{prefix}-{n}@bench.example"),
+                );
+                async move {
+                    let c = raw.lease().await;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+                        &writes,
+                        &Uuid::now_v7(),
+                        &reference,
+                        &email,
+                        &"Ada",
+                        &"Lovelace",
+                    ];
+                    c.client
+                        .query_one(&c.insert, &params)
+                        .await
+                        .map(drop)
+                        .map_err(sql_code)
+                }
+            })
+            .await
+        } else {
+            let (raw, pick) = (Arc::clone(raw), Arc::clone(&bench.pick));
+            drive(calls, run, move |_, n| {
+                let (raw, id) = (Arc::clone(&raw), pick(n));
+                async move {
+                    let c = raw.lease().await;
+                    let name = format!("Name{n}");
+                    c.client
+                        .query_one(&c.update, &[&id, &name])
+                        .await
+                        .map(drop)
+                        .map_err(sql_code)
+                }
+            })
+            .await
+        };
+        runs.add(s, r);
+    }
+    runs.row(format!("{scenario} (A B x{})", bench.pairs))
+}
+
+/// BatchUpsertUsers of 1000 new users per call, against CreateUser calls at
+/// the same concurrency, A B A B: the rows of both and the median speedup
+/// (users per second), with the concurrency.
+async fn bulk(bench: &Bench<'_>) -> (Row, Row, (usize, f64)) {
+    let (service, writes, run) = (bench.service, bench.writes, bench.run);
+    let bulk_calls = bench.calls.min(bench.options.pool() * 2);
+    let run_id = std::process::id();
+    eprintln!("BatchUpsertUsers and CreateUser, {bulk_calls} calls");
+    let (mut singles, mut bulks, mut ratios) = (Sample::default(), Sample::default(), Vec::new());
+    for pair in 0..bench.pairs {
+        let single = create_users(
+            service,
+            bulk_calls,
+            run,
+            format!("c{run_id}-{pair}"),
+            writes,
+        )
+        .await;
+        let bulk = bulk_upserts(
+            service,
+            bulk_calls,
+            run,
+            format!("b{run_id}-{pair}"),
+            writes,
+        )
+        .await;
+        ratios.push(bulk.rate() * BATCH as f64 / single.rate());
+        singles.merge(single);
+        bulks.merge(bulk);
+    }
+    let pairs = bench.pairs;
+    (
+        Row {
+            scenario: format!("CreateUser, {bulk_calls} calls (A B x{pairs} with bulk)"),
+            service: singles,
+            raw: None,
+            ratio: None,
+        },
+        Row {
+            scenario: format!("BatchUpsertUsers x1000, {bulk_calls} calls (A B x{pairs})"),
+            service: bulks,
+            raw: None,
+            ratio: None,
+        },
+        (bulk_calls, median(ratios)),
+    )
+}
+
+/// Prints the table, the notes and the targets.
+async fn report(
+    rows: &[Row],
+    mut notes: Vec<String>,
+    server: &Server,
+    calls: usize,
+    bulk_speedup: Option<(usize, f64)>,
+) -> Result<(), BoxError> {
     let peak = server.peak_rss_kib();
     for (batch, items, statements) in server.batches().await? {
         notes.push(format!(
@@ -879,7 +941,7 @@ async fn run(
             items / statements.max(1.0)
         ));
     }
-    print_table(&rows);
+    print_table(rows);
     println!();
     for note in &notes {
         println!("- {note}");
@@ -1068,7 +1130,7 @@ async fn list_scenarios(
     deep: i64,
     costs: bool,
 ) -> Result<(), BoxError> {
-    let (calls, run) = (options.calls, options.run);
+    let (calls, run) = (options.calls, options.run());
     let (token, after_time, after_id) = page_token(service, db, tenant, deep).await?;
     // Both sides must read the same page.
     let page = service

@@ -184,9 +184,10 @@ impl Application {
             .add_service(users)
             .add_service(tenants);
         if !self.config.disable_reflection {
+            let failed = |e: tonic_reflection::server::Error| StartError::Serve(e.into());
             routes = routes
-                .add_service(reflection_v1()?)
-                .add_service(reflection_v1alpha()?);
+                .add_service(reflection().build_v1().map_err(failed)?)
+                .add_service(reflection().build_v1alpha().map_err(failed)?);
         }
         // Outermost first: every call is logged and bounded in time; callers
         // are known before their request is read, and a call takes an
@@ -269,30 +270,12 @@ impl Application {
     }
 }
 
-fn reflection_v1() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    StartError,
-> {
+/// Reflection over the service's descriptors and health's, in both
+/// versions of the protocol (grpcurl 1.8 speaks v1alpha).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError::Serve(e.into()))
-}
-
-fn reflection_v1alpha() -> Result<
-    tonic_reflection::server::v1alpha::ServerReflectionServer<
-        impl tonic_reflection::server::v1alpha::ServerReflection,
-    >,
-    StartError,
-> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| StartError::Serve(e.into()))
 }
 
 async fn set_serving(health: &HealthReporter, serving: bool) {

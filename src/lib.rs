@@ -3,6 +3,7 @@
 pub mod app; // builds and runs the server
 pub mod auth; // who is calling: API keys, end-user tokens
 pub mod clock; // the time, as the service sees it
+pub mod code; // the names of gRPC status codes
 pub mod codec; // the protobuf codec of the generated code
 pub mod commands; // the `keys` command line
 pub mod config; // flags and environment variables

@@ -10,6 +10,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
+use crate::code::code_name;
 use crate::methods::Method;
 
 /// How the database pool's connections are used right now.
@@ -266,30 +267,6 @@ impl Drop for ConnectionGuard {
 /// The labels of one call's method, worked out once when it starts.
 #[derive(Debug)]
 pub struct CallLabels(MethodLabels);
-
-/// The canonical upper-case name of a code, as go-grpc-prometheus writes it.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes; `pool`
 /// reads the database pool's gauges at each scrape.

@@ -14,7 +14,7 @@ use super::convert::{from_timestamp, uuid};
 use crate::domain::Violations;
 use crate::error::Error;
 use crate::pb::v1 as pb;
-use crate::store::filter::{CursorValue, Direction, TextOp, TimeOp, UuidOp};
+use crate::store::filter::{CursorValue, Direction, StringOp, TextOp, TimeOp, UuidOp};
 use crate::store::{tenants, users};
 
 /// Page size when the request does not set one.
@@ -171,7 +171,7 @@ fn value_list<T>(
     v: &mut Violations,
     field: &str,
     values: &[String],
-    mut one: impl FnMut(&mut Violations, &str, &str) -> Option<T>,
+    one: impl Fn(&mut Violations, &str, &str) -> Option<T>,
 ) -> Option<Vec<T>> {
     if values.len() > MAX_FILTER_VALUES {
         v.push(
@@ -188,61 +188,49 @@ fn value_list<T>(
     (parsed.len() == values.len()).then_some(parsed)
 }
 
-fn text_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<TextOp> {
+/// The conditions of a `StringFilter` on `field`, each compared value
+/// parsed by `one` (which records its violation).
+fn string_ops<T>(
+    v: &mut Violations,
+    field: &str,
+    filter: &pb::StringFilter,
+    one: impl Fn(&mut Violations, &str, &str) -> Option<T> + Copy,
+) -> Vec<StringOp<T>> {
     let path = |name: &str| format!("{field}.{name}");
     let mut ops = Vec::new();
     if let Some(value) = &filter.equal_to {
-        ops.extend(filter_value(v, &path("equal_to"), value).map(TextOp::EqualTo));
+        ops.extend(one(v, &path("equal_to"), value).map(StringOp::EqualTo));
     }
     if let Some(value) = &filter.not_equal_to {
-        ops.extend(filter_value(v, &path("not_equal_to"), value).map(TextOp::NotEqualTo));
+        ops.extend(one(v, &path("not_equal_to"), value).map(StringOp::NotEqualTo));
     }
     if !filter.value_in.is_empty() {
-        ops.extend(
-            value_list(v, &path("value_in"), &filter.value_in, filter_value).map(TextOp::ValueIn),
-        );
+        ops.extend(value_list(v, &path("value_in"), &filter.value_in, one).map(StringOp::ValueIn));
     }
     if !filter.value_not_in.is_empty() {
         ops.extend(
-            value_list(v, &path("value_not_in"), &filter.value_not_in, filter_value)
-                .map(TextOp::ValueNotIn),
+            value_list(v, &path("value_not_in"), &filter.value_not_in, one)
+                .map(StringOp::ValueNotIn),
         );
     }
     if let Some(pattern) = &filter.like {
-        ops.extend(like_pattern(v, &path("like"), pattern).map(TextOp::Like));
+        ops.extend(like_pattern(v, &path("like"), pattern).map(StringOp::Like));
     }
     if let Some(pattern) = &filter.i_like {
-        ops.extend(like_pattern(v, &path("i_like"), pattern).map(TextOp::ILike));
+        ops.extend(like_pattern(v, &path("i_like"), pattern).map(StringOp::ILike));
     }
     ops
 }
 
+fn text_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<TextOp> {
+    string_ops(v, field, filter, filter_value)
+}
+
 /// Equality operators of a UUID field need UUIDs; patterns stay text.
 fn uuid_ops(v: &mut Violations, field: &str, filter: &pb::StringFilter) -> Vec<UuidOp> {
-    let path = |name: &str| format!("{field}.{name}");
-    let one = |v: &mut Violations, field: &str, value: &str| v.check(field, uuid(value));
-    let mut ops = Vec::new();
-    if let Some(value) = &filter.equal_to {
-        ops.extend(one(v, &path("equal_to"), value).map(UuidOp::EqualTo));
-    }
-    if let Some(value) = &filter.not_equal_to {
-        ops.extend(one(v, &path("not_equal_to"), value).map(UuidOp::NotEqualTo));
-    }
-    if !filter.value_in.is_empty() {
-        ops.extend(value_list(v, &path("value_in"), &filter.value_in, one).map(UuidOp::ValueIn));
-    }
-    if !filter.value_not_in.is_empty() {
-        ops.extend(
-            value_list(v, &path("value_not_in"), &filter.value_not_in, one).map(UuidOp::ValueNotIn),
-        );
-    }
-    if let Some(pattern) = &filter.like {
-        ops.extend(like_pattern(v, &path("like"), pattern).map(UuidOp::Like));
-    }
-    if let Some(pattern) = &filter.i_like {
-        ops.extend(like_pattern(v, &path("i_like"), pattern).map(UuidOp::ILike));
-    }
-    ops
+    string_ops(v, field, filter, |v, field, value| {
+        v.check(field, uuid(value))
+    })
 }
 
 /// The six comparisons of a timestamp filter.

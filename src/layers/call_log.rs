@@ -20,8 +20,9 @@ use tonic::Code;
 use tower::{Layer, Service};
 use uuid::Uuid;
 
+use crate::code::code_name;
 use crate::methods::{self, Method};
-use crate::metrics::{CallLabels, Metrics, code_name};
+use crate::metrics::{CallLabels, Metrics};
 
 /// Header that carries the request id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -154,25 +155,24 @@ impl Call {
             .map(|t| t.to_string())
             .unwrap_or_default();
         let request_id = self.request_id.as_str();
+        // One event, at a level that says whether the service failed.
+        macro_rules! call {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    grpc.method = method,
+                    grpc.code = code,
+                    duration_ms,
+                    caller.id = caller_id,
+                    tenant.id = tenant,
+                    request.id = request_id,
+                    "call"
+                )
+            };
+        }
         match code {
-            "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => tracing::error!(
-                grpc.method = method,
-                grpc.code = code,
-                duration_ms,
-                caller.id = caller_id,
-                tenant.id = tenant,
-                request.id = request_id,
-                "call"
-            ),
-            _ => tracing::info!(
-                grpc.method = method,
-                grpc.code = code,
-                duration_ms,
-                caller.id = caller_id,
-                tenant.id = tenant,
-                request.id = request_id,
-                "call"
-            ),
+            "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => call!(tracing::Level::ERROR),
+            _ => call!(tracing::Level::INFO),
         }
     }
 }

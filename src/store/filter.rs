@@ -6,29 +6,25 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-/// A condition on a text column, with the ROQ operator names.
+/// A condition of a `StringFilter`, with the ROQ operator names, on a
+/// column of values `T`: the comparisons take `T`s, the patterns text.
 #[derive(Debug, Clone, PartialEq)]
-pub enum TextOp {
-    EqualTo(String),
-    NotEqualTo(String),
-    ValueIn(Vec<String>),
-    ValueNotIn(Vec<String>),
+pub enum StringOp<T> {
+    EqualTo(T),
+    NotEqualTo(T),
+    ValueIn(Vec<T>),
+    ValueNotIn(Vec<T>),
     /// SQL LIKE pattern, case-sensitive.
     Like(String),
     /// SQL LIKE pattern, case-insensitive.
     ILike(String),
 }
 
+/// A condition on a text column.
+pub type TextOp = StringOp<String>;
+
 /// A condition on a UUID column. Pattern matches apply to its text form.
-#[derive(Debug, Clone, PartialEq)]
-pub enum UuidOp {
-    EqualTo(Uuid),
-    NotEqualTo(Uuid),
-    ValueIn(Vec<Uuid>),
-    ValueNotIn(Vec<Uuid>),
-    Like(String),
-    ILike(String),
-}
+pub type UuidOp = StringOp<Uuid>;
 
 /// A comparison with a timestamp.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,14 +76,14 @@ pub fn escape_like(text: &str) -> String {
 macro_rules! text_condition {
     ($column:expr, $op:expr) => {{
         use diesel::{ExpressionMethods, PgTextExpressionMethods, TextExpressionMethods};
-        use $crate::store::filter::TextOp;
+        use $crate::store::filter::StringOp;
         let condition: $crate::store::filter::Boxed<_> = match $op.clone() {
-            TextOp::EqualTo(v) => Box::new($column.eq(v)),
-            TextOp::NotEqualTo(v) => Box::new($column.ne(v)),
-            TextOp::ValueIn(v) => Box::new($column.eq_any(v)),
-            TextOp::ValueNotIn(v) => Box::new($column.ne_all(v)),
-            TextOp::Like(v) => Box::new($column.like(v)),
-            TextOp::ILike(v) => Box::new($column.ilike(v)),
+            StringOp::EqualTo(v) => Box::new($column.eq(v)),
+            StringOp::NotEqualTo(v) => Box::new($column.ne(v)),
+            StringOp::ValueIn(v) => Box::new($column.eq_any(v)),
+            StringOp::ValueNotIn(v) => Box::new($column.ne_all(v)),
+            StringOp::Like(v) => Box::new($column.like(v)),
+            StringOp::ILike(v) => Box::new($column.ilike(v)),
         };
         condition
     }};
@@ -99,14 +95,14 @@ macro_rules! uuid_condition {
         use diesel::{
             ExpressionMethods, PgTextExpressionMethods, TextExpressionMethods, sql_types::Text,
         };
-        use $crate::store::filter::UuidOp;
+        use $crate::store::filter::StringOp;
         let condition: $crate::store::filter::Boxed<_> = match $op.clone() {
-            UuidOp::EqualTo(v) => Box::new($column.eq(v)),
-            UuidOp::NotEqualTo(v) => Box::new($column.ne(v)),
-            UuidOp::ValueIn(v) => Box::new($column.eq_any(v)),
-            UuidOp::ValueNotIn(v) => Box::new($column.ne_all(v)),
-            UuidOp::Like(v) => Box::new($column.cast::<Text>().like(v)),
-            UuidOp::ILike(v) => Box::new($column.cast::<Text>().ilike(v)),
+            StringOp::EqualTo(v) => Box::new($column.eq(v)),
+            StringOp::NotEqualTo(v) => Box::new($column.ne(v)),
+            StringOp::ValueIn(v) => Box::new($column.eq_any(v)),
+            StringOp::ValueNotIn(v) => Box::new($column.ne_all(v)),
+            StringOp::Like(v) => Box::new($column.cast::<Text>().like(v)),
+            StringOp::ILike(v) => Box::new($column.cast::<Text>().ilike(v)),
         };
         condition
     }};

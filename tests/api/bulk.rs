@@ -357,8 +357,14 @@ async fn export_by_a_tenant_key_is_confined_to_its_tenant() {
 #[tokio::test]
 async fn exports_may_not_take_over_the_pool() {
     let mut app = spawn_app().await;
-    let batch: Vec<User> = (0..1000).map(|i| user(&format!("r{i}"), "")).collect();
-    upsert(&mut app, batch).await;
+    // More chunks than the export's buffer holds, so that the first export
+    // is still reading when the second asks.
+    for part in 0..4 {
+        let batch: Vec<User> = (0..1000)
+            .map(|i| user(&format!("r{part}-{i}"), ""))
+            .collect();
+        upsert(&mut app, batch).await;
+    }
 
     // The test pool has 4 connections: one export at a time.
     let mut first = app
