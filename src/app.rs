@@ -1,17 +1,18 @@
 //! Builds the server: database, migrations, bootstrap key, services, health,
 //! reflection and layers; binds the listener and reports the real address.
 
-use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc};
+use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
 use crate::clock::{self, Clock};
 use crate::config::Config;
 use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
+use crate::health;
 use crate::layers::{
     auth::AuthLayer, call_log::CallLogLayer, deadline::DeadlineLayer,
     in_flight::InFlightLimitLayer, read_request::ReadRequestLayer,
@@ -31,6 +32,12 @@ use crate::store::{
 pub use crate::store::database::EMBEDDED_DATABASE;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long the answers to abandoned calls get to go out at shutdown.
+const FLUSH_ANSWERS: Duration = Duration::from_millis(500);
+/// Longest wait at shutdown for Postgres to confirm the cancels of
+/// abandoned statements.
+const WAIT_FOR_CANCELS: Duration = Duration::from_secs(5);
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +69,8 @@ pub struct Application {
     limits: Option<Arc<Quotas<String>>>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<TcpListener>,
+    /// Asks the health probe to look at the database now.
+    health_wake: Arc<tokio::sync::Notify>,
     config: Config,
 }
 
@@ -86,10 +95,15 @@ impl Application {
             Arc::new(Quotas::new(per_second, burst))
         });
 
+        // The embedded cluster's supervisor wakes the health probe when
+        // postgres dies and when it is back.
+        let health_wake = Arc::new(tokio::sync::Notify::new());
         let database = Database::open(
             config.database_url.as_deref(),
             &config.data_dir,
             Sharing::Exclusive,
+            config.patience(),
+            Some(Arc::clone(&health_wake)),
         )
         .await?;
         let pool = db::build_pool(database.config.clone(), &config.pool_settings())
@@ -152,6 +166,7 @@ impl Application {
             limits,
             metrics,
             metrics_listener,
+            health_wake,
             config: config.clone(),
         })
     }
@@ -173,7 +188,19 @@ impl Application {
     /// finish within the grace period, and stops the embedded Postgres.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        set_serving(&health, true).await;
+        health::set_all(&health, ServingStatus::Serving).await;
+        // Readiness follows the database from here on.
+        let (stop_probe, probe_stopped) = tokio::sync::watch::channel(false);
+        let prober = tokio::spawn(health::follow_database(
+            health.clone(),
+            health::Probe {
+                config: self.database.config.clone(),
+                every: self.config.health_interval,
+                timeout: self.config.db_connect_timeout,
+            },
+            Arc::clone(&self.health_wake),
+            probe_stopped,
+        ));
 
         let max_request = self.config.max_request_bytes;
         let users = UsersServiceServer::new(UsersApi::new(self.state.clone()))
@@ -192,9 +219,13 @@ impl Application {
         // Outermost first: every call is logged and bounded in time; callers
         // are known before their request is read, and a call takes an
         // in-flight slot only once its request is in.
+        // Turns true when the grace period is over: calls still running are
+        // answered UNAVAILABLE then.
+        let abandon = Arc::clone(&self.state.abandon);
+        let abandoned = abandon.subscribe();
         let service = ServiceBuilder::new()
             .layer(CallLogLayer::new(Arc::clone(&self.metrics)))
-            .layer(DeadlineLayer::new(self.config.max_call_duration))
+            .layer(DeadlineLayer::new(self.config.max_call_duration, abandoned))
             .layer(AuthLayer::new(
                 self.authenticator,
                 self.limits,
@@ -249,15 +280,26 @@ impl Application {
             () = shutdown => {
                 let grace = self.config.shutdown_grace;
                 tracing::info!(?grace, "shutting down");
-                set_serving(&health, false).await;
+                let _ = stop_probe.send(true);
+                let _ = prober.await;
+                health::set_all(&health, ServingStatus::NotServing).await;
                 let _ = draining.send(true);
                 if tokio::time::timeout(grace, &mut server).await.is_err() {
                     tracing::warn!("grace period over, cancelling the calls still running");
+                    // Each call still running answers UNAVAILABLE; the answers
+                    // get a moment to go out before the connections close.
+                    let _ = abandon.send(true);
+                    let _ = tokio::time::timeout(FLUSH_ANSWERS, &mut server).await;
                 }
             }
         }
-        // Ends every connection and call still open.
+        // Ends every connection and call still open; their statements are
+        // cancelled in Postgres, and the process waits for the cancels so
+        // that nothing it started runs on after it has gone.
         drop(server);
+        if !db::cancels_answered(WAIT_FOR_CANCELS).await {
+            tracing::warn!("some statements could not be cancelled in time");
+        }
         let _ = metrics_stop.send(());
         if let Some(metrics_server) = metrics_server {
             let _ = metrics_server.await;
@@ -276,19 +318,4 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-}
-
-async fn set_serving(health: &HealthReporter, serving: bool) {
-    let status = if serving {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
-    };
-    for service in [
-        "",
-        <UsersServiceServer<UsersApi> as tonic::server::NamedService>::NAME,
-        <TenantsServiceServer<TenantsApi> as tonic::server::NamedService>::NAME,
-    ] {
-        health.set_service_status(service, status).await;
-    }
 }

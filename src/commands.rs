@@ -8,11 +8,11 @@ use tokio_postgres::NoTls;
 use crate::auth::{jwt::JwtVerifier, keys};
 use crate::config::{Config, KeysCommand};
 use crate::embedded_pg::{self, Cluster, Sharing};
-use crate::error::with_causes;
 use crate::store::{
     api_keys,
     database::{Database, EMBEDDED_DATABASE},
 };
+use crate::telemetry::with_causes;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,6 +21,8 @@ pub async fn keys(config: &Config, command: KeysCommand) -> Result<(), BoxError>
         config.database_url.as_deref(),
         &config.data_dir,
         Sharing::Attach,
+        config.patience(),
+        None,
     )
     .await?;
     let result = run(&database, command).await;

@@ -9,6 +9,8 @@
 //! | `--db-connect-timeout` | `DB_CONNECT_TIMEOUT` | `3s` |
 //! | `--db-acquire-timeout` | `DB_ACQUIRE_TIMEOUT` | `3s` |
 //! | `--db-statement-timeout` | `DB_STATEMENT_TIMEOUT` | `10s` |
+//! | `--db-startup-timeout` | `DB_STARTUP_TIMEOUT` | `60s` |
+//! | `--health-interval` | `HEALTH_INTERVAL` | `1s` |
 //! | `--shutdown-grace` | `SHUTDOWN_GRACE` | `10s` |
 //! | `--rate-limit-per-second` | `RATE_LIMIT_PER_SECOND` | `200` (0: off) |
 //! | `--rate-limit-burst` | `RATE_LIMIT_BURST` | the rate |
@@ -46,7 +48,8 @@ use crate::auth::{
 };
 
 use crate::net::ConnectionLimits;
-use crate::store::db::PoolSettings;
+use crate::store::{database::Patience, db::PoolSettings};
+pub use crate::telemetry::LogFormat;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./.users-service";
@@ -189,6 +192,15 @@ pub struct Config {
     #[arg(long, global = true, env = "DB_STATEMENT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub db_statement_timeout: Duration,
 
+    /// At start, how long to wait for a database that does not answer yet,
+    /// trying again with back-off; then the service exits with the cause.
+    #[arg(long, global = true, env = "DB_STARTUP_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub db_startup_timeout: Duration,
+
+    /// How often readiness probes the database (`SELECT 1`).
+    #[arg(long, global = true, env = "HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
     /// On SIGINT/SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, global = true, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -301,14 +313,6 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 impl Config {
     /// The defaults, as if no flag or variable was given.
     pub fn with_defaults() -> Self {
@@ -320,6 +324,8 @@ impl Config {
             db_connect_timeout: Duration::from_secs(3),
             db_acquire_timeout: Duration::from_secs(3),
             db_statement_timeout: Duration::from_secs(10),
+            db_startup_timeout: Duration::from_secs(60),
+            health_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
             metrics_listen: None,
@@ -355,6 +361,14 @@ impl Config {
             key_file: self.jwt_key_file.clone(),
             secret: self.jwt_secret.clone(),
         })
+    }
+
+    /// How long to wait for the database at start.
+    pub fn patience(&self) -> Patience {
+        Patience {
+            connect_timeout: self.db_connect_timeout,
+            startup_timeout: self.db_startup_timeout,
+        }
     }
 
     /// Limits on client connections.

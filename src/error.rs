@@ -10,8 +10,11 @@ use diesel::result::Error as DieselError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use std::time::Duration;
+
 use crate::domain::FieldViolation;
 use crate::store::StoreError;
+use crate::telemetry::Summarized;
 
 /// `google.rpc.ErrorInfo.domain` of every error this service reports.
 pub const ERROR_DOMAIN: &str = "users-service";
@@ -206,28 +209,21 @@ impl From<Error> for Status {
             }
             Error::TooBusy(what) => Status::resource_exhausted(what),
             Error::Unavailable(cause) => {
-                tracing::warn!(error = %cause, "database unavailable");
+                static SUMMARY: Summarized = Summarized::new(Duration::from_secs(1));
+                if let Some(calls) = SUMMARY.due() {
+                    tracing::warn!(error = %cause, calls, "database unavailable");
+                }
                 Status::unavailable("database unavailable, retry later")
             }
             Error::Internal(cause) => {
-                tracing::error!(error = %cause, "internal error");
+                static SUMMARY: Summarized = Summarized::new(Duration::from_secs(1));
+                if let Some(calls) = SUMMARY.due() {
+                    tracing::error!(error = %cause, calls, "internal error");
+                }
                 Status::internal("internal error")
             }
         }
     }
-}
-
-/// An error and the chain of its causes, on one line (for command-line
-/// messages, where there is no log to hold the rest).
-pub fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

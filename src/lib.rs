@@ -11,6 +11,7 @@ pub mod domain; // validated types, built once at the edge
 pub mod embedded_pg; // the private PostgreSQL run when no DATABASE_URL is given
 pub mod error; // the one error type and its gRPC status
 pub mod grpc; // handlers, authorization, conversions
+pub mod health; // liveness and readiness, following the database
 pub mod layers; // tower layers: auth, rate limits, load shedding, call log
 pub mod methods; // the gRPC methods served, from their descriptors
 pub mod metrics; // Prometheus metrics

@@ -29,11 +29,11 @@ use tonic_types::{ErrorDetails, RpcStatusExt, StatusExt};
 use crate::auth::keys::ADMIN_KEY_FILE;
 use crate::code::code_name;
 use crate::config::{Config, ExportArgs, FileFormat, ImportArgs, ServerArgs};
-use crate::error::with_causes;
 use crate::grpc::json;
 use crate::pb::v1::{
     self as pb, batch_upsert_users_result::Outcome, users_service_client::UsersServiceClient,
 };
+use crate::telemetry::with_causes;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Client = UsersServiceClient<Channel>;

@@ -21,7 +21,11 @@ use super::{Authenticated, Principal, Role, api_key::ApiKeyToken, jwt::JwtVerifi
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::quota::Quotas;
-use crate::store::{api_keys, db::DbPool, users};
+use crate::store::{
+    api_keys,
+    db::{self, DbPool},
+    users,
+};
 
 /// Why a call is not authenticated.
 #[derive(Debug)]
@@ -209,11 +213,12 @@ impl Authenticator {
     }
 
     async fn load_key(&self, id: &str) -> Result<Arc<CachedKey>, LoadError> {
-        let mut conn = self.pool.get().await.map_err(Error::from)?;
-        let Some(row) = api_keys::load_for_use(&mut conn, id, (self.clock)())
+        let mut conn = db::checkout(&self.pool).await.map_err(Error::from)?;
+        let row = api_keys::load_for_use(&mut conn, id, (self.clock)())
             .await
-            .map_err(Error::from)?
-        else {
+            .map_err(Error::from)?;
+        conn.release();
+        let Some(row) = row else {
             return Err(LoadError::Unknown);
         };
         let principal = match (Role::parse(&row.role), row.tenant_id) {
@@ -240,8 +245,10 @@ impl Authenticator {
     }
 
     async fn load_user(&self, id: Uuid) -> Result<Option<bool>, Error> {
-        let mut conn = self.pool.get().await?;
-        Ok(users::active_flag(&mut conn, id).await?)
+        let mut conn = db::checkout(&self.pool).await?;
+        let active = users::active_flag(&mut conn, id).await?;
+        conn.release();
+        Ok(active)
     }
 }
 

@@ -334,6 +334,32 @@ pub(super) fn check_not_in_use(pgdata: &Path) -> Result<(), EmbeddedError> {
     Ok(())
 }
 
+/// Waits, up to `limit`, while `postmaster.pid` names a postgres that is
+/// shutting down (its status line says `stopping`): the postmaster of a
+/// service that was killed gets its parent-death signal and takes a moment
+/// to exit. A postgres that runs and is not stopping is in use.
+pub(super) async fn wait_until_free(pgdata: &Path, limit: Duration) -> Result<(), EmbeddedError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check_not_in_use(pgdata) {
+            Err(EmbeddedError::InUse { pid, .. })
+                if Instant::now() < deadline
+                    && postmaster_status(pgdata).as_deref() == Some("stopping") =>
+            {
+                debug!(pid, "waiting for the previous postgres to finish stopping");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// The status line of `postmaster.pid` (`starting`, `ready`, `stopping`).
+fn postmaster_status(pgdata: &Path) -> Option<String> {
+    let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    text.lines().nth(7).map(|line| line.trim().to_owned())
+}
+
 pub(super) fn is_running_postgres(pid: Pid) -> bool {
     if pid == nix::unistd::getpid() {
         return false;

@@ -42,10 +42,12 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, User};
-use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use std::sync::Arc;
 
-use cluster::{Binaries, Layout, check_not_in_use, init_cluster, postgres_command};
+use tokio::sync::{Notify, oneshot};
+use tracing::{debug, error, info, warn};
+
+use cluster::{Binaries, Layout, init_cluster, postgres_command, wait_until_free};
 use privileges::{check_reachable, fallback_home, unprivileged_user};
 use process::{Server, describe_exit};
 
@@ -59,19 +61,22 @@ const RUN_DIR: &str = "run";
 const MAX_SOCKET_PATH_LEN: usize = 107;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait at start for the postgres of a previous run to finish stopping.
+const PREVIOUS_STOP_WAIT: Duration = Duration::from_secs(30);
 const READY_POLL: Duration = Duration::from_millis(100);
 const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `Drop` may block waiting for the server to exit.
-const DROP_WAIT: Duration = Duration::from_secs(2);
 const LOG_TAIL_LINES: usize = 20;
 /// Only the end of the log is read for error messages; it grows across restarts.
 const LOG_TAIL_BYTES: u64 = 64 * 1024;
 
-/// Settings passed to postgres with `-c name=value` on start (for example
-/// fsync=off in tests).
+/// How to run the cluster.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
+    /// Settings passed to postgres with `-c name=value` on start (for
+    /// example fsync=off in tests).
     pub settings: Vec<(String, String)>,
+    /// Told each time postgres dies and each time it is back.
+    pub on_change: Option<Arc<Notify>>,
 }
 
 impl Options {
@@ -171,13 +176,16 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Embe
     }
 }
 
-/// A running private PostgreSQL server. Stop it with [`EmbeddedPostgres::stop`];
-/// dropping it also shuts the server down, best effort.
+/// A running private PostgreSQL server, supervised: when postgres dies it
+/// is started again (crash recovery included), with back-off, until
+/// [`EmbeddedPostgres::stop`]. Dropping it asks for a shutdown too.
 pub struct EmbeddedPostgres {
     data_dir: PathBuf,
     socket_dir: PathBuf,
-    /// `None` once the server has been stopped or was seen to exit.
-    server: Option<Server>,
+    /// Asks the supervisor to stop postgres; `None` once asked.
+    stop: Option<oneshot::Sender<()>>,
+    /// The supervisor; it ends once postgres has stopped.
+    supervisor: Option<tokio::task::JoinHandle<Result<(), EmbeddedError>>>,
 }
 
 impl fmt::Debug for EmbeddedPostgres {
@@ -185,8 +193,118 @@ impl fmt::Debug for EmbeddedPostgres {
         f.debug_struct("EmbeddedPostgres")
             .field("data_dir", &self.data_dir)
             .field("socket_dir", &self.socket_dir)
-            .field("pid", &self.server.as_ref().map(|server| server.pid))
-            .finish()
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything needed to start postgres again.
+struct Launch {
+    binaries: Binaries,
+    layout: Layout,
+    run_as: Option<privileges::RunAs>,
+    options: Options,
+}
+
+impl Launch {
+    /// Spawns postgres and waits until it accepts connections.
+    async fn start(&self) -> Result<Server, EmbeddedError> {
+        let command = postgres_command(
+            &self.binaries,
+            &self.layout,
+            self.run_as.as_ref(),
+            &self.options,
+        )?;
+        let mut server = Server::spawn(command)
+            .await
+            .map_err(io_error("start", &self.binaries.postgres()))?;
+        let config = socket_config(&self.layout.run_dir, "postgres");
+        match wait_until_ready(&mut server, &config, &self.layout.log_file).await {
+            Ok(()) => Ok(server),
+            Err(error) => {
+                // Not ready in time: do not leave it running half started.
+                let _ = server.shutdown().await;
+                Err(error)
+            }
+        }
+    }
+
+    fn changed(&self) {
+        if let Some(notify) = &self.options.on_change {
+            notify.notify_waiters();
+            notify.notify_one();
+        }
+    }
+}
+
+/// First pause before starting postgres again after it died.
+const FIRST_RESTART_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between restart attempts.
+const MAX_RESTART_PAUSE: Duration = Duration::from_secs(5);
+
+/// Keeps postgres running until asked to stop: each time it dies, logs why
+/// (its exit status and the last words of its log) and starts it again,
+/// pausing longer after each failed attempt.
+async fn supervise(
+    mut server: Server,
+    launch: Launch,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<(), EmbeddedError> {
+    loop {
+        let exit = tokio::select! {
+            _ = &mut stop => return server.shutdown().await,
+            exit = server.exited() => exit,
+        };
+        let died = Instant::now();
+        error!(
+            pid = server.pid,
+            exit = %describe_exit(&exit),
+            log = %last_words(&launch.layout.log_file),
+            "embedded PostgreSQL died; starting it again"
+        );
+        launch.changed();
+        let mut pause = FIRST_RESTART_PAUSE;
+        server = loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                () = tokio::time::sleep(pause) => {}
+            }
+            match launch.start().await {
+                Ok(server) => {
+                    info!(pid = server.pid, down_for = ?died.elapsed(), "embedded PostgreSQL is back");
+                    launch.changed();
+                    break server;
+                }
+                Err(error) => {
+                    pause = (pause * 2).min(MAX_RESTART_PAUSE);
+                    warn!(%error, retry_in = ?pause, "embedded PostgreSQL did not start again");
+                }
+            }
+        };
+    }
+}
+
+/// The lines of the end of postgres' log that say what went wrong (FATAL,
+/// PANIC, or a process that died), or the last line.
+fn last_words(log_file: &Path) -> String {
+    let tail = log_tail(log_file).unwrap_or_default();
+    let telling: Vec<&str> = tail
+        .lines()
+        .filter(|line| {
+            [
+                "PANIC",
+                "FATAL",
+                "terminated by signal",
+                "was terminated",
+                "No space",
+            ]
+            .iter()
+            .any(|word| line.contains(word))
+        })
+        .collect();
+    match (telling.last(), tail.lines().last()) {
+        (Some(_), _) => telling[telling.len().saturating_sub(3)..].join(" | "),
+        (None, Some(last)) => last.to_owned(),
+        (None, None) => "(the log says nothing)".to_owned(),
     }
 }
 
@@ -210,21 +328,24 @@ impl EmbeddedPostgres {
                     bin_dir: binaries.dir,
                 });
             }
-            Some(_) => check_not_in_use(&layout.pgdata)?,
+            Some(_) => wait_until_free(&layout.pgdata, PREVIOUS_STOP_WAIT).await?,
             None => init_cluster(&binaries, &layout, run_as.as_ref(), &options).await?,
         }
 
-        let command = postgres_command(&binaries, &layout, run_as.as_ref(), &options)?;
-        let server = Server::spawn(command)
-            .await
-            .map_err(io_error("start", &binaries.postgres()))?;
-        let mut postgres = Self {
-            data_dir: layout.data_dir.clone(),
-            socket_dir: layout.run_dir.clone(),
-            server: Some(server),
+        let launch = Launch {
+            binaries,
+            layout,
+            run_as,
+            options,
         };
-        // On failure `postgres` is dropped here, which shuts down a server that is still running.
-        postgres.wait_until_ready(&layout.log_file).await?;
+        let server = launch.start().await?;
+        let (stop, stopped) = oneshot::channel();
+        let postgres = Self {
+            data_dir: launch.layout.data_dir.clone(),
+            socket_dir: launch.layout.run_dir.clone(),
+            stop: Some(stop),
+            supervisor: Some(tokio::spawn(supervise(server, launch, stopped))),
+        };
         info!(
             data_dir = %postgres.data_dir.display(),
             socket_dir = %postgres.socket_dir.display(),
@@ -261,64 +382,57 @@ impl EmbeddedPostgres {
     /// Fast shutdown (SIGINT), waiting up to 30 s for postgres to exit before
     /// escalating to SIGQUIT and then SIGKILL.
     pub async fn stop(mut self) -> Result<(), EmbeddedError> {
-        match self.server.take() {
-            Some(server) => {
-                server.shutdown().await?;
-                info!(data_dir = %self.data_dir.display(), "embedded PostgreSQL stopped");
-                Ok(())
-            }
-            None => Ok(()),
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-    }
-
-    async fn wait_until_ready(&mut self, log_file: &Path) -> Result<(), EmbeddedError> {
-        let config = self.config("postgres");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let last_error = match try_connect(&config).await {
-                Ok(()) => return Ok(()),
-                Err(error) => error,
-            };
-            if let Some(exit) = self.server.as_mut().and_then(Server::try_exit) {
-                // The exit report is consumed; there is nothing left to stop.
-                self.server = None;
-                return Err(startup_failed(
-                    format!("postgres exited ({})", describe_exit(&exit)),
-                    log_file,
-                ));
-            }
-            if Instant::now() >= deadline {
-                let reason = format!(
-                    "not accepting connections after {} s (last error: {last_error})",
-                    READY_TIMEOUT.as_secs()
-                );
-                return Err(startup_failed(reason, log_file));
-            }
-            tokio::time::sleep(READY_POLL).await;
+        if let Some(supervisor) = self.supervisor.take() {
+            supervisor
+                .await
+                .map_err(|e| io_error("stop", &self.data_dir)(io::Error::other(e)))??;
+            info!(data_dir = %self.data_dir.display(), "embedded PostgreSQL stopped");
         }
+        Ok(())
     }
 }
 
 impl Drop for EmbeddedPostgres {
-    /// Best effort, since `Drop` can neither await nor report errors: ask for a
-    /// fast shutdown and block briefly (this may run on a runtime thread) for the
-    /// exit. If that takes longer, the supervisor thread still reaps postgres.
+    /// Best effort, since `Drop` can neither await nor report errors: asks
+    /// the supervisor for a fast shutdown, which it carries out as long as
+    /// the runtime runs (and the parent-death signal covers the rest).
     fn drop(&mut self) {
-        let Some(mut server) = self.server.take() else {
-            return;
-        };
-        server.signal(Signal::SIGINT);
-        let deadline = Instant::now() + DROP_WAIT;
-        while server.try_exit().is_none() {
-            if Instant::now() >= deadline {
-                warn!(
-                    pid = server.pid,
-                    "embedded PostgreSQL still shutting down after drop"
-                );
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
+    }
+}
+
+/// Waits until postgres accepts connections (up to 30 s), failing early if
+/// it exits.
+async fn wait_until_ready(
+    server: &mut Server,
+    config: &tokio_postgres::Config,
+    log_file: &Path,
+) -> Result<(), EmbeddedError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let last_error = match try_connect(config).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if let Some(exit) = server.try_exit() {
+            return Err(startup_failed(
+                format!("postgres exited ({})", describe_exit(&exit)),
+                log_file,
+            ));
+        }
+        if Instant::now() >= deadline {
+            let reason = format!(
+                "not accepting connections after {} s (last error: {last_error})",
+                READY_TIMEOUT.as_secs()
+            );
+            return Err(startup_failed(reason, log_file));
+        }
+        tokio::time::sleep(READY_POLL).await;
     }
 }
 
@@ -437,6 +551,7 @@ mod tests {
     fn fast_options() -> Options {
         Options {
             settings: vec![("fsync".to_owned(), "off".to_owned())],
+            ..Options::default()
         }
     }
 

@@ -74,6 +74,13 @@ impl Server {
         let _ = self.signals.send(signal);
     }
 
+    /// Waits until postgres exits; its exit report.
+    pub(super) async fn exited(&mut self) -> ExitReport {
+        (&mut self.exit)
+            .await
+            .unwrap_or_else(|_| Err(supervisor_vanished()))
+    }
+
     /// The exit report if postgres has exited. After `Some`, the server is done
     /// and must not be waited on again.
     pub(super) fn try_exit(&mut self) -> Option<ExitReport> {

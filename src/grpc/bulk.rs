@@ -160,6 +160,7 @@ pub async fn export(
     let (end_tx, end_rx) = oneshot::channel();
     let pool = state.pool.clone();
     let stall_timeout = state.stream_stall_timeout;
+    let mut abandon = state.abandon.subscribe();
     tokio::spawn(async move {
         let _permit = permit;
         let send = async |chunk| match tokio::time::timeout(stall_timeout, tx.send(chunk)).await {
@@ -194,9 +195,22 @@ pub async fn export(
                 })
                 .await
         });
-        // Dropping the work at the deadline cancels its statement and closes
-        // its connection, which ends the transaction.
-        let end = match tokio::time::timeout_at(deadline, work).await {
+        // Dropping the work at the deadline, or when the server gives up on
+        // its calls, cancels its statement and closes its connection, which
+        // ends the transaction.
+        let given_up = async {
+            let _ = abandon.wait_for(|abandoned| *abandoned).await.map(|_| ());
+        };
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout_at(deadline, work) => outcome,
+            () = given_up => {
+                let _ = end_tx.send(Status::unavailable(
+                    "the server is shutting down; export again from another replica",
+                ));
+                return;
+            }
+        };
+        let end = match outcome {
             Ok(Ok(Ok(Ok(())))) | Ok(Ok(Ok(Err(Ended::Gone)))) => return,
             Ok(Ok(Ok(Err(Ended::Stalled)))) => Status::deadline_exceeded(format!(
                 "the client read nothing for {} s",

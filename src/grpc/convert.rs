@@ -170,7 +170,7 @@ pub fn user_changes(
             .and_then(|data| custom_data(&mut v, "user.custom_data", data)),
         is_opted_in: update.is_opted_in,
         active: update.active,
-        updated_at: Some(now),
+        at: now,
     };
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));

@@ -41,6 +41,9 @@ pub struct AppState {
     pub inserts: Arc<Coalescer<InsertUsers>>,
     /// A streamed response whose client reads nothing for this long ends.
     pub stream_stall_timeout: std::time::Duration,
+    /// Turns true when the server gives up on the calls still running at
+    /// the end of its shutdown grace: they answer UNAVAILABLE.
+    pub abandon: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -71,6 +74,7 @@ impl AppState {
             clock,
             exports: Arc::new(tokio::sync::Semaphore::new(exports)),
             stream_stall_timeout: std::time::Duration::from_secs(10),
+            abandon: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 

@@ -4,7 +4,11 @@
 //! A failed call usually carries its `grpc-status` in the response headers
 //! (a trailers-only response), but a successful one sends it in the trailers
 //! after the body; so the call is recorded when the status is seen, wherever
-//! it comes, or when the body is dropped without one (the client went away).
+//! it comes. A call that ends before that (the client reset it, or its
+//! connection broke, before an answer or in the middle of a stream) is
+//! recorded when it is dropped, as DEADLINE_EXCEEDED if the client's
+//! deadline had passed and CANCELLED otherwise: what the client saw. Every
+//! call is recorded exactly once.
 
 use std::{
     future::Future,
@@ -20,6 +24,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 use uuid::Uuid;
 
+use super::deadline::parse_grpc_timeout;
 use crate::code::code_name;
 use crate::methods::{self, Method};
 use crate::metrics::{CallLabels, Metrics};
@@ -96,17 +101,26 @@ where
         let caller = CallerSlot::default();
         request.extensions_mut().insert(caller.clone());
         let method = methods::lookup(request.uri().path());
+        let started = Instant::now();
         let call = Call {
             labels: self.metrics.call_started(method),
             method,
             request_id,
             caller,
-            started: Instant::now(),
+            started,
+            client_deadline: request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|value| parse_grpc_timeout(value.as_bytes()))
+                .map(|timeout| started + timeout),
             metrics: Arc::clone(&self.metrics),
         };
         let response = self.inner.call(request);
         Box::pin(async move {
+            // Recorded on drop if the call ends before its response.
+            let mut pending = Pending(Some(call));
             let mut response = response.await?;
+            let call = pending.0.take().expect("the call is pending");
             if let Ok(value) = HeaderValue::from_str(&call.request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
@@ -117,7 +131,10 @@ where
                 }
                 None => Some(call),
             };
-            Ok(response.map(|inner| LoggedBody { inner, pending }))
+            Ok(response.map(|inner| LoggedBody {
+                inner,
+                pending: Pending(pending),
+            }))
         })
     }
 }
@@ -137,7 +154,25 @@ struct Call {
     request_id: String,
     caller: CallerSlot,
     started: Instant,
+    /// When the client stops waiting, if it said.
+    client_deadline: Option<Instant>,
     metrics: Arc<Metrics>,
+}
+
+/// A call not recorded yet; recorded when dropped, as the client saw it end.
+#[derive(Debug)]
+struct Pending(Option<Call>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            let code = match call.client_deadline {
+                Some(deadline) if Instant::now() >= deadline => Code::DeadlineExceeded,
+                _ => Code::Cancelled,
+            };
+            call.finish(code);
+        }
+    }
 }
 
 impl Call {
@@ -187,7 +222,7 @@ fn status_code(headers: &HeaderMap) -> Option<Code> {
 #[derive(Debug)]
 pub struct LoggedBody<B> {
     inner: B,
-    pending: Option<Call>,
+    pending: Pending,
 }
 
 impl<B: Body + Unpin> Body for LoggedBody<B> {
@@ -201,7 +236,7 @@ impl<B: Body + Unpin> Body for LoggedBody<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(code) = frame.trailers_ref().and_then(status_code)
-            && let Some(call) = self.pending.take()
+            && let Some(call) = self.pending.0.take()
         {
             call.finish(code);
         }
@@ -214,15 +249,5 @@ impl<B: Body + Unpin> Body for LoggedBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for LoggedBody<B> {
-    fn drop(&mut self) {
-        // The body ended without a status: the client cancelled or the
-        // connection broke.
-        if let Some(call) = self.pending.take() {
-            call.finish(Code::Cancelled);
-        }
     }
 }

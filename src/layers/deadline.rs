@@ -2,6 +2,10 @@
 //! `--max-call-duration`. A call still running then is dropped (which
 //! cancels its statement in Postgres) and answered DEADLINE_EXCEEDED.
 //!
+//! A call still running when the server gives up on it at the end of its
+//! shutdown grace is answered UNAVAILABLE the same way, so that its client
+//! retries elsewhere instead of seeing its connection break.
+//!
 //! The deadline also goes into the request's extensions as a
 //! [`CallDeadline`], so that a streaming handler, whose work outlives the
 //! response headers, can bound the rest of its stream by it.
@@ -13,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 use tower::{Layer, Service};
 
 /// When a call must be done by.
@@ -23,12 +27,16 @@ pub struct CallDeadline(pub Instant);
 #[derive(Debug, Clone)]
 pub struct DeadlineLayer {
     max: Duration,
+    abandon: watch::Receiver<bool>,
 }
 
 impl DeadlineLayer {
-    pub fn new(max_call_duration: Duration) -> Self {
+    /// `abandon` turns true when the server gives up on the calls still
+    /// running.
+    pub fn new(max_call_duration: Duration, abandon: watch::Receiver<bool>) -> Self {
         Self {
             max: max_call_duration,
+            abandon,
         }
     }
 }
@@ -40,6 +48,7 @@ impl<S> Layer<S> for DeadlineLayer {
         Deadline {
             inner,
             max: self.max,
+            abandon: self.abandon.clone(),
         }
     }
 }
@@ -48,6 +57,7 @@ impl<S> Layer<S> for DeadlineLayer {
 pub struct Deadline<S> {
     inner: S,
     max: Duration,
+    abandon: watch::Receiver<bool>,
 }
 
 impl<S, B> Service<http::Request<B>> for Deadline<S>
@@ -75,8 +85,21 @@ where
         let deadline = Instant::now() + allowed;
         request.extensions_mut().insert(CallDeadline(deadline));
         let response = self.inner.call(request);
+        let mut abandon = self.abandon.clone();
         Box::pin(async move {
-            match tokio::time::timeout_at(deadline, response).await {
+            let given_up = async {
+                let _ = abandon.wait_for(|abandoned| *abandoned).await.map(|_| ());
+            };
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout_at(deadline, response) => outcome,
+                () = given_up => {
+                    return Ok(tonic::Status::unavailable(
+                        "the server is shutting down; retry on another replica",
+                    )
+                    .into_http());
+                }
+            };
+            match outcome {
                 Ok(response) => response,
                 Err(_) => {
                     let message = if by_client {
@@ -95,7 +118,7 @@ where
 }
 
 /// A `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
     let (unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

@@ -242,6 +242,7 @@ mod tests {
             &dir,
             Options {
                 settings: vec![("fsync".into(), "off".into())],
+                ..Options::default()
             },
         )
         .await

@@ -1,6 +1,12 @@
 //! The connection pool, database creation and migrations.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use deadpool::Runtime;
 use diesel::ConnectionError;
@@ -14,6 +20,7 @@ use diesel_async::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
+use tokio::sync::Notify;
 use tokio_postgres::{NoTls, error::SqlState};
 
 /// The SQL migrations of `migrations/`, compiled into the binary.
@@ -231,11 +238,43 @@ impl Drop for Checkout {
         // Detached from the pool, the connection closes when dropped here.
         drop(Object::take(connection));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            CANCELS.sent.fetch_add(1, Ordering::AcqRel);
             runtime.spawn(async move {
                 if let Err(error) = token.cancel_query(NoTls).await {
                     tracing::warn!(%error, "could not cancel an abandoned statement");
                 }
+                if CANCELS.sent.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    CANCELS.done.notify_waiters();
+                }
             });
+        }
+    }
+}
+
+/// Cancel requests on their way to Postgres, for statements whose callers
+/// went away: a process that is about to exit waits for them, so that
+/// nothing it started goes on running after it is gone.
+struct Cancels {
+    sent: AtomicUsize,
+    done: Notify,
+}
+
+static CANCELS: Cancels = Cancels {
+    sent: AtomicUsize::new(0),
+    done: Notify::const_new(),
+};
+
+/// Waits, at most `timeout`, until every cancel sent so far has been
+/// answered by Postgres; whether they all were.
+pub async fn cancels_answered(timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let done = CANCELS.done.notified();
+        if CANCELS.sent.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, done).await.is_err() {
+            return CANCELS.sent.load(Ordering::Acquire) == 0;
         }
     }
 }

@@ -51,7 +51,7 @@ pub struct NewUser {
 
 /// A partial update of a user, made of validated values. `None` leaves a
 /// field as it is; for fields that may be unset, `Some(None)` clears it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UserChanges {
     pub email: Option<Option<Email>>,
     pub phone: Option<Option<Phone>>,
@@ -63,7 +63,9 @@ pub struct UserChanges {
     pub active: Option<bool>,
     pub custom_data: Option<CustomData>,
     pub avatar_url: Option<Option<AvatarUrl>>,
-    pub updated_at: Option<DateTime<Utc>>,
+    /// The service's time of the change; the stored `updated_at` is the
+    /// later of it and the previous `updated_at` plus a microsecond.
+    pub at: DateTime<Utc>,
 }
 
 /// One row of `tenants`.

@@ -153,9 +153,15 @@ pub async fn start_embedded(dir: &std::path::Path, fast: bool) -> EmbeddedPostgr
     } else {
         Vec::new()
     };
-    EmbeddedPostgres::start(dir, embedded::Options { settings })
-        .await
-        .expect("embedded postgres starts")
+    EmbeddedPostgres::start(
+        dir,
+        embedded::Options {
+            settings,
+            ..embedded::Options::default()
+        },
+    )
+    .await
+    .expect("embedded postgres starts")
 }
 
 /// Issuer and audience of the end-user tokens the tests sign.
@@ -309,6 +315,11 @@ impl TestClock {
     /// Moves the time forward by `by`.
     pub fn advance(&self, by: Duration) {
         *self.0.lock().unwrap() += chrono::TimeDelta::from_std(by).unwrap();
+    }
+
+    /// Moves the time back by `by`, as a replica whose clock runs behind.
+    pub fn rewind(&self, by: Duration) {
+        *self.0.lock().unwrap() -= chrono::TimeDelta::from_std(by).unwrap();
     }
 
     /// The service's clock, reading this one.

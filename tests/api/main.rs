@@ -16,6 +16,7 @@ mod metrics;
 // Shared with the fuzz and abuse binaries, which use all of it.
 #[allow(dead_code)]
 mod process;
+mod resilience;
 mod schema;
 mod tenants;
 mod transfer;

@@ -200,3 +200,67 @@ async fn calls_to_paths_that_name_no_method_share_one_label() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn calls_their_clients_abandon_are_counted_once_as_the_client_saw_them() {
+    let name = format!(
+        "users_service_metrics_{}_{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    );
+    let mut config = test_config(Some(server().url(&name)));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut app = spawn_with(config).await;
+    app.database = name;
+    let metrics_addr = app.metrics_addr.expect("metrics are on");
+    let created = create(&mut app, roq_user()).await;
+    let lock = crate::limits::lock_user_row(&app, &created.id).await;
+    let update = || users_service::pb::v1::UpdateUserRequest {
+        id: created.id.clone(),
+        user: Some(users_service::pb::v1::UserUpdate {
+            first_name: Some("Held".into()),
+            ..Default::default()
+        }),
+    };
+
+    // One with a deadline that passes while it waits for the row...
+    let mut request = tonic::Request::new(update());
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let status = app.users.clone().update_user(request).await.unwrap_err();
+    assert!(matches!(
+        status.code(),
+        Code::DeadlineExceeded | Code::Cancelled
+    ));
+    // ...and one its client drops.
+    let mut users = app.users.clone();
+    let dropped = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        users.update_user(update()),
+    )
+    .await;
+    assert!(dropped.is_err());
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let text = scrape(metrics_addr).await;
+    let handled = |code: &str| {
+        sample(
+            &text,
+            "grpc_server_handled_total",
+            &[("grpc_method", "UpdateUser"), ("grpc_code", code)],
+        )
+    };
+    assert_eq!(handled("DEADLINE_EXCEEDED"), Some(1.0), "{text}");
+    assert_eq!(handled("CANCELLED"), Some(1.0), "{text}");
+    let total = |name: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        total("grpc_server_started_total"),
+        total("grpc_server_handled_total"),
+        "every call started is counted as handled"
+    );
+}

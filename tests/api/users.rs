@@ -2,8 +2,8 @@
 
 use tonic::Code;
 use users_service::pb::v1::{
-    CreateUserRequest, DeactivateUserRequest, GetUserRequest, ReactivateUserRequest,
-    UpdateUserRequest, User, UserUpdate,
+    BatchUpsertUsersRequest, CreateUserRequest, DeactivateUserRequest, GetUserRequest,
+    ReactivateUserRequest, UpdateUserRequest, User, UserUpdate, batch_upsert_users_result::Outcome,
 };
 
 use crate::helpers::{error_info, spawn_app, violated_fields};
@@ -462,4 +462,90 @@ async fn create_user_in_an_unknown_tenant_is_invalid() {
         assert_eq!(violated_fields(&status), ["user.tenant_id"]);
     }
     assert_eq!(app.user_count().await, 0);
+}
+
+fn micros(time: &Option<prost_types::Timestamp>) -> i64 {
+    let time = time.as_ref().expect("a time");
+    time.seconds * 1_000_000 + i64::from(time.nanos) / 1000
+}
+
+#[tokio::test]
+async fn concurrent_updates_of_one_user_leave_updated_at_in_commit_order() {
+    let mut app = spawn_app().await;
+    for round in 0..5 {
+        let created = create(&mut app, user(&format!("r{round}"), "")).await;
+        let calls = (0..32).map(|i| {
+            let mut users = app.users.clone();
+            let id = created.id.clone();
+            async move {
+                users
+                    .update_user(UpdateUserRequest {
+                        id,
+                        user: Some(UserUpdate {
+                            first_name: Some(format!("n{i}")),
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .expect("the update succeeds")
+                    .into_inner()
+                    .user
+                    .unwrap()
+            }
+        });
+        let acknowledged = futures::future::join_all(calls).await;
+        let latest = acknowledged
+            .iter()
+            .max_by_key(|u| micros(&u.updated_at))
+            .unwrap();
+        let stored = get(&mut app, &created.id).await;
+        // The last change committed is the one with the latest updatedAt.
+        assert_eq!(
+            (micros(&stored.updated_at), &stored.first_name),
+            (micros(&latest.updated_at), &latest.first_name),
+            "round {round}"
+        );
+        let mut times: Vec<i64> = acknowledged.iter().map(|u| micros(&u.updated_at)).collect();
+        times.sort_unstable();
+        times.dedup();
+        assert_eq!(times.len(), 32, "every change has its own updatedAt");
+        assert!(times[0] > micros(&created.updated_at));
+    }
+}
+
+#[tokio::test]
+async fn updated_at_moves_forward_with_every_change_even_when_the_clock_goes_back() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, user("behind", "")).await;
+    let rename = |name: &str| UserUpdate {
+        first_name: Some(name.into()),
+        ..Default::default()
+    };
+    let first = update(&mut app, &created.id, rename("one")).await;
+    // The next change is made by a clock a minute behind (another replica).
+    app.clock.rewind(std::time::Duration::from_secs(60));
+    let second = update(&mut app, &created.id, rename("two")).await;
+    let third = deactivate(&mut app, &created.id).await;
+    assert!(micros(&second.updated_at) > micros(&first.updated_at));
+    assert!(micros(&third.updated_at) > micros(&second.updated_at));
+    let stored = get(&mut app, &created.id).await;
+    assert_eq!(stored.updated_at, third.updated_at);
+    // BatchUpsertUsers follows the same rule.
+    let upserted = app
+        .users
+        .batch_upsert_users(BatchUpsertUsersRequest {
+            users: vec![User {
+                reference: "behind".into(),
+                first_name: "four".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let Some(Outcome::User(fourth)) = upserted[0].outcome.clone() else {
+        panic!("{upserted:?}");
+    };
+    assert!(micros(&fourth.updated_at) > micros(&third.updated_at));
 }

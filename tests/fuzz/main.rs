@@ -202,7 +202,8 @@ async fn raw_export(
 fn describe(call: &Call) -> String {
     let text = format!("{call:?}");
     if text.len() > 400 {
-        format!("{}... ({} bytes)", &text[..400], text.len())
+        let start: String = text.chars().take(400).collect();
+        format!("{start}... ({} bytes)", text.len())
     } else {
         text
     }

@@ -32,11 +32,14 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use diesel::{AsChangeset, ExpressionMethods, Insertable, OptionalExtension, SelectableHelper};
+use diesel::{
+    AsChangeset, ExpressionMethods, Insertable, OptionalExtension, QueryDsl, SelectableHelper,
+    sql_types::Timestamptz,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{find, in_scope};
+use super::in_scope;
 use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone};
 use crate::store::coalesce::Batch;
 use crate::store::error::StoreError;
@@ -171,7 +174,6 @@ struct UserChangeset<'a> {
     active: Option<bool>,
     custom_data: Option<&'a serde_json::Value>,
     avatar_url: Option<&'a str>,
-    updated_at: Option<DateTime<Utc>>,
 }
 
 impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
@@ -193,7 +195,6 @@ impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
             active: changes.active,
             custom_data: changes.custom_data.as_ref().map(CustomData::as_value),
             avatar_url: text(&changes.avatar_url, AvatarUrl::as_str),
-            updated_at: changes.updated_at,
         }
     }
 }
@@ -410,7 +411,7 @@ async fn upsert_all(
             users::active.eq(excluded(users::active)),
             users::custom_data.eq(excluded(users::custom_data)),
             users::avatar_url.eq(excluded(users::avatar_url)),
-            users::updated_at.eq(excluded(users::updated_at)),
+            users::updated_at.eq(after(excluded(users::updated_at))),
         ))
         .returning(UserRow::as_returning())
         .get_results(conn)
@@ -427,7 +428,10 @@ async fn update(
     diesel::update(users::table)
         .filter(users::id.eq(id))
         .filter(in_scope(tenant))
-        .set(UserChangeset::from(changes))
+        .set((
+            UserChangeset::from(changes),
+            users::updated_at.eq(after(changes.at)),
+        ))
         .returning(UserRow::as_returning())
         .get_result(conn)
         .await
@@ -435,7 +439,9 @@ async fn update(
 }
 
 /// Sets the active flag. A user already in that state is returned unchanged
-/// (its `updated_at` stays), which makes (de)activation idempotent.
+/// (its `updated_at` stays), which makes (de)activation idempotent. The row
+/// is locked first, so the outcome is the state this call produced or found,
+/// whatever a concurrent call does.
 async fn set_active(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -443,21 +449,51 @@ async fn set_active(
     active: bool,
     at: DateTime<Utc>,
 ) -> diesel::QueryResult<Written> {
-    let changed = diesel::update(users::table)
-        .filter(users::id.eq(id))
-        .filter(in_scope(tenant))
-        .filter(users::active.ne(active))
-        .set((users::active.eq(active), users::updated_at.eq(at)))
-        .returning(UserRow::as_returning())
-        .get_result(conn)
-        .await
-        .optional()?;
-    Ok(match changed {
-        Some(row) => Written::Updated(row),
-        None => find(conn, id, tenant)
-            .await?
-            .map_or(Written::Missing, Written::Unchanged),
+    conn.transaction(async |conn| {
+        let Some(current) = users::table
+            .filter(users::id.eq(id))
+            .filter(in_scope(tenant))
+            .select(UserRow::as_select())
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?
+        else {
+            return Ok(Written::Missing);
+        };
+        if current.active == active {
+            return Ok(Written::Unchanged(current));
+        }
+        diesel::update(users::table)
+            .filter(users::tenant_id.eq(current.tenant_id))
+            .filter(users::id.eq(id))
+            .set((users::active.eq(active), users::updated_at.eq(after(at))))
+            .returning(UserRow::as_returning())
+            .get_result(conn)
+            .await
+            .map(Written::Updated)
     })
+    .await
+}
+
+diesel::define_sql_function! {
+    /// The larger of two values (Postgres' GREATEST).
+    fn greatest(a: Timestamptz, b: Timestamptz) -> Timestamptz;
+}
+
+/// The `updated_at` of a change made at `at`: computed in the statement,
+/// after the row lock, as the later of `at` and the stored `updated_at` plus
+/// a microsecond, so that each committed change to a user has a later
+/// `updated_at` than the one before, whatever order the calls' clocks were
+/// read in.
+fn after<T>(
+    at: T,
+) -> greatest<T, diesel::dsl::Add<users::updated_at, diesel::data_types::PgInterval>>
+where
+    T: diesel::expression::AsExpression<diesel::sql_types::Timestamptz>,
+{
+    use diesel::dsl::IntervalDsl;
+    greatest(at, users::updated_at + 1.microseconds())
 }
 
 /// CreateUser for the calls of one batch: their rows by [`apply`], each
