@@ -6,15 +6,18 @@
 //! rows, a few batches are in flight at once, and the results are handled in
 //! file order, so memory stays constant whatever the file size. A row the
 //! server refuses, or that cannot be parsed, goes to the rejects file with its
-//! line number and the reason; only an unreachable server (or a refused
-//! token) stops the import.
+//! line number and the reason. A batch that fails for the server's state (a
+//! broken connection, UNAVAILABLE, a rate limit) is sent again for up to a
+//! minute, so a server restart costs a pause, not rows; only a server that
+//! stays unreachable (or a refused token) stops the import.
 
 use std::{
     collections::HashMap,
+    error::Error as _,
     fs::File,
     io::{self, BufRead, BufReader, BufWriter, Write},
     path::Path,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures_util::StreamExt;
@@ -294,6 +297,12 @@ pub async fn import(config: &Config, args: ImportArgs) -> Result<(), BoxError> {
         path.push(".rejects.jsonl");
         path.into()
     });
+    // The rejects of this run only: an earlier run's file goes.
+    match std::fs::remove_file(&rejects_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", rejects_path.display()).into()),
+    }
     let (client, auth) = connect(config, &args.server).await?;
 
     let (sender, receiver) = mpsc::channel(IN_FLIGHT);
@@ -444,9 +453,17 @@ fn authorized<T>(message: T, auth: &AsciiMetadataValue) -> Request<T> {
     request
 }
 
-/// Sends the readable rows of a batch and records each row's outcome. Errs
-/// only when the whole import must stop; any other failure of the call
-/// rejects the batch's rows.
+/// How long a batch is tried again while the server cannot answer it
+/// (restarting, overloaded, its connection broken).
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Sends the readable rows of a batch and records each row's outcome. A
+/// call that fails for the server's state rather than for the rows (the
+/// connection broke, UNAVAILABLE, a rate limit) is sent again, with
+/// back-off, for up to [`RETRY_FOR`]: BatchUpsertUsers matches rows on their
+/// reference, so a batch that was stored before its answer was lost is
+/// stored once. Errs when the whole import must stop; a failure that
+/// concerns the rows rejects them.
 async fn upsert(
     mut client: Client,
     auth: AsciiMetadataValue,
@@ -461,10 +478,27 @@ async fn upsert(
         return Ok(batch);
     }
     let pending = batch.items.iter_mut().filter(|item| item.outcome.is_none());
-    match client
-        .batch_upsert_users(authorized(pb::BatchUpsertUsersRequest { users }, &auth))
-        .await
-    {
+    let give_up = Instant::now() + RETRY_FOR;
+    let mut pause = Duration::from_millis(200);
+    let answer = loop {
+        let request = pb::BatchUpsertUsersRequest {
+            users: users.clone(),
+        };
+        match client.batch_upsert_users(authorized(request, &auth)).await {
+            Err(status) if is_transient(&status) && Instant::now() < give_up => {
+                let wait = status
+                    .get_error_details()
+                    .retry_info()
+                    .and_then(|info| info.retry_delay)
+                    .unwrap_or(pause);
+                tokio::time::sleep(wait).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(status) if is_transient(&status) => return Err(status),
+            answer => break answer,
+        }
+    };
+    match answer {
         Ok(response) => {
             let mut results = response.into_inner().results.into_iter();
             for item in pending {
@@ -501,7 +535,21 @@ fn is_fatal(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unauthenticated | Code::Unimplemented
-    )
+    ) || is_transient(status)
+}
+
+/// Failures of the server's state, not of the rows: worth sending again.
+fn is_transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled => {
+            true
+        }
+        // How a client reports a connection that broke under the call.
+        Code::Unknown | Code::Internal => {
+            status.source().is_some() || status.message().contains("transport error")
+        }
+        _ => false,
+    }
 }
 
 fn fatal(status: &Status) -> BoxError {

@@ -205,6 +205,7 @@ async fn running_out_of_file_descriptors_pauses_accepting_instead_of_spinning() 
     let service = ServiceProcess::start(Start {
         args: vec!["--max-connections".into(), "10000".into()],
         max_open_files: Some(64),
+        ..Default::default()
     })
     .await;
     let mut users = service.users().await;

@@ -23,6 +23,8 @@ pub struct ServiceProcess {
     pub database: String,
     pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Whether the database was made for this process, and goes with it.
+    owns_database: bool,
 }
 
 /// How to start it.
@@ -32,12 +34,25 @@ pub struct Start {
     pub args: Vec<String>,
     /// Most open files (RLIMIT_NOFILE), when set.
     pub max_open_files: Option<u32>,
+    /// The address to listen on; a free port when unset.
+    pub listen: Option<SocketAddr>,
+    /// A database of the caller's (kept at exit); a fresh one when unset.
+    pub database: Option<String>,
+    /// The data directory; a fresh one when unset.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ServiceProcess {
     pub async fn start(start: Start) -> Self {
-        let database = fresh_database().await;
-        let data_dir = scratch_dir("process");
+        let owns_database = start.database.is_none();
+        let database = match start.database {
+            Some(database) => database,
+            None => fresh_database().await,
+        };
+        let data_dir = start.data_dir.unwrap_or_else(|| scratch_dir("process"));
+        let listen = start
+            .listen
+            .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
         let binary = env!("CARGO_BIN_EXE_users-service");
         let mut command = match start.max_open_files {
             Some(n) => {
@@ -51,7 +66,7 @@ impl ServiceProcess {
             None => Command::new(binary),
         };
         command
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", &listen.to_string(), "--log-format", "json"])
             // Defaults through the environment, so that flags can override them.
             .env("RATE_LIMIT_PER_SECOND", "0")
             .env("DB_POOL_SIZE", "4")
@@ -83,6 +98,7 @@ impl ServiceProcess {
             database,
             data_dir,
             log,
+            owns_database,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let serving = loop {
@@ -232,6 +248,8 @@ impl Drop for ServiceProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        drop_database(&self.database);
+        if self.owns_database {
+            drop_database(&self.database);
+        }
     }
 }

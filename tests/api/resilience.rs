@@ -3,7 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::scratch_dir;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{scratch_dir, spawn_with, start_embedded, test_config};
 
 /// Runs the service against `url` until it exits on its own; its exit
 /// status, its stderr and how long it ran.
@@ -73,5 +77,370 @@ async fn startup_against_a_refused_port_retries_then_exits_with_the_cause() {
     assert!(
         stderr.contains(&format!("127.0.0.1:{port}")) && stderr.contains("refused"),
         "{stderr}"
+    );
+}
+
+/// The status of every health entry: overall, then the two services.
+async fn health_of(channel: &tonic::transport::Channel) -> [ServingStatus; 3] {
+    let mut health = HealthClient::new(channel.clone());
+    let mut statuses = [ServingStatus::Unknown; 3];
+    for (status, service) in
+        statuses
+            .iter_mut()
+            .zip(["", "users.v1.UsersService", "users.v1.TenantsService"])
+    {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health answers");
+        *status = response.into_inner().status();
+    }
+    statuses
+}
+
+/// Polls health until `want`, for at most `within`; how long it took.
+async fn health_becomes(
+    channel: &tonic::transport::Channel,
+    want: [ServingStatus; 3],
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = health_of(channel).await;
+        if now == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "health still {now:?} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database_and_liveness_does_not() {
+    use ServingStatus::{NotServing, Serving};
+    let dir = scratch_dir("readiness");
+    let cluster = start_embedded(&dir, true).await;
+    let url = format!(
+        "host={} user=postgres dbname=readiness",
+        cluster.socket_dir().display()
+    );
+    let mut config = test_config(Some(url));
+    config.health_interval = Duration::from_millis(200);
+    let app = spawn_with(config).await;
+    health_becomes(&app.channel, [Serving; 3], Duration::from_secs(2)).await;
+
+    cluster.stop().await.unwrap();
+    health_becomes(
+        &app.channel,
+        [Serving, NotServing, NotServing],
+        Duration::from_secs(3),
+    )
+    .await;
+
+    let cluster = start_embedded(&dir, true).await;
+    health_becomes(&app.channel, [Serving; 3], Duration::from_secs(5)).await;
+    app.shutdown().await;
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_checks_are_never_shed_nor_rate_limited() {
+    let mut app = crate::limits::app_with(|c| {
+        c.max_in_flight = 1;
+        c.rate_limit_per_second = 1;
+        c.rate_limit_burst = Some(1);
+    })
+    .await;
+    let user = crate::users::create(&mut app, crate::users::roq_user()).await;
+    // The one in-flight slot is taken by an update waiting for a row lock.
+    let lock = crate::limits::lock_user_row(&app, &user.id).await;
+    let held = crate::limits::spawn_held_update(&app, &user.id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        assert_eq!(health_of(&app.channel).await, [ServingStatus::Serving; 3]);
+    }
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    let _ = held.await;
+}
+
+#[tokio::test]
+async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is_lost() {
+    use std::sync::{Arc, Mutex};
+    let dir = scratch_dir("supervised");
+    let mut config = test_config(None);
+    config.data_dir = dir.clone();
+    config.health_interval = Duration::from_millis(200);
+    let app = spawn_with(config).await;
+
+    // Creates on four callers, keeping every id the service acknowledged.
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let codes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, u32>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|worker| {
+            let (mut users, acknowledged, codes, stop) = (
+                app.users.clone(),
+                Arc::clone(&acknowledged),
+                Arc::clone(&codes),
+                Arc::clone(&stop),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let mut request =
+                        tonic::Request::new(users_service::pb::v1::CreateUserRequest {
+                            user: Some(crate::users::user(&format!("w{worker}-{n}"), "")),
+                        });
+                    request.set_timeout(Duration::from_secs(5));
+                    let outcome = users.create_user(request).await;
+                    let code = outcome
+                        .as_ref()
+                        .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+                    *codes
+                        .lock()
+                        .unwrap()
+                        .entry(format!("{code:?}"))
+                        .or_default() += 1;
+                    match outcome {
+                        Ok(response) => acknowledged
+                            .lock()
+                            .unwrap()
+                            .push(response.into_inner().user.unwrap().id),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let pid: i32 = std::fs::read_to_string(dir.join("pgdata/postmaster.pid"))
+        .expect("postgres runs in the data directory")
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = acknowledged.lock().unwrap().len();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    // Readiness says so while it is down...
+    health_becomes(
+        &app.channel,
+        [
+            ServingStatus::Serving,
+            ServingStatus::NotServing,
+            ServingStatus::NotServing,
+        ],
+        Duration::from_secs(5),
+    )
+    .await;
+    // ...and creates succeed again within 10 s.
+    loop {
+        let now = acknowledged.lock().unwrap().len();
+        if now > before + 10 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "not serving 10 s after postgres was killed: {:?}",
+            codes.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = killed.elapsed();
+    health_becomes(
+        &app.channel,
+        [ServingStatus::Serving; 3],
+        Duration::from_secs(5),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in load {
+        worker.await.unwrap();
+    }
+
+    let (db, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let stored: std::collections::HashSet<String> = db
+        .query("SELECT id::text FROM users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    let codes = codes.lock().unwrap().clone();
+    println!(
+        "serving again {recovered:?} after the kill; {} creates acknowledged, {} lost; codes {codes:?}",
+        acknowledged.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    assert!(
+        codes
+            .keys()
+            .all(|code| ["Ok", "Unavailable"].contains(&code.as_str())),
+        "only OK and UNAVAILABLE: {codes:?}"
+    );
+    drop(db);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn sigterm_answers_every_call_ok_or_unavailable_and_leaves_no_statement_running() {
+    use crate::process::{ServiceProcess, Start};
+    use std::sync::{Arc, Mutex};
+    let mut service = ServiceProcess::start(Start {
+        args: ["--shutdown-grace", "2s"].map(String::from).to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let mut users = service.users().await;
+    let user = users
+        .create_user(users_service::pb::v1::CreateUserRequest {
+            user: Some(crate::users::roq_user()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let config = crate::helpers::server().config(&service.database);
+    let (db, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // An update that will still be waiting for this row lock at the end of
+    // the grace period.
+    let (locker, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM users WHERE id = '{}' FOR UPDATE",
+            user.id
+        ))
+        .await
+        .unwrap();
+    let held = {
+        let mut users = service.users().await;
+        let id = user.id.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let outcome = users
+                .update_user(users_service::pb::v1::UpdateUserRequest {
+                    id,
+                    user: Some(users_service::pb::v1::UserUpdate {
+                        first_name: Some("Late".into()),
+                        ..Default::default()
+                    }),
+                })
+                .await;
+            (outcome.map(|_| ()), began.elapsed())
+        })
+    };
+
+    // Callers that keep calling, on connections of their own, through the
+    // shutdown; each call's code and duration is kept.
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (addr, token, id) = (service.addr, service.admin_token.clone(), user.id.clone());
+        let (outcomes, stop) = (Arc::clone(&outcomes), Arc::clone(&stop));
+        load.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A fresh connection now and then, as new clients arrive.
+                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_lazy();
+                let mut users = users_service::pb::v1::users_service_client::UsersServiceClient::with_interceptor(
+                    channel,
+                    crate::helpers::Bearer::new(Some(&token)),
+                );
+                for _ in 0..20 {
+                    let began = Instant::now();
+                    let code = users
+                        .get_user(users_service::pb::v1::GetUserRequest { id: id.clone() })
+                        .await
+                        .map_or_else(|status| status.code(), |_| tonic::Code::Ok);
+                    outcomes.lock().unwrap().push((code, began.elapsed()));
+                    if code != tonic::Code::Ok {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let signalled = Instant::now();
+    service.signal(nix::sys::signal::Signal::SIGTERM);
+    let exit = service
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the service exits");
+    let took = signalled.elapsed();
+    // Right after the exit: nothing of the service runs in Postgres.
+    let running: Vec<String> = db
+        .query(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'users-service' AND state = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(exit.success(), "{exit:?}");
+    assert!(took < Duration::from_secs(4), "exited after {took:?}");
+    assert!(running.is_empty(), "still running after exit: {running:?}");
+
+    let (held, held_for) = held.await.unwrap();
+    let status = held.expect_err("the held update did not finish");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(held_for < Duration::from_secs(4), "{held_for:?}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let name: String = db
+        .query_one(
+            "SELECT first_name FROM users WHERE id::text = $1",
+            &[&user.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "Anna", "the cancelled update left nothing behind");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in load {
+        worker.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap().clone();
+    let unexpected: Vec<_> = outcomes
+        .iter()
+        .filter(|(code, took)| {
+            !matches!(code, tonic::Code::Ok | tonic::Code::Unavailable)
+                || *took > Duration::from_secs(3)
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{} of {} calls ended otherwise: {unexpected:?}",
+        unexpected.len(),
+        outcomes.len()
     );
 }

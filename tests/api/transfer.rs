@@ -106,3 +106,79 @@ async fn export_writes_json_lines_that_import_reads_back() {
     assert_eq!(ada["firstName"], "Ada");
     assert_eq!(ada["timezone"], "Europe/London");
 }
+
+#[tokio::test]
+async fn import_through_a_server_crash_stores_every_row_once_and_rejects_none() {
+    use crate::helpers::{drop_database, fresh_database, server};
+    use crate::process::{ServiceProcess, Start};
+
+    const ROWS: usize = 40_000;
+    let database = fresh_database().await;
+    let data_dir = scratch_dir("import-crash");
+    let first = ServiceProcess::start(Start {
+        database: Some(database.clone()),
+        data_dir: Some(data_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let addr = first.addr;
+    let file = data_dir.join("users.jsonl");
+    let rows: String = (0..ROWS)
+        .map(|i| format!("{{\"reference\": \"r{i}\", \"email\": \"u{i}@example.com\"}}\n"))
+        .collect();
+    std::fs::write(&file, rows).unwrap();
+    // What a crashed run of an older version would have left.
+    let rejects = data_dir.join("users.jsonl.rejects.jsonl");
+    std::fs::write(&rejects, "{\"line\": 1}\n").unwrap();
+
+    let import = Command::new(env!("CARGO_BIN_EXE_users-service"))
+        .args(["import", file.to_str().unwrap()])
+        .args(["--server", &format!("http://{addr}")])
+        .env("USERS_SERVICE_TOKEN", &first.admin_token)
+        .kill_on_drop(true)
+        .output();
+    let import = tokio::spawn(import);
+
+    let (db, connection) = server()
+        .config(&database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let count = async || -> i64 {
+        db.query_one("SELECT count(*) FROM users", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    // Kill the server once the import is under way, mid-batch.
+    while count().await < 2_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(first);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let _second = ServiceProcess::start(Start {
+        listen: Some(addr),
+        database: Some(database.clone()),
+        data_dir: Some(data_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+
+    let output = import.await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("rejected 0"), "{stderr}");
+    assert!(!rejects.exists(), "a clean run leaves no rejects file");
+    let row = db
+        .query_one("SELECT count(*), count(DISTINCT reference) FROM users", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (ROWS as i64, ROWS as i64)
+    );
+    drop(db);
+    drop_database(&database);
+}

@@ -549,3 +549,37 @@ async fn updated_at_moves_forward_with_every_change_even_when_the_clock_goes_bac
     };
     assert!(micros(&fourth.updated_at) > micros(&third.updated_at));
 }
+
+#[tokio::test]
+async fn racing_deactivations_and_reactivations_each_return_the_state_they_set() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, user("racer", "")).await;
+    for _ in 0..10 {
+        let calls = (0..16).map(|i| {
+            let mut users = app.users.clone();
+            let id = created.id.clone();
+            async move {
+                let deactivate = i % 2 == 0;
+                let user = if deactivate {
+                    users
+                        .deactivate_user(DeactivateUserRequest { id })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .user
+                } else {
+                    users
+                        .reactivate_user(ReactivateUserRequest { id })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .user
+                };
+                (deactivate, user.unwrap().active)
+            }
+        });
+        for (deactivate, active) in futures::future::join_all(calls).await {
+            assert_eq!(active, Some(!deactivate));
+        }
+    }
+}
