@@ -5,6 +5,7 @@ use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper, p
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::db;
 use super::schema::api_keys;
 
 /// One row of `api_keys`.
@@ -41,8 +42,9 @@ pub async fn insert(conn: &mut AsyncPgConnection, key: &NewApiKey) -> QueryResul
     diesel::insert_into(api_keys::table)
         .values(key)
         .returning(ApiKeyRow::as_returning())
-        .get_result(conn)
+        .get_results(conn)
         .await
+        .and_then(db::single)
 }
 
 /// Loads a key for verification and records that it was used, in one round
@@ -56,8 +58,9 @@ pub async fn load_for_use(
     diesel::update(api_keys::table.find(id))
         .set(api_keys::last_used_at.eq(now))
         .returning(ApiKeyRow::as_returning())
-        .get_result(conn)
+        .get_results(conn)
         .await
+        .and_then(db::single)
         .optional()
 }
 
@@ -83,8 +86,9 @@ pub async fn revoke(
     )
     .set(api_keys::revoked_at.eq(now))
     .returning(ApiKeyRow::as_returning())
-    .get_result(conn)
+    .get_results(conn)
     .await
+    .and_then(db::single)
     .optional()?;
     match revoked {
         Some(row) => Ok(Some(row)),
@@ -98,5 +102,9 @@ pub async fn revoke(
 }
 
 pub async fn count(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
-    api_keys::table.count().get_result(conn).await
+    api_keys::table
+        .count()
+        .get_results(conn)
+        .await
+        .and_then(db::single)
 }

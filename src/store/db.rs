@@ -111,6 +111,24 @@ async fn english_messages(connection: &mut AsyncPgConnection) {
     }
 }
 
+/// The one row a statement returned, read after the statement's whole
+/// reply: `.get_results(conn).await.and_then(db::single)` in place of
+/// diesel-async's `get_result`.
+///
+/// `get_result` answers with the first row as soon as it arrives and drops
+/// the rest of the reply, and with it the commit's outcome: a statement
+/// outside a transaction block commits at the protocol's Sync, after
+/// Postgres has sent its rows and CommandComplete. A backend terminated in
+/// between (a fast shutdown), or a commit that fails (a deferred
+/// constraint), would leave a row acknowledged that was never stored.
+/// `get_results` reads the reply to ReadyForQuery, so an error at commit is
+/// seen. (`clippy.toml` forbids `get_result`.)
+pub fn single<T>(rows: Vec<T>) -> diesel::QueryResult<T> {
+    rows.into_iter()
+        .next()
+        .ok_or(diesel::result::Error::NotFound)
+}
+
 /// Creates the database named in `config` when it does not exist yet, by
 /// connecting to the `postgres` maintenance database of the same server.
 pub async fn create_database_if_missing(config: &tokio_postgres::Config) -> Result<(), BoxError> {

@@ -6,6 +6,7 @@ use diesel::{
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::db;
 use super::filter::{Boxed, CursorValue, TextOp, UuidOp, text_condition, uuid_condition};
 use super::models::{NewTenant, TenantChanges, TenantRow};
 use super::page::{CursorMismatch, Page};
@@ -36,8 +37,9 @@ pub async fn insert(
     diesel::insert_into(tenants::table)
         .values(tenant)
         .returning(TenantRow::as_returning())
-        .get_result(conn)
+        .get_results(conn)
         .await
+        .and_then(db::single)
 }
 
 pub async fn find(
@@ -70,8 +72,9 @@ pub async fn update(
     diesel::update(tenants::table.find(id))
         .set(changes)
         .returning(TenantRow::as_returning())
-        .get_result(conn)
+        .get_results(conn)
         .await
+        .and_then(db::single)
         .optional()
 }
 
@@ -91,8 +94,9 @@ pub async fn list(
         Some(
             filtered(&query.conditions)
                 .count()
-                .get_result::<i64>(conn)
-                .await?,
+                .get_results::<i64>(conn)
+                .await
+                .and_then(db::single)?,
         )
     } else {
         None

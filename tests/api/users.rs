@@ -583,3 +583,54 @@ async fn racing_deactivations_and_reactivations_each_return_the_state_they_set()
         }
     }
 }
+
+#[tokio::test]
+async fn a_write_whose_commit_fails_is_not_acknowledged() {
+    let mut app = spawn_app().await;
+    let kept = create(&mut app, user("kept", "kept@example.com")).await;
+    // A check that Postgres runs at commit, after the statement has sent
+    // its rows and CommandComplete.
+    app.db
+        .batch_execute(
+            "CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.first_name = 'Doomed' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+             RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse_doomed AFTER INSERT OR UPDATE ON users \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_doomed();",
+        )
+        .await
+        .unwrap();
+
+    let created = app
+        .users
+        .create_user(CreateUserRequest {
+            user: Some(User {
+                first_name: "Doomed".into(),
+                ..user("doomed", "doomed@example.com")
+            }),
+        })
+        .await;
+    let status = created.expect_err("a create that did not commit was acknowledged");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+
+    let updated = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: kept.id.clone(),
+            user: Some(UserUpdate {
+                first_name: Some("Doomed".into()),
+                ..Default::default()
+            }),
+        })
+        .await;
+    let status = updated.expect_err("an update that did not commit was acknowledged");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+
+    let rows = app
+        .db
+        .query("SELECT reference, first_name FROM users", &[])
+        .await
+        .unwrap();
+    let stored: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(stored, [("kept".to_owned(), kept.first_name)]);
+}

@@ -9,6 +9,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{BoolField, Condition, OrderField, TextField, TimeField, UuidField};
+use crate::store::db;
 use crate::store::filter::{
     Boxed, CursorValue, Direction, escape_like, text_condition, time_condition, uuid_condition,
 };
@@ -64,8 +65,9 @@ pub async fn list(
         (true, None) => Some(
             filtered(&query.conditions)
                 .count()
-                .get_result::<i64>(conn)
-                .await?,
+                .get_results::<i64>(conn)
+                .await
+                .and_then(db::single)?,
         ),
         // The first limit + 1 matches, counted: as many rows at most.
         (true, Some(limit)) => Some(
@@ -74,8 +76,9 @@ pub async fn list(
                     .select(users::id)
                     .limit(limit + 1),
             )
-            .get_result::<i64>(conn)
-            .await?,
+            .get_results::<i64>(conn)
+            .await
+            .and_then(db::single)?,
         ),
     };
 

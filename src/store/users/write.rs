@@ -42,6 +42,7 @@ use uuid::Uuid;
 use super::in_scope;
 use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone};
 use crate::store::coalesce::Batch;
+use crate::store::db;
 use crate::store::error::StoreError;
 use crate::store::models::{NewUser, UserChanges, UserRow};
 use crate::store::schema::users;
@@ -359,8 +360,9 @@ async fn insert(conn: &mut AsyncPgConnection, user: &NewUser) -> diesel::QueryRe
     diesel::insert_into(users::table)
         .values(UserInsert::from(user))
         .returning(UserRow::as_returning())
-        .get_result(conn)
+        .get_results(conn)
         .await
+        .and_then(db::single)
 }
 
 /// Inserts `rows` in one statement and returns those stored. A row that
@@ -433,8 +435,9 @@ async fn update(
             users::updated_at.eq(after(changes.at)),
         ))
         .returning(UserRow::as_returning())
-        .get_result(conn)
+        .get_results(conn)
         .await
+        .and_then(db::single)
         .optional()
 }
 
@@ -469,8 +472,9 @@ async fn set_active(
             .filter(users::id.eq(id))
             .set((users::active.eq(active), users::updated_at.eq(after(at))))
             .returning(UserRow::as_returning())
-            .get_result(conn)
+            .get_results(conn)
             .await
+            .and_then(db::single)
             .map(Written::Updated)
     })
     .await
