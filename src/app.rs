@@ -96,7 +96,8 @@ impl Application {
         });
 
         // The embedded cluster's supervisor wakes the health probe when
-        // postgres dies and when it is back.
+        // postgres dies and when it is back; the pool wakes it when a
+        // connection cannot be opened.
         let health_wake = Arc::new(tokio::sync::Notify::new());
         let database = Database::open(
             config.database_url.as_deref(),
@@ -106,8 +107,12 @@ impl Application {
             Some(Arc::clone(&health_wake)),
         )
         .await?;
-        let pool = db::build_pool(database.config.clone(), &config.pool_settings())
-            .map_err(StartError::Database)?;
+        let pool = db::build_pool(
+            database.config.clone(),
+            &config.pool_settings(),
+            Some(Arc::clone(&health_wake)),
+        )
+        .map_err(StartError::Database)?;
         let metrics = Arc::new(Metrics::new());
         let state = {
             let mut conn = pool

@@ -6,8 +6,9 @@
 //! - `users.v1.UsersService` and `users.v1.TenantsService` are readiness:
 //!   SERVING while the database answers, NOT_SERVING while it does not. A
 //!   probe of its own (one connection, `SELECT 1` every `--health-interval`,
-//!   each step bounded by `--db-connect-timeout`) decides, and the embedded
-//!   cluster's supervisor asks for a probe at once when Postgres dies.
+//!   each step bounded by `--db-connect-timeout`) decides; the embedded
+//!   cluster's supervisor asks for a probe at once when Postgres dies, and
+//!   the pool does when it cannot open a connection.
 //! - On shutdown every entry turns NOT_SERVING and stays so.
 //!
 //! Each change of readiness is logged once, with the cause and, on the way

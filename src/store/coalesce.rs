@@ -229,6 +229,7 @@ mod tests {
                 acquire_timeout: Duration::from_secs(5),
                 statement_timeout: Duration::from_secs(5),
             },
+            None,
         )
         .unwrap()
     }

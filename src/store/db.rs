@@ -48,10 +48,13 @@ pub struct PoolSettings {
 
 /// Builds the pool. Connections are opened lazily, so this succeeds while the
 /// database is down; calls then fail fast with UNAVAILABLE and the pool
-/// reconnects by itself once the database is back.
+/// reconnects by itself once the database is back. Each connection that
+/// cannot be opened tells `connect_failed` (the health probe, which then
+/// looks at once instead of at its next interval).
 pub fn build_pool(
     mut config: tokio_postgres::Config,
     settings: &PoolSettings,
+    connect_failed: Option<Arc<Notify>>,
 ) -> Result<DbPool, BoxError> {
     config
         .application_name("users-service")
@@ -68,11 +71,14 @@ pub fn build_pool(
     manager_config.recycling_method = RecyclingMethod::Fast;
     manager_config.custom_setup = Box::new(move |_url| {
         let config = Arc::clone(&config);
+        let connect_failed = connect_failed.clone();
         async move {
-            let (client, connection) = config
-                .connect(NoTls)
-                .await
-                .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+            let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+                if let Some(notify) = &connect_failed {
+                    notify.notify_one();
+                }
+                ConnectionError::BadConnection(e.to_string())
+            })?;
             let mut connection =
                 AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
             english_messages(&mut connection).await;

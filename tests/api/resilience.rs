@@ -149,6 +149,43 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
 }
 
 #[tokio::test]
+async fn readiness_hears_from_the_pool_before_its_next_probe() {
+    use ServingStatus::{NotServing, Serving};
+    let dir = scratch_dir("readiness-pool");
+    let cluster = start_embedded(&dir, true).await;
+    let url = format!(
+        "host={} user=postgres dbname=readiness",
+        cluster.socket_dir().display()
+    );
+    let mut config = test_config(Some(url));
+    // No probe of its own during the test.
+    config.health_interval = Duration::from_secs(3600);
+    let mut app = spawn_with(config).await;
+    health_becomes(&app.channel, [Serving; 3], Duration::from_secs(2)).await;
+
+    cluster.stop().await.unwrap();
+    // Calls fail; the pool, which cannot open a connection, tells the probe.
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let outcome = app
+            .users
+            .get_user(users_service::pb::v1::GetUserRequest {
+                id: uuid::Uuid::now_v7().to_string(),
+            })
+            .await;
+        codes.push(outcome.map_or_else(|status| status.code(), |_| tonic::Code::Ok));
+    }
+    assert!(codes.contains(&tonic::Code::Unavailable), "{codes:?}");
+    health_becomes(
+        &app.channel,
+        [Serving, NotServing, NotServing],
+        Duration::from_secs(2),
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn health_checks_are_never_shed_nor_rate_limited() {
     let mut app = crate::limits::app_with(|c| {
         c.max_in_flight = 1;
