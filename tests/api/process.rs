@@ -15,16 +15,32 @@ use tonic::transport::Channel;
 use crate::helpers::{Bearer, Users, drop_database, fresh_database, scratch_dir, server};
 use users_service::pb::v1::users_service_client::UsersServiceClient;
 
-/// A running `users-service` binary on a fresh database.
+/// A running `users-service` binary.
 pub struct ServiceProcess {
     child: Child,
     pub addr: SocketAddr,
     pub admin_token: String,
+    /// Its name on the tests' server; empty for [`Database::Url`] and
+    /// [`Database::Embedded`].
     pub database: String,
     pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Whether the database was made for this process, and goes with it.
     owns_database: bool,
+}
+
+/// The database a [`ServiceProcess`] uses.
+#[derive(Debug, Default, Clone)]
+pub enum Database {
+    /// A fresh database on the tests' server, dropped with the process.
+    #[default]
+    Fresh,
+    /// The caller's database on the tests' server, kept.
+    Named(String),
+    /// Any server, by URL.
+    Url(String),
+    /// None given: the service runs its own in its data directory.
+    Embedded,
 }
 
 /// How to start it.
@@ -36,18 +52,27 @@ pub struct Start {
     pub max_open_files: Option<u32>,
     /// The address to listen on; a free port when unset.
     pub listen: Option<SocketAddr>,
-    /// A database of the caller's (kept at exit); a fresh one when unset.
-    pub database: Option<String>,
+    /// Which database it uses.
+    pub database: Database,
     /// The data directory; a fresh one when unset.
     pub data_dir: Option<PathBuf>,
 }
 
 impl ServiceProcess {
     pub async fn start(start: Start) -> Self {
-        let owns_database = start.database.is_none();
-        let database = match start.database {
-            Some(database) => database,
-            None => fresh_database().await,
+        let owns_database = matches!(start.database, Database::Fresh);
+        let (database, url) = match start.database {
+            Database::Fresh => {
+                let name = fresh_database().await;
+                let url = server().url(&name);
+                (name, Some(url))
+            }
+            Database::Named(name) => {
+                let url = server().url(&name);
+                (name, Some(url))
+            }
+            Database::Url(url) => (String::new(), Some(url)),
+            Database::Embedded => (String::new(), None),
         };
         let data_dir = start.data_dir.unwrap_or_else(|| scratch_dir("process"));
         let listen = start
@@ -70,8 +95,7 @@ impl ServiceProcess {
             // Defaults through the environment, so that flags can override them.
             .env("RATE_LIMIT_PER_SECOND", "0")
             .env("DB_POOL_SIZE", "4")
-            .arg("--database-url")
-            .arg(server().url(&database))
+            .args(url.iter().flat_map(|url| ["--database-url", url]))
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&start.args)

@@ -110,13 +110,13 @@ async fn export_writes_json_lines_that_import_reads_back() {
 #[tokio::test]
 async fn import_through_a_server_crash_stores_every_row_once_and_rejects_none() {
     use crate::helpers::{drop_database, fresh_database, server};
-    use crate::process::{ServiceProcess, Start};
+    use crate::process::{Database, ServiceProcess, Start};
 
     const ROWS: usize = 40_000;
     let database = fresh_database().await;
     let data_dir = scratch_dir("import-crash");
     let first = ServiceProcess::start(Start {
-        database: Some(database.clone()),
+        database: Database::Named(database.clone()),
         data_dir: Some(data_dir.clone()),
         ..Default::default()
     })
@@ -160,7 +160,7 @@ async fn import_through_a_server_crash_stores_every_row_once_and_rejects_none() 
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let _second = ServiceProcess::start(Start {
         listen: Some(addr),
-        database: Some(database.clone()),
+        database: Database::Named(database.clone()),
         data_dir: Some(data_dir.clone()),
         ..Default::default()
     })
