@@ -481,3 +481,44 @@ async fn sigterm_answers_every_call_ok_or_unavailable_and_leaves_no_statement_ru
         outcomes.len()
     );
 }
+
+#[tokio::test]
+async fn a_service_started_right_after_a_sigkill_waits_for_the_old_postgres_and_keeps_its_data() {
+    use crate::process::{Database, ServiceProcess, Start};
+    let data_dir = scratch_dir("sigkill-restart");
+    let start = Start {
+        database: Database::Embedded,
+        data_dir: Some(data_dir.clone()),
+        ..Default::default()
+    };
+    let mut first = ServiceProcess::start(start.clone()).await;
+    let mut users = first.users().await;
+    let created = users
+        .create_user(users_service::pb::v1::CreateUserRequest {
+            user: Some(crate::users::roq_user()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    // Its postgres gets the parent's death as a signal and takes a moment
+    // to stop; the next service starts meanwhile.
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("killed");
+    let second = ServiceProcess::start(start).await;
+    let mut users = second.users().await;
+    let found = users
+        .get_user(users_service::pb::v1::GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("the user survives")
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(found, created);
+}
