@@ -120,19 +120,37 @@ async fn health_becomes(
     }
 }
 
-#[tokio::test]
-async fn readiness_follows_the_database_and_liveness_does_not() {
-    use ServingStatus::{NotServing, Serving};
-    let dir = scratch_dir("readiness");
-    let cluster = start_embedded(&dir, true).await;
+/// A server on a Postgres of the test's own (in `dir`), which the test may
+/// stop and start, probing it every `health_interval`; serving.
+async fn app_on_own_postgres(
+    dir: &std::path::Path,
+    health_interval: Duration,
+) -> (
+    crate::helpers::TestApp,
+    users_service::embedded_pg::EmbeddedPostgres,
+) {
+    let cluster = start_embedded(dir, true).await;
     let url = format!(
         "host={} user=postgres dbname=readiness",
         cluster.socket_dir().display()
     );
     let mut config = test_config(Some(url));
-    config.health_interval = Duration::from_millis(200);
+    config.health_interval = health_interval;
     let app = spawn_with(config).await;
-    health_becomes(&app.channel, [Serving; 3], Duration::from_secs(2)).await;
+    health_becomes(
+        &app.channel,
+        [ServingStatus::Serving; 3],
+        Duration::from_secs(2),
+    )
+    .await;
+    (app, cluster)
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database_and_liveness_does_not() {
+    use ServingStatus::{NotServing, Serving};
+    let dir = scratch_dir("readiness");
+    let (app, cluster) = app_on_own_postgres(&dir, Duration::from_millis(200)).await;
 
     cluster.stop().await.unwrap();
     health_becomes(
@@ -152,16 +170,8 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
 async fn readiness_hears_from_the_pool_before_its_next_probe() {
     use ServingStatus::{NotServing, Serving};
     let dir = scratch_dir("readiness-pool");
-    let cluster = start_embedded(&dir, true).await;
-    let url = format!(
-        "host={} user=postgres dbname=readiness",
-        cluster.socket_dir().display()
-    );
-    let mut config = test_config(Some(url));
     // No probe of its own during the test.
-    config.health_interval = Duration::from_secs(3600);
-    let mut app = spawn_with(config).await;
-    health_becomes(&app.channel, [Serving; 3], Duration::from_secs(2)).await;
+    let (mut app, cluster) = app_on_own_postgres(&dir, Duration::from_secs(3600)).await;
 
     cluster.stop().await.unwrap();
     // Calls fail; the pool, which cannot open a connection, tells the probe.
