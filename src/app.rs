@@ -194,8 +194,10 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         health::set_all(&health, ServingStatus::Serving).await;
+        self.metrics.database_ready(true);
         // Readiness follows the database from here on.
         let (stop_probe, probe_stopped) = tokio::sync::watch::channel(false);
+        let metrics = Arc::clone(&self.metrics);
         let prober = tokio::spawn(health::follow_database(
             health.clone(),
             health::Probe {
@@ -204,6 +206,7 @@ impl Application {
                 timeout: self.config.db_connect_timeout,
             },
             Arc::clone(&self.health_wake),
+            move |ready| metrics.database_ready(ready),
             probe_stopped,
         ));
 

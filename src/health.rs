@@ -44,11 +44,12 @@ pub struct Probe {
 }
 
 /// Keeps readiness in step with the database until `stop` turns true.
-/// `wake` asks for a probe now.
+/// `wake` asks for a probe now; `changed` hears each change (true: ready).
 pub async fn follow_database(
     health: HealthReporter,
     probe: Probe,
     wake: Arc<Notify>,
+    changed: impl Fn(bool) + Send,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
@@ -64,11 +65,13 @@ pub async fn follow_database(
                 );
                 down = None;
                 set_readiness(&health, ServingStatus::Serving).await;
+                changed(true);
             }
             (Err(cause), None) => {
                 tracing::error!(error = %cause, "the database does not answer; not ready (NOT_SERVING)");
                 down = Some(Instant::now());
                 set_readiness(&health, ServingStatus::NotServing).await;
+                changed(false);
             }
             _ => {}
         }

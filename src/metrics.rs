@@ -89,6 +89,8 @@ pub struct Metrics {
     batches: Family<BatchLabels, Histogram, fn() -> Histogram>,
     connections: Gauge,
     refused_connections: Counter,
+    database_ready: Gauge,
+    database_outages: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,6 +118,8 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(BATCH_BUCKETS));
         let connections = Gauge::default();
         let refused_connections = Counter::default();
+        let database_ready = Gauge::default();
+        let database_outages = Counter::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -163,6 +167,16 @@ impl Metrics {
             refused_connections.clone(),
         );
         registry.register(
+            "users_service_database_ready",
+            "1 while the database answers (readiness SERVING), 0 while it does not",
+            database_ready.clone(),
+        );
+        registry.register(
+            "users_service_database_outages",
+            "Times the database stopped answering (readiness turned NOT_SERVING)",
+            database_outages.clone(),
+        );
+        registry.register(
             "users_service_build_info",
             "Always 1; the labels describe the running build",
             build,
@@ -177,6 +191,16 @@ impl Metrics {
             batches,
             connections,
             refused_connections,
+            database_ready,
+            database_outages,
+        }
+    }
+
+    /// Readiness changed: the database answers (`true`) or stopped (`false`).
+    pub fn database_ready(&self, ready: bool) {
+        self.database_ready.set(i64::from(ready));
+        if !ready {
+            self.database_outages.inc();
         }
     }
 

@@ -173,11 +173,7 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
     };
     assert!(refused, "a fourth connection is refused");
     let text = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
-    let plain = |name: &str| -> Option<f64> {
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name} ")))
-            .and_then(|value| value.parse().ok())
-    };
+    let plain = |name: &str| crate::metrics::sample(&text, name, &[]);
     assert!(
         plain("users_service_refused_connections_total").is_some_and(|n| n >= 1.0),
         "{text}"

@@ -25,7 +25,10 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
 /// The value of the sample `name` whose labels include all of `labels`.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
         .find(|line| {
             labels
                 .iter()
@@ -254,7 +257,10 @@ async fn calls_their_clients_abandon_are_counted_once_as_the_client_saw_them() {
     assert_eq!(handled("CANCELLED"), Some(1.0), "{text}");
     let total = |name: &str| -> f64 {
         text.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };

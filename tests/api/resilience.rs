@@ -136,6 +136,7 @@ async fn app_on_own_postgres(
     );
     let mut config = test_config(Some(url));
     config.health_interval = health_interval;
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let app = spawn_with(config).await;
     health_becomes(
         &app.channel,
@@ -152,6 +153,16 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
     let dir = scratch_dir("readiness");
     let (app, cluster) = app_on_own_postgres(&dir, Duration::from_millis(200)).await;
 
+    let ready = async || {
+        let text = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
+        let value = |name| crate::metrics::sample(&text, name, &[]);
+        (
+            value("users_service_database_ready"),
+            value("users_service_database_outages_total"),
+        )
+    };
+    assert_eq!(ready().await, (Some(1.0), Some(0.0)));
+
     cluster.stop().await.unwrap();
     health_becomes(
         &app.channel,
@@ -159,9 +170,11 @@ async fn readiness_follows_the_database_and_liveness_does_not() {
         Duration::from_secs(3),
     )
     .await;
+    assert_eq!(ready().await, (Some(0.0), Some(1.0)));
 
     let cluster = start_embedded(&dir, true).await;
     health_becomes(&app.channel, [Serving; 3], Duration::from_secs(5)).await;
+    assert_eq!(ready().await, (Some(1.0), Some(1.0)));
     app.shutdown().await;
     cluster.stop().await.unwrap();
 }
