@@ -39,7 +39,8 @@ impl StoreError {
 }
 
 /// Server messages that mean the database went away or is not ready, by
-/// SQLSTATE class 57 (operator intervention) and 08 (connection exception).
+/// SQLSTATE class 57 (operator intervention) and 08 (connection exception),
+/// or has no room left to write (53100).
 /// diesel-async keeps the SQLSTATE of only a few errors and reports these
 /// with kind `Unknown`, so they are recognised by their message, which is
 /// English for every connection of this service: the embedded cluster runs
@@ -59,6 +60,10 @@ pub(crate) const OUTAGE_MESSAGES: &[&str] = &[
     "canceling statement due to statement timeout",
     // The driver's own words for a connection that closed under a statement.
     "connection closed",
+    // 53100 disk_full, and any file Postgres cannot write for want of room
+    // ("could not extend file ...: No space left on device"): the server's
+    // state, not the request's, and it passes once room is made.
+    "No space left on device",
 ];
 
 /// Whether `error` means the database cannot be reached or cannot serve now.
@@ -139,6 +144,7 @@ mod tests {
             "the database system is not yet accepting connections",
             "canceling statement due to statement timeout",
             "connection closed",
+            "could not extend file \"base/16384/16390\": No space left on device",
         ];
         for message in cases {
             let error = StoreError::from(database(DatabaseErrorKind::Unknown, message));

@@ -545,3 +545,141 @@ async fn a_service_started_right_after_a_sigkill_waits_for_the_old_postgres_and_
         .unwrap();
     assert_eq!(found, created);
 }
+
+/// A tmpfs of `size` mounted at a fresh directory, unmounted when dropped;
+/// None where this process may not mount (it is not root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<Self> {
+        if !nix::unistd::getuid().is_root() {
+            return None;
+        }
+        let dir = scratch_dir("small-disk");
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|status| status.success());
+        mounted.then_some(Self(dir))
+    }
+
+    /// Fills it up with one file; that file's path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_makes_writes_unavailable_and_they_succeed_again_once_it_is_freed() {
+    let Some(disk) = SmallDisk::mount("160m") else {
+        eprintln!("skipped: mounting a small file system needs root");
+        return;
+    };
+    let mut config = test_config(None);
+    config.data_dir = disk.0.clone();
+    config.health_interval = Duration::from_millis(200);
+    let mut app = spawn_with(config).await;
+    let mut acknowledged = Vec::new();
+    let create = async |app: &mut crate::helpers::TestApp, n: usize| {
+        let mut request = tonic::Request::new(users_service::pb::v1::CreateUserRequest {
+            user: Some(crate::users::user(&format!("r{n}"), "")),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        app.users
+            .create_user(request)
+            .await
+            .map(|response| response.into_inner().user.unwrap().id)
+    };
+    for n in 0..10 {
+        acknowledged.push(create(&mut app, n).await.expect("room to write"));
+    }
+
+    let filler = disk.fill();
+    // Writes fail once Postgres needs a new page (or WAL), as UNAVAILABLE:
+    // the server's state, not the request's.
+    let mut codes = std::collections::BTreeMap::<String, u32>::new();
+    let mut n = 10;
+    while codes.is_empty() && n < 2_000 {
+        match create(&mut app, n).await {
+            Ok(id) => acknowledged.push(id),
+            Err(status) => *codes.entry(format!("{:?}", status.code())).or_default() += 1,
+        }
+        n += 1;
+    }
+    for _ in 0..5 {
+        if let Err(status) = create(&mut app, n).await {
+            *codes.entry(format!("{:?}", status.code())).or_default() += 1;
+        }
+        n += 1;
+    }
+    assert!(!codes.is_empty(), "no write failed on a full disk");
+    assert!(
+        codes.keys().all(|code| code == "Unavailable"),
+        "only UNAVAILABLE on a full disk: {codes:?}"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let freed = Instant::now();
+    loop {
+        match create(&mut app, n).await {
+            Ok(id) => {
+                acknowledged.push(id);
+                break;
+            }
+            Err(status) => assert!(
+                freed.elapsed() < Duration::from_secs(20),
+                "writes still fail 20 s after the disk was freed: {status:?}"
+            ),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    health_becomes(
+        &app.channel,
+        [ServingStatus::Serving; 3],
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let (db, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let stored: std::collections::HashSet<String> = db
+        .query("SELECT id::text FROM users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    println!(
+        "full disk: {codes:?}; writable again {:?} after it was freed",
+        freed.elapsed()
+    );
+    drop(db);
+    app.shutdown().await;
+}
