@@ -26,6 +26,9 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 /// The health entries that follow the database.
 pub const READINESS: [&str; 2] = ["users.v1.UsersService", "users.v1.TenantsService"];
 
+/// The shortest time between two probes that a wake asks for.
+const MIN_PROBE_GAP: Duration = Duration::from_millis(50);
+
 /// Sets every entry, liveness included.
 pub async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
@@ -75,9 +78,16 @@ pub async fn follow_database(
             }
             _ => {}
         }
+        // A wake comes with every connection the pool fails to open, which
+        // during an outage can be every call: at most one probe per
+        // MIN_PROBE_GAP, whatever their number.
+        let earliest = Instant::now() + MIN_PROBE_GAP;
         tokio::select! {
             () = tokio::time::sleep(probe.every) => {}
-            () = wake.notified() => {}
+            () = async {
+                wake.notified().await;
+                tokio::time::sleep_until(earliest).await;
+            } => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
     }

@@ -530,12 +530,10 @@ async fn upsert(
     Ok(batch)
 }
 
-/// Failures that no later call would escape.
+/// Failures that no later call would escape (a server that stayed
+/// unreachable has already been given up on in the retry loop).
 fn is_fatal(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unauthenticated | Code::Unimplemented
-    ) || is_transient(status)
+    matches!(status.code(), Code::Unauthenticated | Code::Unimplemented)
 }
 
 /// Failures of the server's state, not of the rows: worth sending again.
