@@ -205,15 +205,7 @@ async fn running_out_of_file_descriptors_pauses_accepting_instead_of_spinning() 
     })
     .await;
     let mut users = service.users().await;
-    let user = users
-        .create_user(users_service::pb::v1::CreateUserRequest {
-            user: Some(roq_user()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = service.create_user(roq_user()).await;
 
     // More connections than the process may have files.
     let mut held = Vec::new();
@@ -415,16 +407,7 @@ async fn sigterm_ends_every_call_within_the_grace_period_and_exits_cleanly() {
         ..Default::default()
     })
     .await;
-    let mut users = service.users().await;
-    let user = users
-        .create_user(users_service::pb::v1::CreateUserRequest {
-            user: Some(roq_user()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = service.create_user(roq_user()).await;
 
     // Well-behaved callers, each on a connection of its own...
     let mut load = Vec::new();
@@ -453,13 +436,7 @@ async fn sigterm_ends_every_call_within_the_grace_period_and_exits_cleanly() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let signalled = std::time::Instant::now();
-    service.signal(nix::sys::signal::Signal::SIGTERM);
-    let exit = service
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("the service exits");
-    let took = signalled.elapsed();
+    let (exit, took) = service.terminate(Duration::from_secs(10)).await;
     assert!(exit.success(), "{exit:?}");
     assert!(took < Duration::from_secs(4), "exited after {took:?}");
     for call in load.into_iter().chain([]) {

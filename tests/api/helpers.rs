@@ -242,6 +242,37 @@ pub struct TestApp {
 }
 
 /// A fresh database cloned from the migrated template; its name.
+/// Kills the postmaster of the embedded cluster in `data_dir` with
+/// SIGKILL; its pid.
+pub fn kill_postmaster(data_dir: &std::path::Path) -> i32 {
+    let pid: i32 = std::fs::read_to_string(data_dir.join("pgdata/postmaster.pid"))
+        .expect("postgres runs in the data directory")
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("the postmaster is killed");
+    pid
+}
+
+/// The ids of every user stored in the database of `config`.
+pub async fn stored_user_ids(config: &tokio_postgres::Config) -> std::collections::HashSet<String> {
+    let (client, connection) = config.connect(NoTls).await.expect("connects");
+    tokio::spawn(connection);
+    client
+        .query("SELECT id::text FROM users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 pub async fn fresh_database() -> String {
     let server = server();
     let name = format!(

@@ -181,6 +181,30 @@ impl ServiceProcess {
             .expect("connects to the service")
     }
 
+    /// Creates `user` through the service; the stored user.
+    pub async fn create_user(
+        &self,
+        user: users_service::pb::v1::User,
+    ) -> users_service::pb::v1::User {
+        self.users()
+            .await
+            .create_user(users_service::pb::v1::CreateUserRequest { user: Some(user) })
+            .await
+            .expect("the user is created")
+            .into_inner()
+            .user
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the exit; its status and
+    /// how long it took.
+    pub async fn terminate(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let signalled = Instant::now();
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let exit = self.wait_exit(within).await.expect("the service exits");
+        (exit, signalled.elapsed())
+    }
+
     pub async fn users(&self) -> Users {
         UsersServiceClient::with_interceptor(
             self.channel().await,
@@ -188,13 +212,18 @@ impl ServiceProcess {
         )
     }
 
-    /// Creates an API key in the service's database; its token.
+    /// Creates an API key in the service's database (one on the tests'
+    /// server: [`Database::Fresh`] or [`Database::Named`]); its token.
     pub async fn create_key(
         &self,
         role: users_service::auth::Role,
         tenant: Option<uuid::Uuid>,
         rate_limit: Option<u32>,
     ) -> String {
+        assert!(
+            !self.database.is_empty(),
+            "the database is not on the tests' server"
+        );
         let config = server().config(&self.database);
         let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
         let mut conn =

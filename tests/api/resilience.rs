@@ -280,19 +280,8 @@ async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    let pid: i32 = std::fs::read_to_string(dir.join("pgdata/postmaster.pid"))
-        .expect("postgres runs in the data directory")
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
     let before = acknowledged.lock().unwrap().len();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    crate::helpers::kill_postmaster(&dir);
     let killed = Instant::now();
     // Readiness says so while it is down...
     health_becomes(
@@ -330,15 +319,7 @@ async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is
         worker.await.unwrap();
     }
 
-    let (db, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let stored: std::collections::HashSet<String> = db
-        .query("SELECT id::text FROM users", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored = crate::helpers::stored_user_ids(&app.db_config).await;
     let acknowledged = acknowledged.lock().unwrap().clone();
     let lost: Vec<_> = acknowledged
         .iter()
@@ -357,7 +338,6 @@ async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is
             .all(|code| ["Ok", "Unavailable"].contains(&code.as_str())),
         "only OK and UNAVAILABLE: {codes:?}"
     );
-    drop(db);
     app.shutdown().await;
 }
 
@@ -370,16 +350,7 @@ async fn sigterm_answers_every_call_ok_or_unavailable_and_leaves_no_statement_ru
         ..Default::default()
     })
     .await;
-    let mut users = service.users().await;
-    let user = users
-        .create_user(users_service::pb::v1::CreateUserRequest {
-            user: Some(crate::users::roq_user()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = service.create_user(crate::users::roq_user()).await;
     let config = crate::helpers::server().config(&service.database);
     let (db, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -446,13 +417,7 @@ async fn sigterm_answers_every_call_ok_or_unavailable_and_leaves_no_statement_ru
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let signalled = Instant::now();
-    service.signal(nix::sys::signal::Signal::SIGTERM);
-    let exit = service
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("the service exits");
-    let took = signalled.elapsed();
+    let (exit, took) = service.terminate(Duration::from_secs(10)).await;
     // Right after the exit: nothing of the service runs in Postgres.
     let running: Vec<String> = db
         .query(
@@ -515,16 +480,7 @@ async fn a_service_started_right_after_a_sigkill_waits_for_the_old_postgres_and_
         ..Default::default()
     };
     let mut first = ServiceProcess::start(start.clone()).await;
-    let mut users = first.users().await;
-    let created = users
-        .create_user(users_service::pb::v1::CreateUserRequest {
-            user: Some(crate::users::roq_user()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let created = first.create_user(crate::users::roq_user()).await;
     // Its postgres gets the parent's death as a signal and takes a moment
     // to stop; the next service starts meanwhile.
     first.signal(nix::sys::signal::Signal::SIGKILL);
@@ -662,15 +618,7 @@ async fn a_full_disk_makes_writes_unavailable_and_they_succeed_again_once_it_is_
     )
     .await;
 
-    let (db, connection) = app.db_config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let stored: std::collections::HashSet<String> = db
-        .query("SELECT id::text FROM users", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored = crate::helpers::stored_user_ids(&app.db_config).await;
     let lost: Vec<_> = acknowledged
         .iter()
         .filter(|id| !stored.contains(*id))
@@ -680,6 +628,5 @@ async fn a_full_disk_makes_writes_unavailable_and_they_succeed_again_once_it_is_
         "full disk: {codes:?}; writable again {:?} after it was freed",
         freed.elapsed()
     );
-    drop(db);
     app.shutdown().await;
 }

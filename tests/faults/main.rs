@@ -32,7 +32,6 @@ mod process;
 use std::{
     collections::{BTreeMap, HashMap},
     error::Error as _,
-    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -235,24 +234,9 @@ async fn progress(load: &Load, more: usize, since: Instant) {
 /// SIGTERM under load; how long the service took to exit.
 async fn terminate(service: &mut ServiceProcess, load: &Load) -> f64 {
     load.terminating.store(true, Ordering::Relaxed);
-    let signalled = Instant::now();
-    service.signal(nix::sys::signal::Signal::SIGTERM);
-    let exit = service
-        .wait_exit(DRAIN_LIMIT)
-        .await
-        .expect("the service exits within the grace");
+    let (exit, took) = service.terminate(DRAIN_LIMIT).await;
     assert!(exit.success(), "exit status {exit:?}");
-    signalled.elapsed().as_secs_f64()
-}
-
-fn postmaster_pid(data_dir: &Path) -> i32 {
-    std::fs::read_to_string(data_dir.join("pgdata/postmaster.pid"))
-        .expect("postgres runs in the data directory")
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    took.as_secs_f64()
 }
 
 /// What `db` holds of what the callers saw: the acknowledged ids it does
@@ -391,28 +375,29 @@ impl Report {
     }
 }
 
-/// The service on its own Postgres, whose postmaster is killed.
-async fn embedded() -> Report {
-    let data_dir = helpers::scratch_dir("faults-embedded");
-    let mut service = ServiceProcess::start(Start {
-        database: Database::Embedded,
-        data_dir: Some(data_dir.clone()),
+/// The service binary, with a short grace and a quick readiness probe.
+async fn start(database: Database, data_dir: Option<std::path::PathBuf>) -> ServiceProcess {
+    ServiceProcess::start(Start {
+        database,
+        data_dir,
         args: ["--shutdown-grace", "2s", "--health-interval", "200ms"]
             .map(String::from)
             .to_vec(),
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+/// The service on its own Postgres, whose postmaster is killed.
+async fn embedded() -> Report {
+    let data_dir = helpers::scratch_dir("faults-embedded");
+    let mut service = start(Database::Embedded, Some(data_dir.clone())).await;
     let load = Load::start(&service, "embedded");
     progress(&load, 200, Instant::now()).await;
     let mut recoveries = Vec::new();
     for _ in 0..rounds() {
         let killed = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(postmaster_pid(&data_dir)),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        helpers::kill_postmaster(&data_dir);
         readiness_becomes(&service, ServingStatus::NotServing, killed).await;
         recoveries.push(readiness_becomes(&service, ServingStatus::Serving, killed).await);
         progress(&load, 200, killed).await;
@@ -448,14 +433,7 @@ async fn external() -> Report {
         cluster.socket_dir().display()
     );
     let db = cluster.config("faults");
-    let mut service = ServiceProcess::start(Start {
-        database: Database::Url(url),
-        args: ["--shutdown-grace", "2s", "--health-interval", "200ms"]
-            .map(String::from)
-            .to_vec(),
-        ..Default::default()
-    })
-    .await;
+    let mut service = start(Database::Url(url), None).await;
     let load = Load::start(&service, "external");
     progress(&load, 200, Instant::now()).await;
     let mut recoveries = Vec::new();
@@ -473,12 +451,7 @@ async fn external() -> Report {
             // (crash recovery included); the time counts from when it
             // answers again.
             let killed = Instant::now();
-            let pid = postmaster_pid(&pg_dir);
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .unwrap();
+            let pid = helpers::kill_postmaster(&pg_dir);
             loop {
                 let restarted = std::fs::read_to_string(pg_dir.join("pgdata/postmaster.pid"))
                     .is_ok_and(|file| !file.starts_with(&format!("{pid}\n")));
