@@ -9,7 +9,7 @@
 //! Options: `--calls N` concurrent calls (64), `--connections M` HTTP/2
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
-//! `--keep` to keep the database, `--only get,create,update,bulk,lists` to run
+//! `--keep` to keep the database, `--only get,create,update,safe,bulk,lists` to run
 //! some scenario groups. `BENCH_SERVER` is a server binary to run instead of
 //! this build's (for A/B runs against another commit). `BENCH_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) is the server to use; each run
@@ -726,6 +726,9 @@ async fn run(
             rows.push(write_users(&bench, scenario).await);
         }
     }
+    if options.runs("safe") {
+        rows.extend(safe_writes(&bench).await);
+    }
     let bulk_speedup = if options.runs("bulk") {
         let (single, bulk, speedup) = bulk(&bench).await;
         rows.extend([single, bulk]);
@@ -766,7 +769,10 @@ async fn get_user(bench: &Bench<'_>) -> Row {
             drive(calls, run, move |w, n| {
                 let (service, id) = (service.clone(), pick(n));
                 async move {
-                    let request = service.request(pb::GetUserRequest { id: id.to_string() });
+                    let request = service.request(pb::GetUserRequest {
+                        id: id.to_string(),
+                        ..Default::default()
+                    });
                     service
                         .client(w)
                         .get_user(request)
@@ -820,6 +826,7 @@ async fn write_users(bench: &Bench<'_>, scenario: &str) -> Row {
                             first_name: Some(format!("Name{n}")),
                             ..Default::default()
                         }),
+                        ..Default::default()
                     });
                     service
                         .client(w)
@@ -876,6 +883,108 @@ async fn write_users(bench: &Bench<'_>, scenario: &str) -> Row {
         runs.add(s, r);
     }
     runs.row(format!("{scenario} (A B x{})", bench.pairs))
+}
+
+/// What a request id and an etag cost, A B A B: CreateUser with a request
+/// id (A) against without (B), and UpdateUser with an etag and a request id
+/// (A) against without (B). Each update worker changes a user of its own,
+/// carrying the etag of its last answer, so no etag is ever stale.
+async fn safe_writes(bench: &Bench<'_>) -> Vec<Row> {
+    eprintln!("request ids and etags");
+    let (service, calls, run, writes) = (bench.service, bench.calls, bench.run, bench.writes);
+    let run_id = std::process::id();
+    let mut creates = Pairs::default();
+    for pair in 0..bench.pairs {
+        let with = create_users_with(
+            service,
+            calls,
+            run,
+            format!("i{run_id}-{pair}"),
+            writes,
+            true,
+        )
+        .await;
+        let without = create_users_with(
+            service,
+            calls,
+            run,
+            format!("n{run_id}-{pair}"),
+            writes,
+            false,
+        )
+        .await;
+        creates.add(with, without);
+    }
+    let mut etags = Vec::with_capacity(calls);
+    for w in 0..calls {
+        let id = (bench.pick)(w as u64).to_string();
+        let request = service.request(pb::GetUserRequest {
+            id: id.clone(),
+            ..Default::default()
+        });
+        let user = service
+            .client(w)
+            .get_user(request)
+            .await
+            .expect("a bench user")
+            .into_inner()
+            .user
+            .expect("a user");
+        etags.push(std::sync::Mutex::new((id, user.etag)));
+    }
+    let etags = Arc::new(etags);
+    let mut updates = Pairs::default();
+    for _ in 0..bench.pairs {
+        let mut samples = Vec::new();
+        for safe in [true, false] {
+            let (service, etags) = (service.clone(), Arc::clone(&etags));
+            samples.push(
+                drive(calls, run, move |w, n| {
+                    let (service, etags) = (service.clone(), Arc::clone(&etags));
+                    let (id, etag) = etags[w].lock().unwrap().clone();
+                    async move {
+                        let request = service.request(pb::UpdateUserRequest {
+                            id,
+                            user: Some(pb::UserUpdate {
+                                first_name: Some(format!("Name{n}")),
+                                ..Default::default()
+                            }),
+                            etag: if safe { etag } else { String::new() },
+                            request_id: if safe {
+                                Uuid::new_v4().to_string()
+                            } else {
+                                String::new()
+                            },
+                        });
+                        let user = service
+                            .client(w)
+                            .update_user(request)
+                            .await
+                            .map_err(code)?
+                            .into_inner()
+                            .user
+                            .unwrap_or_default();
+                        etags[w].lock().unwrap().1 = user.etag;
+                        Ok(())
+                    }
+                })
+                .await,
+            );
+        }
+        let without = samples.pop().expect("two runs");
+        let with = samples.pop().expect("two runs");
+        updates.add(with, without);
+    }
+    vec![
+        creates.row(format!(
+            "CreateUser with requestId (A) vs without (B) (A B x{})",
+            bench.pairs
+        )),
+        updates.row(format!(
+            "UpdateUser with etag + requestId (A) vs without (B) (A B x{})",
+            bench.pairs
+        )),
+    ]
 }
 
 /// BatchUpsertUsers of 1000 new users per call, against CreateUser calls at
@@ -1033,6 +1142,18 @@ async fn create_users(
     prefix: String,
     tenant: Uuid,
 ) -> Sample {
+    create_users_with(service, calls, run, prefix, tenant, false).await
+}
+
+/// [`create_users`], each call with a new request id when `request_ids`.
+async fn create_users_with(
+    service: &Service,
+    calls: usize,
+    run: Duration,
+    prefix: String,
+    tenant: Uuid,
+    request_ids: bool,
+) -> Sample {
     let service = service.clone();
     drive(calls, run, move |w, n| {
         let service = service.clone();
@@ -1045,7 +1166,14 @@ async fn create_users(
             ..Default::default()
         };
         async move {
-            let request = service.request(pb::CreateUserRequest { user: Some(user) });
+            let request = service.request(pb::CreateUserRequest {
+                user: Some(user),
+                request_id: if request_ids {
+                    Uuid::new_v4().to_string()
+                } else {
+                    String::new()
+                },
+            });
             service
                 .client(w)
                 .create_user(request)
@@ -1079,7 +1207,10 @@ async fn bulk_upserts(
             })
             .collect();
         async move {
-            let request = service.request(pb::BatchUpsertUsersRequest { users });
+            let request = service.request(pb::BatchUpsertUsersRequest {
+                users,
+                ..Default::default()
+            });
             let results = service
                 .client(w)
                 .batch_upsert_users(request)

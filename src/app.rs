@@ -124,6 +124,7 @@ impl Application {
                 .map_err(|e| StartError::Database(e.into()))?;
             let mut state = AppState::new(pool, default_tenant, &metrics, clock);
             state.stream_stall_timeout = config.stream_stall_timeout;
+            state.retention = retention(config)?;
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?
@@ -210,6 +211,12 @@ impl Application {
             probe_stopped,
         ));
 
+        let purger = tokio::spawn(crate::purge::run(
+            self.state.clone(),
+            self.config.purge_interval,
+            stop_probe.subscribe(),
+        ));
+
         let max_request = self.config.max_request_bytes;
         let users = UsersServiceServer::new(UsersApi::new(self.state.clone()))
             .max_decoding_message_size(max_request);
@@ -290,6 +297,7 @@ impl Application {
                 tracing::info!(?grace, "shutting down");
                 let _ = stop_probe.send(true);
                 let _ = prober.await;
+                let _ = purger.await;
                 health::set_all(&health, ServingStatus::NotServing).await;
                 let _ = draining.send(true);
                 if tokio::time::timeout(grace, &mut server).await.is_err() {
@@ -318,6 +326,18 @@ impl Application {
             .await
             .map_err(|e| StartError::Serve(e.into()))
     }
+}
+
+/// The retention periods of the configuration.
+fn retention(config: &Config) -> Result<crate::grpc::Retention, StartError> {
+    let period = |flag: &str, value: std::time::Duration| {
+        chrono::Duration::from_std(value)
+            .map_err(|_| StartError::Config(format!("{flag} is too long")))
+    };
+    Ok(crate::grpc::Retention {
+        deleted: period("--delete-retention", config.delete_retention)?,
+        request_ids: period("--request-id-retention", config.request_id_retention)?,
+    })
 }
 
 /// Reflection over the service's descriptors and health's, in both

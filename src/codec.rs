@@ -123,6 +123,7 @@ mod tests {
                 email: "ab".to_owned(),
                 ..Default::default()
             }),
+            ..Default::default()
         }
         .encode_to_vec();
         let at = bytes.windows(2).position(|w| w == b"ab").unwrap();

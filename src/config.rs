@@ -12,6 +12,9 @@
 //! | `--db-startup-timeout` | `DB_STARTUP_TIMEOUT` | `60s` |
 //! | `--health-interval` | `HEALTH_INTERVAL` | `1s` |
 //! | `--shutdown-grace` | `SHUTDOWN_GRACE` | `10s` |
+//! | `--delete-retention` | `DELETE_RETENTION` | `30days` |
+//! | `--purge-interval` | `PURGE_INTERVAL` | `1m` |
+//! | `--request-id-retention` | `REQUEST_ID_RETENTION` | `24h` |
 //! | `--rate-limit-per-second` | `RATE_LIMIT_PER_SECOND` | `200` (0: off) |
 //! | `--rate-limit-burst` | `RATE_LIMIT_BURST` | the rate |
 //! | `--max-in-flight` | `MAX_IN_FLIGHT` | `512` |
@@ -205,6 +208,21 @@ pub struct Config {
     #[arg(long, global = true, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// How long a deleted user or tenant can be undeleted; then the service
+    /// purges it (erases it for good).
+    #[arg(long, global = true, env = "DELETE_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub delete_retention: Duration,
+
+    /// How often the service purges what has passed its `expire_time` and
+    /// forgets expired request ids, in small batches.
+    #[arg(long, global = true, env = "PURGE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub purge_interval: Duration,
+
+    /// How long a request id is remembered: a retry within it has no second
+    /// effect.
+    #[arg(long, global = true, env = "REQUEST_ID_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub request_id_retention: Duration,
+
     /// Calls per second allowed to each caller (API key, end user, or address
     /// of unauthenticated calls); 0 switches per-caller limiting off.
     #[arg(long, global = true, env = "RATE_LIMIT_PER_SECOND", default_value_t = DEFAULT_RATE_LIMIT)]
@@ -327,6 +345,9 @@ impl Config {
             db_startup_timeout: Duration::from_secs(60),
             health_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            delete_retention: Duration::from_secs(30 * 24 * 3600),
+            purge_interval: Duration::from_secs(60),
+            request_id_retention: Duration::from_secs(24 * 3600),
             log_format: LogFormat::Text,
             metrics_listen: None,
             rate_limit_per_second: DEFAULT_RATE_LIMIT,

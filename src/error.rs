@@ -38,6 +38,26 @@ pub enum Error {
         resource: &'static str,
         field: &'static str,
     },
+    /// ALREADY_EXISTS with reason `USER_DELETED`: a deleted user holds the
+    /// reference until it is undeleted or purged.
+    #[error("a deleted user holds this reference")]
+    Reserved,
+    /// ABORTED with reason `ETAG_MISMATCH`: the write named an etag that is
+    /// no longer the user's; `etag` (in the ErrorInfo metadata) is the
+    /// current one. Read again, then write again.
+    #[error("the user changed since its etag was read")]
+    Stale { etag: String },
+    /// FAILED_PRECONDITION: the resource is not in the state this call
+    /// needs; `reason` is the ErrorInfo reason.
+    #[error("{message}")]
+    FailedPrecondition {
+        reason: &'static str,
+        message: &'static str,
+    },
+    /// INVALID_ARGUMENT with reason `REQUEST_ID_REUSED`: the request id
+    /// was used by this caller for another request.
+    #[error("request_id was used for another request")]
+    RequestIdReused,
     /// PERMISSION_DENIED: the caller is known but may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(&'static str),
@@ -71,6 +91,12 @@ impl Error {
             Self::InvalidArgument(violations) => Self::InvalidArgument(violations.clone()),
             Self::NotFound(resource) => Self::NotFound(resource),
             Self::AlreadyExists { resource, field } => Self::AlreadyExists { resource, field },
+            Self::Reserved => Self::Reserved,
+            Self::Stale { etag } => Self::Stale { etag: etag.clone() },
+            Self::FailedPrecondition { reason, message } => {
+                Self::FailedPrecondition { reason, message }
+            }
+            Self::RequestIdReused => Self::RequestIdReused,
             Self::PermissionDenied(what) => Self::PermissionDenied(what),
             Self::TooBusy(what) => Self::TooBusy(what),
             Self::Unavailable(cause) => Self::Unavailable(cause.to_string().into()),
@@ -98,6 +124,12 @@ impl From<StoreError> for Error {
             }
             StoreError::ForeignKey(Some(constraint)) if &*constraint == "users_tenant_id_fkey" => {
                 Self::invalid("user.tenant_id", "no tenant has this id")
+            }
+            StoreError::Check(Some(constraint)) if &*constraint == "users_tenant_live" => {
+                Self::FailedPrecondition {
+                    reason: "TENANT_DELETED",
+                    message: "the tenant is deleted: no user can be written in it",
+                }
             }
             other => Self::Internal(other.into()),
         }
@@ -195,6 +227,57 @@ impl From<Error> for Status {
                 Status::with_error_details(
                     Code::AlreadyExists,
                     format!("a {resource} with this {field} already exists"),
+                    details,
+                )
+            }
+            Error::Reserved => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "USER_DELETED",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("resource".to_owned(), "user".to_owned()),
+                        ("field".to_owned(), "reference".to_owned()),
+                    ]),
+                );
+                Status::with_error_details(
+                    Code::AlreadyExists,
+                    "a deleted user holds this reference: undelete or purge it first",
+                    details,
+                )
+            }
+            Error::Stale { etag } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "ETAG_MISMATCH",
+                    ERROR_DOMAIN,
+                    HashMap::from([("etag".to_owned(), etag)]),
+                );
+                Status::with_error_details(
+                    Code::Aborted,
+                    "the user changed since its etag was read: read it again and retry",
+                    details,
+                )
+            }
+            Error::FailedPrecondition { reason, message } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::FailedPrecondition, message, details)
+            }
+            Error::RequestIdReused => {
+                let mut details = ErrorDetails::new();
+                details.add_bad_request_violation(
+                    "request_id",
+                    "was used for another request: send a new id with each new request",
+                );
+                details.set_error_info(
+                    "REQUEST_ID_REUSED",
+                    ERROR_DOMAIN,
+                    HashMap::from([("fields".to_owned(), "request_id".to_owned())]),
+                );
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    "invalid request: request_id was used for another request",
                     details,
                 )
             }

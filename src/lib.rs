@@ -17,6 +17,7 @@ pub mod methods; // the gRPC methods served, from their descriptors
 pub mod metrics; // Prometheus metrics
 pub mod net; // TCP and HTTP/2: connections and their limits
 pub mod pb; // generated protobuf code
+pub mod purge; // erases what has passed its expire_time
 pub mod quota; // per-caller call quotas (GCRA)
 pub mod store; // Postgres: schema, queries, pool, embedded cluster
 pub mod telemetry; // logging

@@ -380,6 +380,7 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<(), BoxError> {
     let request = pb::ExportUsersRequest {
         filter,
         search: String::new(),
+        show_deleted: false,
     };
     let mut stream = client
         .export_users(authorized(request, &auth))
@@ -481,8 +482,12 @@ async fn upsert(
     let give_up = Instant::now() + RETRY_FOR;
     let mut pause = Duration::from_millis(200);
     let answer = loop {
+        // No request id: an upsert matched on reference is idempotent by
+        // itself, and a stored response of a thousand users per batch
+        // would double what an import writes.
         let request = pb::BatchUpsertUsersRequest {
             users: users.clone(),
+            request_id: String::new(),
         };
         match client.batch_upsert_users(authorized(request, &auth)).await {
             Err(status) if is_transient(&status) && Instant::now() < give_up => {

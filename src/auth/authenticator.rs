@@ -217,10 +217,19 @@ impl Authenticator {
         let row = api_keys::load_for_use(&mut conn, id, (self.clock)())
             .await
             .map_err(Error::from)?;
-        conn.release();
         let Some(row) = row else {
+            conn.release();
             return Err(LoadError::Unknown);
         };
+        // A deleted tenant's key is refused like a revoked one, for one
+        // cache period, so that it works again soon after an undelete.
+        let tenant_deleted = match row.tenant_id {
+            Some(tenant) => api_keys::tenant_deleted(&mut conn, tenant)
+                .await
+                .map_err(Error::from)?,
+            None => false,
+        };
+        conn.release();
         let principal = match (Role::parse(&row.role), row.tenant_id) {
             (Some(Role::Admin), _) => Principal::Admin { key_id: row.id },
             (Some(role @ (Role::Editor | Role::Viewer)), Some(tenant_id)) => Principal::TenantKey {
@@ -233,7 +242,7 @@ impl Authenticator {
         };
         Ok(Arc::new(CachedKey {
             secret_sha256: row.secret_sha256,
-            revoked: row.revoked_at.is_some(),
+            revoked: row.revoked_at.is_some() || tenant_deleted,
             authenticated: Authenticated {
                 principal,
                 rate_limit_per_second: row

@@ -4,7 +4,7 @@
 //! | caller | may |
 //! |---|---|
 //! | admin key | everything in every tenant, tenants included |
-//! | editor key of a tenant | create, read, update, deactivate, reactivate users of its tenant |
+//! | editor key of a tenant | create, read, update, deactivate, reactivate, delete, undelete, purge users of its tenant |
 //! | viewer key of a tenant | read users of its tenant |
 //! | end-user token | read its own user; update its own profile fields |
 
@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::pb::v1 as pb;
 use crate::store::{
     filter::UuidOp,
+    models::Actor,
     users::{Condition, UuidField},
 };
 
@@ -86,6 +87,14 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Error> {
         ))
 }
 
+/// Who a change is recorded as made by.
+pub fn actor(principal: &Principal) -> Actor {
+    match principal {
+        Principal::Admin { key_id } | Principal::TenantKey { key_id, .. } => Actor::key(key_id),
+        Principal::User { user_id } => Actor::user(*user_id),
+    }
+}
+
 /// GetUser.
 pub fn read_user(principal: &Principal) -> Scope {
     match principal {
@@ -104,7 +113,8 @@ pub fn list_users(principal: &Principal) -> Result<Scope, Error> {
     }
 }
 
-/// CreateUser, DeactivateUser, ReactivateUser: server-side operations.
+/// CreateUser, DeactivateUser, ReactivateUser, DeleteUser, UndeleteUser,
+/// PurgeUser, BatchUpsertUsers: server-side operations.
 pub fn manage_users(principal: &Principal) -> Result<Scope, Error> {
     match principal {
         Principal::Admin { .. } => Ok(Scope::All),
@@ -115,7 +125,7 @@ pub fn manage_users(principal: &Principal) -> Result<Scope, Error> {
         } => Ok(Scope::Tenant(*tenant_id)),
         Principal::TenantKey { .. } => Err(Error::PermissionDenied("viewer keys are read-only")),
         Principal::User { .. } => Err(Error::PermissionDenied(
-            "end users cannot create, deactivate or reactivate users",
+            "end users cannot create, deactivate, reactivate or delete users",
         )),
     }
 }

@@ -9,13 +9,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use uuid::Uuid;
 
+use super::idempotent::{self, RequestKey};
 use super::{AppState, authz::Scope, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, batch_upsert_users_result::Outcome};
 use crate::store::{
     db,
-    models::NewUser,
+    models::{Actor, NewUser},
     users::{self, Commit, Write, Written},
 };
 
@@ -34,7 +35,7 @@ struct Batch {
     rows: Vec<(usize, NewUser)>,
 }
 
-fn parse_batch(state: &AppState, scope: Scope, users: Vec<pb::User>) -> Batch {
+fn parse_batch(state: &AppState, scope: Scope, by: &Actor, users: Vec<pb::User>) -> Batch {
     let now = state.now();
     let mut batch = Batch {
         outcomes: Vec::with_capacity(users.len()),
@@ -49,21 +50,22 @@ fn parse_batch(state: &AppState, scope: Scope, users: Vec<pb::User>) -> Batch {
                 continue;
             }
         };
-        let parsed = convert::new_user(Some(user), tenant, Uuid::now_v7(), now).and_then(|new| {
-            if new.reference.is_empty() {
-                Err(Error::invalid(
-                    "user.reference",
-                    "is required: batch items are matched on it",
-                ))
-            } else if !seen.insert((new.tenant_id, new.reference.as_str().to_owned())) {
-                Err(Error::invalid(
-                    "user.reference",
-                    "appears more than once in this batch",
-                ))
-            } else {
-                Ok(new)
-            }
-        });
+        let parsed =
+            convert::new_user(Some(user), tenant, Uuid::now_v7(), now, by).and_then(|new| {
+                if new.reference.is_empty() {
+                    Err(Error::invalid(
+                        "user.reference",
+                        "is required: batch items are matched on it",
+                    ))
+                } else if !seen.insert((new.tenant_id, new.reference.as_str().to_owned())) {
+                    Err(Error::invalid(
+                        "user.reference",
+                        "appears more than once in this batch",
+                    ))
+                } else {
+                    Ok(new)
+                }
+            });
         match parsed {
             Ok(new) => {
                 batch.rows.push((i, new));
@@ -87,27 +89,49 @@ pub async fn batch_upsert(
             format!("at most {MAX_BATCH} users per call"),
         ));
     }
-    let Batch { mut outcomes, rows } = parse_batch(state, scope, request.users);
+    let by = super::authz::actor(principal);
+    let key = RequestKey::of(&by, &request)?;
+    let Batch { outcomes, rows } = parse_batch(state, scope, &by, request.users);
 
     let writes: Vec<Write> = rows
         .iter()
         .map(|(_, row)| Write::Upsert(row.clone()))
         .collect();
-    let stored = state
-        .db(async |conn| users::apply(conn, &writes, Commit::Together).await)
-        .await?;
-    for ((i, _), result) in rows.into_iter().zip(stored) {
-        outcomes[i] = Some(
+    idempotent::once!(state, key.as_ref(), |conn| async {
+        let stored = users::apply(conn, &writes, Commit::Together).await?;
+        let parsed = outcomes
+            .iter()
+            .map(|outcome| {
+                outcome
+                    .as_ref()
+                    .map(|result| result.as_ref().cloned().map_err(Error::duplicate))
+            })
+            .collect();
+        Ok::<_, Error>(respond(parsed, &rows, stored))
+    })
+}
+
+/// The response: each item's outcome, from its parse or from its write.
+fn respond(
+    mut outcomes: Vec<Option<Result<(pb::User, bool), Error>>>,
+    rows: &[(usize, NewUser)],
+    stored: users::Outcomes,
+) -> pb::BatchUpsertUsersResponse {
+    for ((i, _), result) in rows.iter().zip(stored) {
+        outcomes[*i] = Some(
             result
                 .map_err(Error::from)
                 .and_then(|written| match written {
                     Written::Created(row) => Ok((row.into(), true)),
                     Written::Updated(row) | Written::Unchanged(row) => Ok((row.into(), false)),
-                    Written::Missing => Err(Error::Internal("an upsert stored no row".into())),
+                    Written::Reserved => Err(Error::Reserved),
+                    other => Err(Error::Internal(
+                        format!("an upsert answered {other:?}").into(),
+                    )),
                 }),
         );
     }
-    Ok(pb::BatchUpsertUsersResponse {
+    pb::BatchUpsertUsersResponse {
         results: outcomes
             .into_iter()
             .map(|outcome| match outcome {
@@ -122,7 +146,7 @@ pub async fn batch_upsert(
                 None => pb::BatchUpsertUsersResult::default(),
             })
             .collect(),
-    })
+    }
 }
 
 /// An item's error as `google.rpc.Status`, with the same code, message and

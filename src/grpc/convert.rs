@@ -7,7 +7,9 @@ use uuid::Uuid;
 use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone, Violations};
 use crate::error::Error;
 use crate::pb::v1 as pb;
-use crate::store::models::{NewTenant, NewUser, TenantChanges, TenantRow, UserChanges, UserRow};
+use crate::store::models::{
+    Actor, Etag, NewTenant, NewUser, TenantChanges, TenantRow, UserChanges, UserRow,
+};
 
 /// Parses an id: malformed is INVALID_ARGUMENT (a well-formed unknown id is
 /// NOT_FOUND later).
@@ -64,6 +66,7 @@ pub fn new_user(
     default_tenant: Uuid,
     id: Uuid,
     now: DateTime<Utc>,
+    by: &Actor,
 ) -> Result<NewUser, Error> {
     let Some(user) = user else {
         return Err(Error::invalid("user", "is required"));
@@ -119,6 +122,7 @@ pub fn new_user(
             avatar_url: avatar_url?,
             created_at: now,
             updated_at: now,
+            updated_by: by.clone(),
         })
     })();
     parsed
@@ -130,6 +134,7 @@ pub fn new_user(
 pub fn user_changes(
     update: Option<pb::UserUpdate>,
     now: DateTime<Utc>,
+    by: Actor,
 ) -> Result<UserChanges, Error> {
     let update = update.unwrap_or_default();
     let mut v = Violations::new();
@@ -171,6 +176,7 @@ pub fn user_changes(
         is_opted_in: update.is_opted_in,
         active: update.active,
         at: now,
+        by,
     };
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));
@@ -233,6 +239,16 @@ pub fn tenant_changes(
     Ok(changes)
 }
 
+/// Parses the etag of a conditional write; empty means unconditional.
+pub fn etag(input: &str) -> Result<Option<Etag>, Error> {
+    if input.is_empty() {
+        return Ok(None);
+    }
+    Etag::parse(input)
+        .map(Some)
+        .map_err(|description| Error::invalid("etag", description))
+}
+
 pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time.timestamp(),
@@ -253,7 +269,9 @@ impl From<UserRow> for pb::User {
             serde_json::Value::Object(map) => super::json::json_to_struct(map),
             _ => prost_types::Struct::default(),
         };
+        let etag = row.etag().to_string();
         Self {
+            etag,
             id: row.id.to_string(),
             reference: row.reference,
             email: row.email,
@@ -270,6 +288,15 @@ impl From<UserRow> for pb::User {
             avatar_url: row.avatar_url,
             created_at: Some(timestamp(row.created_at)),
             updated_at: Some(timestamp(row.updated_at)),
+            delete_time: row.delete_time.map(timestamp),
+            expire_time: row.expire_time.map(timestamp),
+            updated_by: Some({
+                let (api_key_id, user_id) = Actor::parts(&row.updated_by);
+                pb::Actor {
+                    api_key_id: api_key_id.to_owned(),
+                    user_id: user_id.to_owned(),
+                }
+            }),
         }
     }
 }
@@ -282,6 +309,8 @@ impl From<TenantRow> for pb::Tenant {
             reference: row.reference,
             created_at: Some(timestamp(row.created_at)),
             updated_at: Some(timestamp(row.updated_at)),
+            delete_time: row.delete_time.map(timestamp),
+            expire_time: row.expire_time.map(timestamp),
         }
     }
 }

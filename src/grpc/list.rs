@@ -467,6 +467,9 @@ pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
         .map(|filter| user_conditions(&mut v, filter))
         .unwrap_or_default();
     conditions.extend(search(&mut v, &request.search));
+    if !request.show_deleted {
+        conditions.push(users::Condition::Live);
+    }
     let order = user_order(&mut v, &request.order);
     let fingerprint = fingerprint(
         "users",
@@ -474,6 +477,7 @@ pub fn user_list(request: &pb::ListUsersRequest) -> Result<UserList, Error> {
             filter: request.filter.clone(),
             search: request.search.clone(),
             order: request.order.clone(),
+            show_deleted: request.show_deleted,
             ..Default::default()
         }
         .encode_to_vec(),
@@ -531,10 +535,14 @@ pub fn tenant_list(request: &pb::ListTenantsRequest) -> Result<TenantList, Error
             );
         }
     }
+    if !request.show_deleted {
+        conditions.push(tenants::Condition::Live);
+    }
     let fingerprint = fingerprint(
         "tenants",
         &pb::ListTenantsRequest {
             filter: request.filter.clone(),
+            show_deleted: request.show_deleted,
             ..Default::default()
         }
         .encode_to_vec(),
@@ -564,6 +572,9 @@ pub fn export_conditions(request: &pb::ExportUsersRequest) -> Result<Vec<users::
         .map(|filter| user_conditions(&mut v, filter))
         .unwrap_or_default();
     conditions.extend(search(&mut v, &request.search));
+    if !request.show_deleted {
+        conditions.push(users::Condition::Live);
+    }
     if !v.is_empty() {
         return Err(Error::InvalidArgument(v.into_vec()));
     }

@@ -4,6 +4,7 @@
 pub mod authz;
 pub mod bulk;
 pub mod convert;
+pub mod idempotent;
 pub mod json;
 pub mod list;
 pub mod tenants;
@@ -44,6 +45,25 @@ pub struct AppState {
     /// Turns true when the server gives up on the calls still running at
     /// the end of its shutdown grace: they answer UNAVAILABLE.
     pub abandon: Arc<tokio::sync::watch::Sender<bool>>,
+    pub retention: Retention,
+}
+
+/// How long the service keeps what it keeps for a while.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// A deleted user or tenant can be undeleted this long, then it is purged.
+    pub deleted: chrono::Duration,
+    /// A request id is remembered this long.
+    pub request_ids: chrono::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            deleted: chrono::Duration::days(30),
+            request_ids: chrono::Duration::hours(24),
+        }
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -75,6 +95,7 @@ impl AppState {
             exports: Arc::new(tokio::sync::Semaphore::new(exports)),
             stream_stall_timeout: std::time::Duration::from_secs(10),
             abandon: Arc::new(tokio::sync::watch::Sender::new(false)),
+            retention: Retention::default(),
         }
     }
 

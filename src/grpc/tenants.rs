@@ -1,12 +1,14 @@
-//! `users.v1.TenantsService`.
+//! `users.v1.TenantsService`: admins only.
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::idempotent::{self, RequestKey};
 use super::{AppState, authz, convert, list, users::merge_violations};
+use crate::auth::Principal;
 use crate::error::Error;
 use crate::pb::v1::{self as pb, tenants_service_server::TenantsService};
-use crate::store::tenants;
+use crate::store::tenants::{self, TenantWritten};
 
 #[derive(Debug, Clone)]
 pub struct TenantsApi {
@@ -18,13 +20,29 @@ impl TenantsApi {
         Self { state }
     }
 
-    async fn create(&self, request: pb::CreateTenantRequest) -> Result<pb::Tenant, Error> {
+    /// The caller, checked to be an admin, and the key of a request that
+    /// carries a request id.
+    fn admin<R: idempotent::Idempotent>(
+        principal: &Principal,
+        request: &R,
+    ) -> Result<Option<RequestKey>, Error> {
+        authz::manage_tenants(principal)?;
+        RequestKey::of(&authz::actor(principal), request)
+    }
+
+    async fn create(
+        &self,
+        principal: &Principal,
+        request: pb::CreateTenantRequest,
+    ) -> Result<pb::CreateTenantResponse, Error> {
+        let key = Self::admin(principal, &request)?;
         let new = convert::new_tenant(request.tenant, Uuid::now_v7(), self.state.now())?;
-        Ok(self
-            .state
-            .db(async |conn| tenants::insert(conn, &new).await)
-            .await?
-            .into())
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let tenant = tenants::insert(conn, &new).await?;
+            Ok::<_, Error>(pb::CreateTenantResponse {
+                tenant: Some(tenant.into()),
+            })
+        })
     }
 
     async fn get(&self, request: pb::GetTenantRequest) -> Result<pb::Tenant, Error> {
@@ -33,18 +51,80 @@ impl TenantsApi {
             .state
             .db(async |conn| tenants::find(conn, id).await)
             .await?;
-        row.map(Into::into).ok_or(Error::NotFound("tenant"))
+        row.filter(|tenant| request.show_deleted || tenant.delete_time.is_none())
+            .map(Into::into)
+            .ok_or(Error::NotFound("tenant"))
     }
 
-    async fn update(&self, request: pb::UpdateTenantRequest) -> Result<pb::Tenant, Error> {
+    async fn update(
+        &self,
+        principal: &Principal,
+        request: pb::UpdateTenantRequest,
+    ) -> Result<pb::UpdateTenantResponse, Error> {
+        let key = Self::admin(principal, &request)?;
         let id = convert::parse_id("id", &request.id);
         let changes = convert::tenant_changes(request.tenant, self.state.now());
         let (id, changes) = merge_violations(id, changes)?;
-        let row = self
-            .state
-            .db(async |conn| tenants::update(conn, id, &changes).await)
-            .await?;
-        row.map(Into::into).ok_or(Error::NotFound("tenant"))
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let tenant = tenants::update(conn, id, &changes)
+                .await?
+                .ok_or(Error::NotFound("tenant"))?;
+            Ok::<_, Error>(pb::UpdateTenantResponse {
+                tenant: Some(tenant.into()),
+            })
+        })
+    }
+
+    async fn delete(
+        &self,
+        principal: &Principal,
+        request: pb::DeleteTenantRequest,
+    ) -> Result<pb::DeleteTenantResponse, Error> {
+        let key = Self::admin(principal, &request)?;
+        let id = convert::parse_id("id", &request.id)?;
+        let by = authz::actor(principal);
+        let at = self.state.now();
+        let until = at + self.state.retention.deleted;
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let tenant = tenant_of(tenants::delete(conn, id, at, until, &by).await?)?;
+            Ok::<_, Error>(pb::DeleteTenantResponse {
+                tenant: Some(tenant),
+            })
+        })
+    }
+
+    async fn undelete(
+        &self,
+        principal: &Principal,
+        request: pb::UndeleteTenantRequest,
+    ) -> Result<pb::UndeleteTenantResponse, Error> {
+        let key = Self::admin(principal, &request)?;
+        let id = convert::parse_id("id", &request.id)?;
+        let by = authz::actor(principal);
+        let at = self.state.now();
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let tenant = tenant_of(tenants::undelete(conn, id, at, &by).await?)?;
+            Ok::<_, Error>(pb::UndeleteTenantResponse {
+                tenant: Some(tenant),
+            })
+        })
+    }
+
+    async fn purge(
+        &self,
+        principal: &Principal,
+        request: pb::PurgeTenantRequest,
+    ) -> Result<pb::PurgeTenantResponse, Error> {
+        let key = Self::admin(principal, &request)?;
+        let id = convert::parse_id("id", &request.id)?;
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            match tenants::purge(conn, id).await? {
+                TenantWritten::Purged(id) => Ok(pb::PurgeTenantResponse { id: id.to_string() }),
+                written => tenant_of(written).and(Err(Error::Internal(
+                    "a purge answered with a tenant".into(),
+                ))),
+            }
+        })
     }
 
     async fn list(
@@ -68,19 +148,32 @@ impl TenantsApi {
     }
 }
 
+/// The tenant after a change of its state, or the change's refusal.
+fn tenant_of(written: TenantWritten) -> Result<pb::Tenant, Error> {
+    match written {
+        TenantWritten::Changed(row) => Ok(row.into()),
+        TenantWritten::Default => Err(Error::FailedPrecondition {
+            reason: "DEFAULT_TENANT",
+            message: "the default tenant cannot be deleted",
+        }),
+        TenantWritten::Live => Err(Error::FailedPrecondition {
+            reason: "TENANT_NOT_DELETED",
+            message: "only a deleted tenant can be purged: delete it first",
+        }),
+        TenantWritten::Purged(_) | TenantWritten::Missing => Err(Error::NotFound("tenant")),
+    }
+}
+
 #[tonic::async_trait]
 impl TenantsService for TenantsApi {
     async fn create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        let tenant = {
-            authz::manage_tenants(&authz::principal(&request)?)?;
-            self.create(request.into_inner()).await?
-        };
-        Ok(Response::new(pb::CreateTenantResponse {
-            tenant: Some(tenant),
-        }))
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.create(&principal, request.into_inner()).await?,
+        ))
     }
 
     async fn get_tenant(
@@ -100,13 +193,10 @@ impl TenantsService for TenantsApi {
         &self,
         request: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
-        let tenant = {
-            authz::manage_tenants(&authz::principal(&request)?)?;
-            self.update(request.into_inner()).await?
-        };
-        Ok(Response::new(pb::UpdateTenantResponse {
-            tenant: Some(tenant),
-        }))
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.update(&principal, request.into_inner()).await?,
+        ))
     }
 
     async fn list_tenants(
@@ -117,5 +207,35 @@ impl TenantsService for TenantsApi {
             authz::manage_tenants(&authz::principal(&request)?)?;
             self.list(request.into_inner()).await?
         }))
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.delete(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn undelete_tenant(
+        &self,
+        request: Request<pb::UndeleteTenantRequest>,
+    ) -> Result<Response<pb::UndeleteTenantResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.undelete(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn purge_tenant(
+        &self,
+        request: Request<pb::PurgeTenantRequest>,
+    ) -> Result<Response<pb::PurgeTenantResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.purge(&principal, request.into_inner()).await?,
+        ))
     }
 }

@@ -3,6 +3,9 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use diesel_async::AsyncPgConnection;
+
+use super::idempotent::{self, RequestKey};
 use super::{AppState, authz, bulk, convert, list};
 use crate::auth::Principal;
 use crate::error::Error;
@@ -12,7 +15,8 @@ use crate::layers::deadline::CallDeadline;
 /// always does; this bounds a handler called some other way).
 const DEFAULT_STREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
-use crate::store::users::{self, Write};
+use crate::store::models::{Actor, Etag};
+use crate::store::users::{self, Write, Written};
 
 #[derive(Debug, Clone)]
 pub struct UsersApi {
@@ -28,18 +32,26 @@ impl UsersApi {
         &self,
         principal: &Principal,
         request: pb::CreateUserRequest,
-    ) -> Result<pb::User, Error> {
+    ) -> Result<pb::CreateUserResponse, Error> {
         let scope = authz::manage_users(principal)?;
+        let actor = authz::actor(principal);
+        let key = RequestKey::of(&actor, &request)?;
         let given = request.user.as_ref().map_or("", |u| u.tenant_id.as_str());
         let tenant = scope.tenant_for_new_user(given, self.state.default_tenant)?;
-        let new = convert::new_user(request.user, tenant, Uuid::now_v7(), self.state.now())?;
-        Ok(self
-            .state
-            .inserts
-            .submit(new)
-            .await
-            .map_err(Error::from)?
-            .into())
+        let now = self.state.now();
+        let new = convert::new_user(request.user, tenant, Uuid::now_v7(), now, &actor)?;
+        if key.is_none() {
+            // Without a request id, CreateUser calls share statements.
+            let row = self.state.inserts.submit(new).await.map_err(Error::from)?;
+            return Ok(pb::CreateUserResponse {
+                user: Some(row.into()),
+            });
+        }
+        let write = Write::Create(new);
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let user = user_of(apply(conn, &write).await?)?;
+            Ok::<_, Error>(pb::CreateUserResponse { user: Some(user) })
+        })
     }
 
     async fn get(
@@ -50,12 +62,17 @@ impl UsersApi {
         let scope = authz::read_user(principal);
         let id = convert::parse_id("id", &request.id)?;
         scope.check_user(id)?;
-        let row = self
-            .state
-            .finds
-            .submit((id, scope.tenant()))
-            .await
-            .map_err(Error::from)?;
+        let row = if request.show_deleted {
+            self.state
+                .db(async |conn| users::find(conn, id, scope.tenant()).await)
+                .await?
+        } else {
+            self.state
+                .finds
+                .submit((id, scope.tenant()))
+                .await
+                .map_err(Error::from)?
+        };
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 
@@ -63,48 +80,160 @@ impl UsersApi {
         &self,
         principal: &Principal,
         request: pb::UpdateUserRequest,
-    ) -> Result<pb::User, Error> {
+    ) -> Result<pb::UpdateUserResponse, Error> {
         let scope = authz::update_user(principal, request.user.as_ref())?;
+        let actor = authz::actor(principal);
+        let key = RequestKey::of(&actor, &request)?;
         let id = convert::parse_id("id", &request.id);
-        let changes = convert::user_changes(request.user, self.state.now());
-        let (id, changes) = merge_violations(id, changes)?;
+        let etag = convert::etag(&request.etag);
+        let changes = convert::user_changes(request.user, self.state.now(), actor);
+        let (id, (etag, changes)) = merge_violations(id, merge_violations(etag, changes))?;
         scope.check_user(id)?;
-        self.write(Write::Update {
+        let write = Write::Update {
             id,
             tenant: scope.tenant(),
             changes,
+            etag,
+        };
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let user = user_of(apply(conn, &write).await?)?;
+            Ok::<_, Error>(pb::UpdateUserResponse { user: Some(user) })
         })
-        .await
     }
 
-    async fn set_active(
+    /// DeactivateUser, ReactivateUser, DeleteUser, UndeleteUser and
+    /// PurgeUser: a change of state of the user `id`, by an editor or an
+    /// admin; the user after it.
+    async fn change_state<R: idempotent::Idempotent>(
         &self,
         principal: &Principal,
+        request: &R,
         id: &str,
-        active: bool,
-    ) -> Result<pb::User, Error> {
+        etag: &str,
+        change: impl FnOnce(Uuid, Option<Uuid>, Option<Etag>, Actor) -> Write,
+    ) -> Result<(Option<RequestKey>, Write), Error> {
         let scope = authz::manage_users(principal)?;
-        let id = convert::parse_id("id", id)?;
-        self.write(Write::SetActive {
-            id,
-            tenant: scope.tenant(),
-            active,
-            at: self.state.now(),
-        })
-        .await
+        let actor = authz::actor(principal);
+        let key = RequestKey::of(&actor, request)?;
+        let (id, etag) = merge_violations(convert::parse_id("id", id), convert::etag(etag))?;
+        Ok((key, change(id, scope.tenant(), etag, actor)))
     }
 
-    /// One write of one user, through the write path; the user after it.
-    async fn write(&self, write: Write) -> Result<pb::User, Error> {
-        let written = self
-            .state
-            .db(async |conn| users::apply_one(conn, &write).await)
-            .await?
-            .map_err(Error::from)?;
-        written
-            .into_row()
-            .map(Into::into)
-            .ok_or(Error::NotFound("user"))
+    async fn set_active<R, Response>(
+        &self,
+        principal: &Principal,
+        request: &R,
+        (id, etag): (&str, &str),
+        active: bool,
+        respond: fn(pb::User) -> Response,
+    ) -> Result<Response, Error>
+    where
+        R: idempotent::Idempotent,
+        Response: idempotent::About + Send,
+    {
+        let at = self.state.now();
+        let (key, write) = self
+            .change_state(principal, request, id, etag, |id, tenant, etag, by| {
+                Write::SetActive {
+                    id,
+                    tenant,
+                    active,
+                    at,
+                    by,
+                    etag,
+                }
+            })
+            .await?;
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            Ok::<_, Error>(respond(user_of(apply(conn, &write).await?)?))
+        })
+    }
+
+    async fn delete(
+        &self,
+        principal: &Principal,
+        request: pb::DeleteUserRequest,
+    ) -> Result<pb::DeleteUserResponse, Error> {
+        let at = self.state.now();
+        let until = at + self.state.retention.deleted;
+        let (key, write) = self
+            .change_state(
+                principal,
+                &request,
+                &request.id,
+                &request.etag,
+                |id, tenant, etag, by| Write::Delete {
+                    id,
+                    tenant,
+                    at,
+                    until,
+                    by,
+                    etag,
+                },
+            )
+            .await?;
+        let Write::Delete { id, tenant, .. } = write else {
+            unreachable!("a delete is a delete")
+        };
+        let allow_missing = request.allow_missing;
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let written = apply(conn, &write).await?;
+            let user = match written {
+                // AIP-135: with allow_missing, a deleted user is answered
+                // as it is, an unknown one with no user.
+                Written::Missing if allow_missing => {
+                    users::find(conn, id, tenant).await?.map(Into::into)
+                }
+                written => Some(user_of(written)?),
+            };
+            Ok::<_, Error>(pb::DeleteUserResponse { user })
+        })
+    }
+
+    async fn undelete(
+        &self,
+        principal: &Principal,
+        request: pb::UndeleteUserRequest,
+    ) -> Result<pb::UndeleteUserResponse, Error> {
+        let at = self.state.now();
+        let (key, write) = self
+            .change_state(
+                principal,
+                &request,
+                &request.id,
+                &request.etag,
+                |id, tenant, etag, by| Write::Undelete {
+                    id,
+                    tenant,
+                    at,
+                    by,
+                    etag,
+                },
+            )
+            .await?;
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            let user = user_of(apply(conn, &write).await?)?;
+            Ok::<_, Error>(pb::UndeleteUserResponse { user: Some(user) })
+        })
+    }
+
+    async fn purge(
+        &self,
+        principal: &Principal,
+        request: pb::PurgeUserRequest,
+    ) -> Result<pb::PurgeUserResponse, Error> {
+        let (key, write) = self
+            .change_state(principal, &request, &request.id, "", |id, tenant, _, _| {
+                Write::Purge { id, tenant }
+            })
+            .await?;
+        idempotent::once!(&self.state, key.as_ref(), |conn| async {
+            match apply(conn, &write).await? {
+                Written::Purged(id) => Ok(pb::PurgeUserResponse { id: id.to_string() }),
+                written => user_of(written)
+                    .and(Err(Error::Internal("a purge answered with a user".into()))),
+            }
+        })
     }
 
     async fn list(
@@ -133,6 +262,28 @@ impl UsersApi {
     }
 }
 
+/// One write of one user through the write path, inside the caller's
+/// transaction when there is one.
+async fn apply(conn: &mut AsyncPgConnection, write: &Write) -> Result<Written, Error> {
+    Ok(users::apply_one(conn, write).await??)
+}
+
+/// The user after a write that stored or kept it, or the write's refusal.
+fn user_of(written: Written) -> Result<pb::User, Error> {
+    match written {
+        Written::Created(row) | Written::Updated(row) | Written::Unchanged(row) => Ok(row.into()),
+        Written::Stale(row) => Err(Error::Stale {
+            etag: row.etag().to_string(),
+        }),
+        Written::Live(_) => Err(Error::FailedPrecondition {
+            reason: "USER_NOT_DELETED",
+            message: "only a deleted user can be purged: delete it first",
+        }),
+        Written::Reserved => Err(Error::Reserved),
+        Written::Purged(_) | Written::Missing => Err(Error::NotFound("user")),
+    }
+}
+
 /// Both results, or every violation of both.
 pub(super) fn merge_violations<A, B>(
     a: Result<A, Error>,
@@ -155,8 +306,9 @@ impl UsersService for UsersApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let user = self.create(&principal, request.into_inner()).await?;
-        Ok(Response::new(pb::CreateUserResponse { user: Some(user) }))
+        Ok(Response::new(
+            self.create(&principal, request.into_inner()).await?,
+        ))
     }
 
     async fn get_user(
@@ -173,8 +325,9 @@ impl UsersService for UsersApi {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let user = self.update(&principal, request.into_inner()).await?;
-        Ok(Response::new(pb::UpdateUserResponse { user: Some(user) }))
+        Ok(Response::new(
+            self.update(&principal, request.into_inner()).await?,
+        ))
     }
 
     async fn deactivate_user(
@@ -182,12 +335,17 @@ impl UsersService for UsersApi {
         request: Request<pb::DeactivateUserRequest>,
     ) -> Result<Response<pb::DeactivateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let user = self
-            .set_active(&principal, &request.into_inner().id, false)
+        let request = request.into_inner();
+        let response = self
+            .set_active(
+                &principal,
+                &request,
+                (&request.id, &request.etag),
+                false,
+                |user| pb::DeactivateUserResponse { user: Some(user) },
+            )
             .await?;
-        Ok(Response::new(pb::DeactivateUserResponse {
-            user: Some(user),
-        }))
+        Ok(Response::new(response))
     }
 
     async fn reactivate_user(
@@ -195,12 +353,47 @@ impl UsersService for UsersApi {
         request: Request<pb::ReactivateUserRequest>,
     ) -> Result<Response<pb::ReactivateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let user = self
-            .set_active(&principal, &request.into_inner().id, true)
+        let request = request.into_inner();
+        let response = self
+            .set_active(
+                &principal,
+                &request,
+                (&request.id, &request.etag),
+                true,
+                |user| pb::ReactivateUserResponse { user: Some(user) },
+            )
             .await?;
-        Ok(Response::new(pb::ReactivateUserResponse {
-            user: Some(user),
-        }))
+        Ok(Response::new(response))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.delete(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn undelete_user(
+        &self,
+        request: Request<pb::UndeleteUserRequest>,
+    ) -> Result<Response<pb::UndeleteUserResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.undelete(&principal, request.into_inner()).await?,
+        ))
+    }
+
+    async fn purge_user(
+        &self,
+        request: Request<pb::PurgeUserRequest>,
+    ) -> Result<Response<pb::PurgeUserResponse>, Status> {
+        let principal = authz::principal(&request)?;
+        Ok(Response::new(
+            self.purge(&principal, request.into_inner()).await?,
+        ))
     }
 
     async fn list_users(

@@ -6,7 +6,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::db;
-use super::schema::api_keys;
+use super::schema::{api_keys, tenants};
 
 /// One row of `api_keys`.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -99,6 +99,24 @@ pub async fn revoke(
             .await
             .optional(),
     }
+}
+
+/// Whether the tenant of a key is deleted: its keys then do not work.
+pub async fn tenant_deleted(conn: &mut AsyncPgConnection, tenant: Uuid) -> QueryResult<bool> {
+    tenants::table
+        .find(tenant)
+        .select(tenants::delete_time.is_not_null())
+        .first(conn)
+        .await
+        .optional()
+        .map(|deleted| deleted.unwrap_or(true))
+}
+
+/// Deletes every key of a tenant (its purge).
+pub async fn delete_of_tenant(conn: &mut AsyncPgConnection, tenant: Uuid) -> QueryResult<usize> {
+    diesel::delete(api_keys::table.filter(api_keys::tenant_id.eq(tenant)))
+        .execute(conn)
+        .await
 }
 
 pub async fn count(conn: &mut AsyncPgConnection) -> QueryResult<i64> {

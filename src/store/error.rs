@@ -26,6 +26,10 @@ pub enum StoreError {
     /// A foreign key refused the row; its name when Postgres gave one.
     #[error("foreign key {0:?} refused the row")]
     ForeignKey(Option<Arc<str>>),
+    /// A check (constraint or trigger) refused the row; its name when
+    /// Postgres gave one.
+    #[error("check {0:?} refused the row")]
+    Check(Option<Arc<str>>),
     /// Anything else Postgres or the driver refused.
     #[error("{0}")]
     Other(Arc<str>),
@@ -92,6 +96,9 @@ impl From<DieselError> for StoreError {
             }
             DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info) => {
                 Self::ForeignKey(named(info.as_ref()))
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, info) => {
+                Self::Check(named(info.as_ref()))
             }
             _ => Self::Other(error.to_string().into()),
         }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod filter;
 pub mod models;
 pub mod page;
+pub mod requests;
 pub mod schema;
 pub mod tenants;
 pub mod users;

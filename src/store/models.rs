@@ -26,6 +26,81 @@ pub struct UserRow {
     pub avatar_url: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub delete_time: Option<DateTime<Utc>>,
+    pub expire_time: Option<DateTime<Utc>>,
+    pub updated_by: String,
+}
+
+impl UserRow {
+    /// The version of the user a conditional write must name.
+    pub fn etag(&self) -> Etag {
+        Etag(self.updated_at)
+    }
+}
+
+/// A version of a user: changes with every change to it.
+///
+/// It is the user's `updated_at`, which the write path makes strictly
+/// increase with each committed change (`users::write::after`), so no
+/// column is needed to keep it and a conditional write is one comparison
+/// in its statement. On the wire it is opaque: the microseconds in hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Etag(DateTime<Utc>);
+
+impl Etag {
+    /// Longest etag a request may carry.
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(input: &str) -> Result<Self, String> {
+        const BAD: &str = "is not an etag of this service: send back a user's `etag` as read";
+        if input.len() > Self::MAX_LEN {
+            return Err(format!("at most {} characters", Self::MAX_LEN));
+        }
+        i64::from_str_radix(input, 16)
+            .ok()
+            .filter(|_| input.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(DateTime::from_timestamp_micros)
+            .map(Self)
+            .ok_or_else(|| BAD.to_owned())
+    }
+
+    pub fn time(self) -> DateTime<Utc> {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Etag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0.timestamp_micros())
+    }
+}
+
+/// Who made a change, as `users.updated_by` and `request_ids.caller` store
+/// it: `key:<api key id>` or `user:<user id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Actor(String);
+
+impl Actor {
+    pub fn key(id: &str) -> Self {
+        Self(format!("key:{id}"))
+    }
+
+    pub fn user(id: Uuid) -> Self {
+        Self(format!("user:{id}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The API key id and the user id of a stored actor; empty when not that kind.
+    pub fn parts(stored: &str) -> (&str, &str) {
+        match stored.split_once(':') {
+            Some(("key", id)) => (id, ""),
+            Some(("user", id)) => ("", id),
+            _ => ("", ""),
+        }
+    }
 }
 
 /// A user to insert, made of validated values: nothing past the edge
@@ -47,6 +122,7 @@ pub struct NewUser {
     pub avatar_url: Option<AvatarUrl>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub updated_by: Actor,
 }
 
 /// A partial update of a user, made of validated values. `None` leaves a
@@ -66,6 +142,7 @@ pub struct UserChanges {
     /// The service's time of the change; the stored `updated_at` is the
     /// later of it and the previous `updated_at` plus a microsecond.
     pub at: DateTime<Utc>,
+    pub by: Actor,
 }
 
 /// One row of `tenants`.
@@ -78,6 +155,8 @@ pub struct TenantRow {
     pub is_default: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub delete_time: Option<DateTime<Utc>>,
+    pub expire_time: Option<DateTime<Utc>>,
 }
 
 /// A tenant to insert.

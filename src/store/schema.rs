@@ -10,6 +10,8 @@ diesel::table! {
         is_default -> Bool,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        delete_time -> Nullable<Timestamptz>,
+        expire_time -> Nullable<Timestamptz>,
     }
 }
 
@@ -30,6 +32,9 @@ diesel::table! {
         avatar_url -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        delete_time -> Nullable<Timestamptz>,
+        expire_time -> Nullable<Timestamptz>,
+        updated_by -> Text,
     }
 }
 
@@ -52,4 +57,17 @@ diesel::table! {
 
 diesel::joinable!(api_keys -> tenants (tenant_id));
 
-diesel::allow_tables_to_appear_in_same_query!(api_keys, tenants, users);
+diesel::table! {
+    request_ids (caller, request_id) {
+        caller -> Text,
+        request_id -> Uuid,
+        method -> Text,
+        fingerprint -> Nullable<Bytea>,
+        response -> Nullable<Bytea>,
+        tenant_id -> Nullable<Uuid>,
+        user_ids -> Array<Uuid>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(api_keys, request_ids, tenants, users);

@@ -6,17 +6,23 @@ use diesel::{
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::db;
+use chrono::{DateTime, Utc};
+use diesel_async::AsyncConnection;
+
 use super::filter::{Boxed, CursorValue, TextOp, UuidOp, text_condition, uuid_condition};
+use super::models::Actor;
 use super::models::{NewTenant, TenantChanges, TenantRow};
 use super::page::{CursorMismatch, Page};
 use super::schema::tenants;
+use super::{api_keys, db, requests, users};
 
 /// One condition of a tenant list; a list ANDs all of its conditions.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
     Id(UuidOp),
     Reference(TextOp),
+    /// Not deleted.
+    Live,
 }
 
 /// What a page of tenants is made of; tenants are ordered by (created_at, id).
@@ -63,19 +69,23 @@ pub async fn default_id(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Uui
         .await
 }
 
-/// Applies `changes`; `None` when no tenant has this id.
+/// Applies `changes`; `None` when no live tenant has this id.
 pub async fn update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     changes: &TenantChanges,
 ) -> diesel::QueryResult<Option<TenantRow>> {
-    diesel::update(tenants::table.find(id))
-        .set(changes)
-        .returning(TenantRow::as_returning())
-        .get_results(conn)
-        .await
-        .and_then(db::single)
-        .optional()
+    diesel::update(
+        tenants::table
+            .find(id)
+            .filter(tenants::delete_time.is_null()),
+    )
+    .set(changes)
+    .returning(TenantRow::as_returning())
+    .get_results(conn)
+    .await
+    .and_then(db::single)
+    .optional()
 }
 
 /// One page of tenants, with the total count when asked for.
@@ -132,6 +142,7 @@ fn filtered(conditions: &[Condition]) -> tenants::BoxedQuery<'static, Pg> {
         let expression: Boxed<tenants::table> = match condition {
             Condition::Id(op) => uuid_condition!(tenants::id, op),
             Condition::Reference(op) => text_condition!(tenants::reference, op),
+            Condition::Live => Box::new(tenants::delete_time.is_null()),
         };
         query = query.filter(expression);
     }
@@ -149,4 +160,127 @@ fn after_cursor(values: &[CursorValue]) -> Option<Boxed<tenants::table>> {
     Some(Box::new(tenants::created_at.gt(created_at).or(
         tenants::created_at.eq(created_at).and(tenants::id.gt(id)),
     )))
+}
+
+/// What a change of a tenant's state did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TenantWritten {
+    /// The tenant after the change.
+    Changed(TenantRow),
+    /// The tenant was erased, with all it held.
+    Purged(Uuid),
+    /// The default tenant: it cannot be deleted.
+    Default,
+    /// The change needs a deleted tenant and this one is live.
+    Live,
+    /// No tenant in the state the change needs has this id.
+    Missing,
+}
+
+/// The tenant with this id, locked for the rest of the transaction.
+async fn lock(conn: &mut AsyncPgConnection, id: Uuid) -> diesel::QueryResult<Option<TenantRow>> {
+    tenants::table
+        .find(id)
+        .select(TenantRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Deletes a live tenant and its live users softly, until `until`.
+pub async fn delete(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    at: DateTime<Utc>,
+    until: DateTime<Utc>,
+    by: &Actor,
+) -> diesel::QueryResult<TenantWritten> {
+    conn.transaction(async |conn| {
+        match lock(conn, id).await? {
+            Some(tenant) if tenant.is_default => return Ok(TenantWritten::Default),
+            Some(tenant) if tenant.delete_time.is_none() => {}
+            _ => return Ok(TenantWritten::Missing),
+        }
+        users::delete_tenant(conn, id, at, until, by).await?;
+        diesel::update(tenants::table.find(id))
+            .set((
+                tenants::delete_time.eq(Some(at)),
+                tenants::expire_time.eq(Some(until)),
+                tenants::updated_at.eq(at),
+            ))
+            .returning(TenantRow::as_returning())
+            .get_results(conn)
+            .await
+            .and_then(db::single)
+            .map(TenantWritten::Changed)
+    })
+    .await
+}
+
+/// Restores a deleted tenant before its `expire_time`, with the users
+/// deleted with it.
+pub async fn undelete(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    at: DateTime<Utc>,
+    by: &Actor,
+) -> diesel::QueryResult<TenantWritten> {
+    conn.transaction(async |conn| {
+        let deleted_at = match lock(conn, id).await? {
+            Some(TenantRow {
+                delete_time: Some(deleted_at),
+                expire_time: Some(expiry),
+                ..
+            }) if at < expiry => deleted_at,
+            _ => return Ok(TenantWritten::Missing),
+        };
+        users::undelete_tenant(conn, id, deleted_at, at, by).await?;
+        diesel::update(tenants::table.find(id))
+            .set((
+                tenants::delete_time.eq(None::<DateTime<Utc>>),
+                tenants::expire_time.eq(None::<DateTime<Utc>>),
+                tenants::updated_at.eq(at),
+            ))
+            .returning(TenantRow::as_returning())
+            .get_results(conn)
+            .await
+            .and_then(db::single)
+            .map(TenantWritten::Changed)
+    })
+    .await
+}
+
+/// Erases a deleted tenant: its users, its keys, the stored responses about
+/// it, and the tenant.
+pub async fn purge(conn: &mut AsyncPgConnection, id: Uuid) -> diesel::QueryResult<TenantWritten> {
+    conn.transaction(async |conn| {
+        match lock(conn, id).await? {
+            None => return Ok(TenantWritten::Missing),
+            Some(tenant) if tenant.delete_time.is_none() => return Ok(TenantWritten::Live),
+            Some(_) => {}
+        }
+        users::purge_tenant(conn, id).await?;
+        api_keys::delete_of_tenant(conn, id).await?;
+        requests::erase_tenant(conn, id).await?;
+        diesel::delete(tenants::table.find(id))
+            .execute(conn)
+            .await?;
+        Ok(TenantWritten::Purged(id))
+    })
+    .await
+}
+
+/// The ids of up to `limit` tenants whose `expire_time` is before `now`.
+pub async fn expired(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> diesel::QueryResult<Vec<Uuid>> {
+    tenants::table
+        .filter(tenants::expire_time.lt(now))
+        .select(tenants::id)
+        .limit(limit)
+        .load(conn)
+        .await
 }

@@ -70,7 +70,11 @@ fn list(request: pb::ListUsersRequest) -> (&'static str, Vec<u8>) {
 fn create(user: pb::User) -> (&'static str, Vec<u8>) {
     (
         "/users.v1.UsersService/CreateUser",
-        pb::CreateUserRequest { user: Some(user) }.encode_to_vec(),
+        pb::CreateUserRequest {
+            user: Some(user),
+            ..Default::default()
+        }
+        .encode_to_vec(),
     )
 }
 
@@ -130,6 +134,7 @@ fn hostile_request(i: u64, own_user: &str) -> (&'static str, Vec<u8>) {
                         ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             }
             .encode_to_vec(),
         ),
@@ -142,6 +147,7 @@ fn hostile_request(i: u64, own_user: &str) -> (&'static str, Vec<u8>) {
             "/users.v1.UsersService/GetUser",
             pb::GetUserRequest {
                 id: own_user.to_owned(),
+                ..Default::default()
             }
             .encode_to_vec(),
         ),
@@ -234,6 +240,7 @@ async fn a_well_behaved_caller_is_served_while_others_attack() {
                 email: "calm@example.com".into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -252,6 +259,7 @@ async fn a_well_behaved_caller_is_served_while_others_attack() {
                         ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -366,6 +374,7 @@ async fn a_well_behaved_caller_is_served_while_others_attack() {
         tick.tick().await;
         let mut request = tonic::Request::new(pb::GetUserRequest {
             id: target.id.clone(),
+            ..Default::default()
         });
         request.set_timeout(Duration::from_secs(5));
         let began = Instant::now();

@@ -229,6 +229,7 @@ async fn create_user_in(app: &mut TestApp, tenant: &str, reference: &str) -> Str
                 first_name: reference.to_uppercase(),
                 ..user(reference, &format!("{reference}@example.com"))
             }),
+            ..Default::default()
         })
         .await
         .expect("admin creates the user")
@@ -422,11 +423,15 @@ async fn perform(
                     tenant_id: tenant_id.into(),
                     ..user(tag, &format!("{tag}@example.com"))
                 }),
+                ..Default::default()
             })
             .await
             .map(|r| Reply::User(Box::new(r.into_inner().user.unwrap()))),
         Rpc::GetUser => users
-            .get_user(GetUserRequest { id: user_id.into() })
+            .get_user(GetUserRequest {
+                id: user_id.into(),
+                ..Default::default()
+            })
             .await
             .map(|r| Reply::User(Box::new(r.into_inner().user.unwrap()))),
         Rpc::UpdateUser => users
@@ -436,15 +441,22 @@ async fn perform(
                     first_name: Some(tag.into()),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .map(|r| Reply::User(Box::new(r.into_inner().user.unwrap()))),
         Rpc::DeactivateUser => users
-            .deactivate_user(DeactivateUserRequest { id: user_id.into() })
+            .deactivate_user(DeactivateUserRequest {
+                id: user_id.into(),
+                ..Default::default()
+            })
             .await
             .map(|r| Reply::User(Box::new(r.into_inner().user.unwrap()))),
         Rpc::ReactivateUser => users
-            .reactivate_user(ReactivateUserRequest { id: user_id.into() })
+            .reactivate_user(ReactivateUserRequest {
+                id: user_id.into(),
+                ..Default::default()
+            })
             .await
             .map(|r| Reply::User(Box::new(r.into_inner().user.unwrap()))),
         Rpc::ListUsers => users
@@ -465,12 +477,14 @@ async fn perform(
                     reference: tag.into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .map(|r| Reply::Tenant(r.into_inner().tenant.unwrap())),
         Rpc::GetTenant => tenants
             .get_tenant(GetTenantRequest {
                 id: tenant_id.into(),
+                ..Default::default()
             })
             .await
             .map(|r| Reply::Tenant(r.into_inner().tenant.unwrap())),
@@ -481,6 +495,7 @@ async fn perform(
                     name: Some(tag.into()),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .map(|r| Reply::Tenant(r.into_inner().tenant.unwrap())),
@@ -835,6 +850,7 @@ async fn end_users_cannot_change_their_own_email_active_state_or_custom_data() {
             .update_user(UpdateUserRequest {
                 id: w.x.clone(),
                 user: Some(update),
+                ..Default::default()
             })
             .await
             .expect_err(case);
@@ -930,6 +946,7 @@ async fn end_users_may_change_their_own_profile_fields() {
         me.update_user(UpdateUserRequest {
             id: w.x.clone(),
             user: Some(update),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("{column} alone: {s:?}"));
@@ -950,6 +967,7 @@ async fn end_users_may_change_their_own_profile_fields() {
                 is_opted_in: Some(false),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .expect("an end user updates its own profile")
@@ -994,6 +1012,7 @@ async fn an_editors_user_without_a_tenant_lands_in_the_editors_tenant() {
                     tenant_id: tenant_id.clone(),
                     ..user(&format!("editor-made-{}", tenant_id.len()), "")
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|s| panic!("{case}: {s:?}"))
@@ -1033,6 +1052,7 @@ async fn an_editor_cannot_create_users_in_another_tenant() {
                     tenant_id: tenant_id.into(),
                     ..user("intruder", "intruder@example.com")
                 }),
+                ..Default::default()
             })
             .await
             .expect_err(case);
@@ -1052,7 +1072,10 @@ async fn an_editor_cannot_create_users_in_another_tenant() {
 /// GetUser with the malformed id "nope" and `authorization: <header>`: a
 /// handler would answer INVALID_ARGUMENT, so UNAUTHENTICATED means none ran.
 async fn get_nope(app: &TestApp, header: Option<&str>) -> Status {
-    let mut request = tonic::Request::new(GetUserRequest { id: "nope".into() });
+    let mut request = tonic::Request::new(GetUserRequest {
+        id: "nope".into(),
+        ..Default::default()
+    });
     if let Some(header) = header {
         request
             .metadata_mut()
@@ -1325,13 +1348,17 @@ async fn a_deactivated_users_token_is_refused_until_it_is_reactivated() {
     let created = crate::users::create(&mut app, user("ada", "ada@example.com")).await;
     let token = user_token(&created.id);
     let mut own = app.users_as(Some(&token));
-    let read = |id: &str| GetUserRequest { id: id.to_owned() };
+    let read = |id: &str| GetUserRequest {
+        id: id.to_owned(),
+        ..Default::default()
+    };
     let rename = |id: &str| UpdateUserRequest {
         id: id.to_owned(),
         user: Some(UserUpdate {
             first_name: Some("Ada".into()),
             ..Default::default()
         }),
+        ..Default::default()
     };
     own.get_user(read(&created.id))
         .await
@@ -1373,6 +1400,7 @@ async fn unknown_key_call(app: &TestApp, id: &str) -> Status {
     let token = format!("usk_{id}_{}", random_hex(32));
     let mut request = tonic::Request::new(GetUserRequest {
         id: Uuid::now_v7().to_string(),
+        ..Default::default()
     });
     request.set_timeout(Duration::from_millis(1500));
     app.users_as(Some(&token))

@@ -64,7 +64,10 @@ async fn create_all(client: Users, users: Vec<User>) -> Vec<Result<User, tonic::
         async move {
             tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
             client
-                .create_user(CreateUserRequest { user: Some(new) })
+                .create_user(CreateUserRequest {
+                    user: Some(new),
+                    ..Default::default()
+                })
                 .await
                 .map(|r| r.into_inner().user.unwrap())
         }
@@ -74,7 +77,10 @@ async fn create_all(client: Users, users: Vec<User>) -> Vec<Result<User, tonic::
 
 async fn get(mut client: Users, id: String) -> Result<User, tonic::Status> {
     client
-        .get_user(GetUserRequest { id })
+        .get_user(GetUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner().user.unwrap())
 }
@@ -97,6 +103,7 @@ async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_ow
     let _ = viewer
         .get_user(GetUserRequest {
             id: taken.id.clone(),
+            ..Default::default()
         })
         .await;
 
@@ -213,6 +220,7 @@ async fn create_behind_an_open_insert(
         .unwrap();
     let mut request = tonic::Request::new(CreateUserRequest {
         user: Some(user(reference, "late@example.com")),
+        ..Default::default()
     });
     request.set_timeout(client_deadline);
     let outcome = app

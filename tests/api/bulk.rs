@@ -18,7 +18,10 @@ use crate::users::{create, user};
 
 async fn upsert(app: &mut TestApp, users: Vec<User>) -> Vec<BatchUpsertUsersResult> {
     app.users
-        .batch_upsert_users(BatchUpsertUsersRequest { users })
+        .batch_upsert_users(BatchUpsertUsersRequest {
+            users,
+            ..Default::default()
+        })
         .await
         .expect("batch call succeeds")
         .into_inner()
@@ -176,7 +179,10 @@ async fn batch_upsert_takes_at_most_1000_users() {
     let users: Vec<User> = (0..1001).map(|i| user(&format!("r{i}"), "")).collect();
     let status = app
         .users
-        .batch_upsert_users(BatchUpsertUsersRequest { users })
+        .batch_upsert_users(BatchUpsertUsersRequest {
+            users,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -211,6 +217,7 @@ async fn batch_upsert_by_an_editor_stays_in_its_tenant() {
                     ..user("theirs", "")
                 },
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -223,6 +230,7 @@ async fn batch_upsert_by_an_editor_stays_in_its_tenant() {
         .users_as(Some(&viewer))
         .batch_upsert_users(BatchUpsertUsersRequest {
             users: vec![user("v", "")],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -289,6 +297,7 @@ async fn export_streams_every_matching_user_once_in_id_order() {
                 ..Default::default()
             }),
             search: String::new(),
+            ..Default::default()
         },
     )
     .await;

@@ -39,7 +39,10 @@ fn stalled_call(
 }
 
 async fn get(app: &TestApp, id: &str) -> Result<(), tonic::Status> {
-    let mut request = tonic::Request::new(GetUserRequest { id: id.to_owned() });
+    let mut request = tonic::Request::new(GetUserRequest {
+        id: id.to_owned(),
+        ..Default::default()
+    });
     request.set_timeout(Duration::from_secs(2));
     app.users.clone().get_user(request).await.map(|_| ())
 }
@@ -148,6 +151,7 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
         users
             .get_user(GetUserRequest {
                 id: user.id.clone(),
+                ..Default::default()
             })
             .await
             .expect("within the limit");
@@ -166,6 +170,7 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
             users
                 .get_user(GetUserRequest {
                     id: user.id.clone(),
+                    ..Default::default()
                 })
                 .await
                 .is_err()
@@ -191,7 +196,10 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
         channel,
         crate::helpers::Bearer::new(Some(&app.admin_token)),
     )
-    .get_user(GetUserRequest { id: user.id })
+    .get_user(GetUserRequest {
+        id: user.id,
+        ..Default::default()
+    })
     .await
     .expect("room again");
 }
@@ -227,7 +235,10 @@ async fn running_out_of_file_descriptors_pauses_accepting_instead_of_spinning() 
     );
 
     drop(held);
-    let mut request = tonic::Request::new(GetUserRequest { id: user.id });
+    let mut request = tonic::Request::new(GetUserRequest {
+        id: user.id,
+        ..Default::default()
+    });
     request.set_timeout(Duration::from_secs(5));
     users
         .get_user(request)
@@ -292,6 +303,7 @@ async fn fill(app: &mut TestApp, n: usize) {
         app.users
             .batch_upsert_users(users_service::pb::v1::BatchUpsertUsersRequest {
                 users: chunk.to_vec(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -416,7 +428,12 @@ async fn sigterm_ends_every_call_within_the_grace_period_and_exits_cleanly() {
         let id = user.id.clone();
         load.push(tokio::spawn(async move {
             loop {
-                let outcome = users.get_user(GetUserRequest { id: id.clone() }).await;
+                let outcome = users
+                    .get_user(GetUserRequest {
+                        id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await;
                 if let Err(status) = outcome {
                     return status.code();
                 }

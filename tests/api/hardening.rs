@@ -206,6 +206,7 @@ async fn huge_searches_from_one_caller_do_not_starve_another() {
         for _ in 0..20 {
             let mut request = tonic::Request::new(GetUserRequest {
                 id: anna.id.clone(),
+                ..Default::default()
             });
             request.set_timeout(Duration::from_secs(2));
             users.get_user(request).await.expect("GetUser is served");
@@ -379,6 +380,7 @@ async fn messages_that_do_not_decode_are_invalid_arguments_with_their_field() {
             custom_data: Some(nested(60)),
             ..Default::default()
         }),
+        ..Default::default()
     };
     let status = raw_call(
         &app.channel,
@@ -398,6 +400,7 @@ async fn messages_that_do_not_decode_are_invalid_arguments_with_their_field() {
             first_name: "Zoë".into(),
             ..Default::default()
         }),
+        ..Default::default()
     }
     .encode_to_vec();
     let at = bytes.windows(2).position(|w| w == "ë".as_bytes()).unwrap();
@@ -450,7 +453,10 @@ async fn every_kind_of_bad_batch_item_is_refused_alone_and_the_valid_ones_are_st
     ];
     let results = app
         .users
-        .batch_upsert_users(BatchUpsertUsersRequest { users })
+        .batch_upsert_users(BatchUpsertUsersRequest {
+            users,
+            ..Default::default()
+        })
         .await
         .expect("the batch is answered")
         .into_inner()
@@ -511,6 +517,7 @@ async fn names_with_invisible_or_direction_changing_characters_are_refused() {
                     reference: name.into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await;
         match (outcome, bad) {

@@ -143,7 +143,12 @@ async fn no_log_line_contains_a_token() {
         .list_users(ListUsersRequest::default())
         .await
         .unwrap();
-    let _ = client.get_user(GetUserRequest { id: "nope".into() }).await;
+    let _ = client
+        .get_user(GetUserRequest {
+            id: "nope".into(),
+            ..Default::default()
+        })
+        .await;
     let wrong = format!("{}0", &token[..token.len() - 1]);
     let mut wrong_client =
         users_service::pb::v1::users_service_client::UsersServiceClient::with_interceptor(

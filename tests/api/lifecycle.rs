@@ -54,6 +54,7 @@ async fn calls_fail_unavailable_while_postgres_is_down_and_recover_after() {
             .users
             .get_user(GetUserRequest {
                 id: created.id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -72,6 +73,7 @@ async fn calls_fail_unavailable_while_postgres_is_down_and_recover_after() {
             .users
             .get_user(GetUserRequest {
                 id: created.id.clone(),
+                ..Default::default()
             })
             .await
         {

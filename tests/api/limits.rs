@@ -50,6 +50,7 @@ async fn a_flooding_caller_is_limited_while_another_caller_is_not() {
     let mut calm = app.users_as(Some(&other));
     let get = || GetUserRequest {
         id: user.id.clone(),
+        ..Default::default()
     };
 
     // All at once, so the bucket has no time to refill while they arrive.
@@ -98,6 +99,7 @@ async fn a_key_with_its_own_quota_is_limited_by_it() {
         let mut client = client.clone();
         let request = GetUserRequest {
             id: user.id.clone(),
+            ..Default::default()
         };
         async move { client.get_user(request).await.map(|_| ()) }
     });
@@ -119,7 +121,10 @@ async fn unauthenticated_calls_are_limited_per_address() {
     for _ in 0..10 {
         codes.push(
             anonymous
-                .get_user(GetUserRequest { id: "x".into() })
+                .get_user(GetUserRequest {
+                    id: "x".into(),
+                    ..Default::default()
+                })
                 .await
                 .unwrap_err()
                 .code(),
@@ -137,6 +142,7 @@ async fn rate_limit_zero_switches_per_caller_limiting_off() {
         app.users
             .get_user(GetUserRequest {
                 id: user.id.clone(),
+                ..Default::default()
             })
             .await
             .expect("no limit");
@@ -175,6 +181,7 @@ pub fn spawn_held_update(
                     first_name: Some("Held".into()),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
     })
@@ -203,6 +210,7 @@ async fn calls_beyond_the_in_flight_limit_are_shed_with_unavailable() {
         .users
         .get_user(GetUserRequest {
             id: user.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -212,7 +220,10 @@ async fn calls_beyond_the_in_flight_limit_are_shed_with_unavailable() {
     let updated = pending.await.unwrap().expect("the held call completes");
     assert_eq!(updated.into_inner().user.unwrap().first_name, "Held");
     app.users
-        .get_user(GetUserRequest { id: user.id })
+        .get_user(GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .expect("capacity is back");
 }
@@ -243,6 +254,7 @@ async fn the_server_caps_how_long_a_call_may_run() {
             first_name: Some("Late".into()),
             ..Default::default()
         }),
+        ..Default::default()
     });
     // The client would wait a minute; the server does not let it.
     request.set_timeout(Duration::from_secs(60));

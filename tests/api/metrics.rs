@@ -53,6 +53,7 @@ async fn metrics_count_calls_per_method_and_code() {
         app.users
             .get_user(GetUserRequest {
                 id: created.id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -61,6 +62,7 @@ async fn metrics_count_calls_per_method_and_code() {
         .users
         .get_user(GetUserRequest {
             id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -72,6 +74,7 @@ async fn metrics_count_calls_per_method_and_code() {
                 email: "nope".into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -80,6 +83,7 @@ async fn metrics_count_calls_per_method_and_code() {
         .users_as(None)
         .get_user(GetUserRequest {
             id: created.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -224,6 +228,7 @@ async fn calls_their_clients_abandon_are_counted_once_as_the_client_saw_them() {
             first_name: Some("Held".into()),
             ..Default::default()
         }),
+        ..Default::default()
     };
 
     // One with a deadline that passes while it waits for the row...

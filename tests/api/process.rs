@@ -188,7 +188,10 @@ impl ServiceProcess {
     ) -> users_service::pb::v1::User {
         self.users()
             .await
-            .create_user(users_service::pb::v1::CreateUserRequest { user: Some(user) })
+            .create_user(users_service::pb::v1::CreateUserRequest {
+                user: Some(user),
+                ..Default::default()
+            })
             .await
             .expect("the user is created")
             .into_inner()

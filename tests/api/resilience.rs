@@ -194,6 +194,7 @@ async fn readiness_hears_from_the_pool_before_its_next_probe() {
             .users
             .get_user(users_service::pb::v1::GetUserRequest {
                 id: uuid::Uuid::now_v7().to_string(),
+                ..Default::default()
             })
             .await;
         codes.push(outcome.map_or_else(|status| status.code(), |_| tonic::Code::Ok));
@@ -256,6 +257,7 @@ async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is
                     let mut request =
                         tonic::Request::new(users_service::pb::v1::CreateUserRequest {
                             user: Some(crate::users::user(&format!("w{worker}-{n}"), "")),
+                            ..Default::default()
                         });
                     request.set_timeout(Duration::from_secs(5));
                     let outcome = users.create_user(request).await;
@@ -377,6 +379,7 @@ async fn sigterm_answers_every_call_ok_or_unavailable_and_leaves_no_statement_ru
                         first_name: Some("Late".into()),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 })
                 .await;
             (outcome.map(|_| ()), began.elapsed())
@@ -404,7 +407,7 @@ async fn sigterm_answers_every_call_ok_or_unavailable_and_leaves_no_statement_ru
                 for _ in 0..20 {
                     let began = Instant::now();
                     let code = users
-                        .get_user(users_service::pb::v1::GetUserRequest { id: id.clone() })
+                        .get_user(users_service::pb::v1::GetUserRequest { id: id.clone(), ..Default::default() })
                         .await
                         .map_or_else(|status| status.code(), |_| tonic::Code::Ok);
                     outcomes.lock().unwrap().push((code, began.elapsed()));
@@ -493,6 +496,7 @@ async fn a_service_started_right_after_a_sigkill_waits_for_the_old_postgres_and_
     let found = users
         .get_user(users_service::pb::v1::GetUserRequest {
             id: created.id.clone(),
+            ..Default::default()
         })
         .await
         .expect("the user survives")
@@ -560,6 +564,7 @@ async fn a_full_disk_makes_writes_unavailable_and_they_succeed_again_once_it_is_
     let create = async |app: &mut crate::helpers::TestApp, n: usize| {
         let mut request = tonic::Request::new(users_service::pb::v1::CreateUserRequest {
             user: Some(crate::users::user(&format!("r{n}"), "")),
+            ..Default::default()
         });
         request.set_timeout(Duration::from_secs(5));
         app.users

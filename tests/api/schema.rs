@@ -38,6 +38,7 @@ fn diesel_type(udt: &str) -> &'static str {
         "bytea" => "Bytea",
         "int4" => "Int4",
         "int8" => "Int8",
+        "_uuid" => "Array<Uuid>",
         other => panic!("schema.rs has no mapping for the type {other}"),
     }
 }

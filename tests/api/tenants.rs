@@ -19,6 +19,7 @@ pub async fn create_tenant(app: &mut TestApp, name: &str, reference: &str) -> Te
                 reference: reference.into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .expect("create tenant succeeds")
@@ -35,6 +36,7 @@ async fn create_tenant_err(app: &mut TestApp, name: &str, reference: &str) -> to
                 reference: reference.into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .expect_err("create tenant fails")
@@ -42,7 +44,10 @@ async fn create_tenant_err(app: &mut TestApp, name: &str, reference: &str) -> to
 
 async fn get_tenant(app: &mut TestApp, id: &str) -> Result<Tenant, tonic::Status> {
     app.tenants
-        .get_tenant(GetTenantRequest { id: id.into() })
+        .get_tenant(GetTenantRequest {
+            id: id.into(),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner().tenant.unwrap())
 }
@@ -56,6 +61,7 @@ async fn update_tenant(
         .update_tenant(UpdateTenantRequest {
             id: id.into(),
             tenant: Some(update),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().tenant.unwrap())
@@ -166,7 +172,9 @@ async fn create_tenant_returns_the_tenant_and_stores_it() {
                     nanos: 0,
                 }),
                 updated_at: None,
+                ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -359,7 +367,10 @@ async fn create_tenant_with_empty_name_is_invalid_argument() {
 
     let missing = app
         .tenants
-        .create_tenant(CreateTenantRequest { tenant: None })
+        .create_tenant(CreateTenantRequest {
+            tenant: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::InvalidArgument);

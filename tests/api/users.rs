@@ -34,7 +34,10 @@ pub fn user(reference: &str, email: &str) -> User {
 
 pub async fn create(app: &mut crate::helpers::TestApp, user: User) -> User {
     app.users
-        .create_user(CreateUserRequest { user: Some(user) })
+        .create_user(CreateUserRequest {
+            user: Some(user),
+            ..Default::default()
+        })
         .await
         .expect("create succeeds")
         .into_inner()
@@ -45,7 +48,10 @@ pub async fn create(app: &mut crate::helpers::TestApp, user: User) -> User {
 pub async fn get(app: &mut crate::helpers::TestApp, id: &str) -> User {
     let id = id.to_owned();
     app.users
-        .get_user(GetUserRequest { id })
+        .get_user(GetUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .expect("get succeeds")
         .into_inner()
@@ -59,6 +65,7 @@ pub async fn update(app: &mut crate::helpers::TestApp, id: &str, changes: UserUp
         .update_user(UpdateUserRequest {
             id,
             user: Some(changes),
+            ..Default::default()
         })
         .await
         .expect("update succeeds")
@@ -70,7 +77,10 @@ pub async fn update(app: &mut crate::helpers::TestApp, id: &str, changes: UserUp
 pub async fn deactivate(app: &mut crate::helpers::TestApp, id: &str) -> User {
     let id = id.to_owned();
     app.users
-        .deactivate_user(DeactivateUserRequest { id })
+        .deactivate_user(DeactivateUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .expect("deactivate succeeds")
         .into_inner()
@@ -81,7 +91,10 @@ pub async fn deactivate(app: &mut crate::helpers::TestApp, id: &str) -> User {
 pub async fn reactivate(app: &mut crate::helpers::TestApp, id: &str) -> User {
     let id = id.to_owned();
     app.users
-        .reactivate_user(ReactivateUserRequest { id })
+        .reactivate_user(ReactivateUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .expect("reactivate succeeds")
         .into_inner()
@@ -175,7 +188,10 @@ async fn unknown_ids_are_not_found_and_malformed_ids_are_invalid() {
         };
         let get = app
             .users
-            .get_user(GetUserRequest { id: id.into() })
+            .get_user(GetUserRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         let update = app
@@ -186,17 +202,24 @@ async fn unknown_ids_are_not_found_and_malformed_ids_are_invalid() {
                     first_name: Some("X".into()),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_err();
         let deactivate = app
             .users
-            .deactivate_user(DeactivateUserRequest { id: id.into() })
+            .deactivate_user(DeactivateUserRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         let reactivate = app
             .users
-            .reactivate_user(ReactivateUserRequest { id: id.into() })
+            .reactivate_user(ReactivateUserRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         for status in [get, update, deactivate, reactivate] {
@@ -224,9 +247,11 @@ async fn update_user_changes_only_the_fields_present() {
     assert_eq!(updated.first_name, "Anna-Maria");
     assert!(updated.updated_at.unwrap().seconds >= created.updated_at.unwrap().seconds);
     assert_ne!(updated.updated_at, created.updated_at);
+    assert_ne!(updated.etag, created.etag, "a change changes the etag");
     let expected = User {
         first_name: "Anna-Maria".into(),
         updated_at: updated.updated_at,
+        etag: updated.etag.clone(),
         ..created.clone()
     };
     assert_eq!(updated, expected);
@@ -341,6 +366,7 @@ async fn duplicate_reference_or_email_in_a_tenant_is_already_exists() {
         .users
         .create_user(CreateUserRequest {
             user: Some(user("ref-1", "other@example.com")),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -353,6 +379,7 @@ async fn duplicate_reference_or_email_in_a_tenant_is_already_exists() {
         .users
         .create_user(CreateUserRequest {
             user: Some(user("ref-2", "anna@EXAMPLE.com")),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -381,6 +408,7 @@ async fn update_user_to_a_taken_email_is_already_exists_and_changes_nothing() {
                 email: Some("A@example.com".into()),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -430,6 +458,7 @@ async fn concurrent_creates_with_the_same_email_let_exactly_one_win() {
             client
                 .create_user(CreateUserRequest {
                     user: Some(user(&format!("r{i}"), "race@example.com")),
+                    ..Default::default()
                 })
                 .await
         }
@@ -455,6 +484,7 @@ async fn create_user_in_an_unknown_tenant_is_invalid() {
                     tenant_id,
                     ..roq_user()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -485,6 +515,7 @@ async fn concurrent_updates_of_one_user_leave_updated_at_in_commit_order() {
                             first_name: Some(format!("n{i}")),
                             ..Default::default()
                         }),
+                        ..Default::default()
                     })
                     .await
                     .expect("the update succeeds")
@@ -539,6 +570,7 @@ async fn updated_at_moves_forward_with_every_change_even_when_the_clock_goes_bac
                 first_name: "four".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -562,14 +594,20 @@ async fn racing_deactivations_and_reactivations_each_return_the_state_they_set()
                 let deactivate = i % 2 == 0;
                 let user = if deactivate {
                     users
-                        .deactivate_user(DeactivateUserRequest { id })
+                        .deactivate_user(DeactivateUserRequest {
+                            id,
+                            ..Default::default()
+                        })
                         .await
                         .unwrap()
                         .into_inner()
                         .user
                 } else {
                     users
-                        .reactivate_user(ReactivateUserRequest { id })
+                        .reactivate_user(ReactivateUserRequest {
+                            id,
+                            ..Default::default()
+                        })
                         .await
                         .unwrap()
                         .into_inner()
@@ -608,6 +646,7 @@ async fn a_write_whose_commit_fails_is_not_acknowledged() {
                 first_name: "Doomed".into(),
                 ..user("doomed", "doomed@example.com")
             }),
+            ..Default::default()
         })
         .await;
     let status = created.expect_err("a create that did not commit was acknowledged");
@@ -621,6 +660,7 @@ async fn a_write_whose_commit_fails_is_not_acknowledged() {
                 first_name: Some("Doomed".into()),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await;
     let status = updated.expect_err("an update that did not commit was acknowledged");

@@ -42,7 +42,10 @@ fn nested(depth: usize) -> serde_json::Value {
 
 async fn try_create(app: &mut TestApp, user: User) -> Result<User, tonic::Status> {
     app.users
-        .create_user(CreateUserRequest { user: Some(user) })
+        .create_user(CreateUserRequest {
+            user: Some(user),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner().user.unwrap())
 }
@@ -94,7 +97,10 @@ async fn create_user_without_a_user_is_invalid() {
     let mut app = spawn_app().await;
     let status = app
         .users
-        .create_user(CreateUserRequest { user: None })
+        .create_user(CreateUserRequest {
+            user: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -435,6 +441,7 @@ async fn update_user_reports_every_invalid_field_and_changes_nothing() {
                 custom_data: Some(json_struct(nested(9))),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();

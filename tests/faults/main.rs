@@ -122,6 +122,7 @@ impl Load {
                                 email: format!("{scenario}-{caller}-{n}@example.com"),
                                 ..Default::default()
                             }),
+                            ..Default::default()
                         });
                         request.set_timeout(CALL_DEADLINE);
                         let outcome = users.create_user(request).await;

@@ -170,6 +170,7 @@ pub fn user() -> BoxedStrategy<pb::User> {
                 avatar_url,
                 created_at: None,
                 updated_at: None,
+                ..Default::default()
             },
         )
         .boxed()
@@ -404,12 +405,12 @@ impl Call {
 pub fn call() -> BoxedStrategy<Call> {
     let id = || prop_oneof![3 => uuid(), 1 => text()];
     prop_oneof![
-        4 => option::of(user()).prop_map(|user| Call::CreateUser(pb::CreateUserRequest { user })),
-        3 => id().prop_map(|id| Call::GetUser(pb::GetUserRequest { id })),
+        4 => option::of(user()).prop_map(|user| Call::CreateUser(pb::CreateUserRequest { user, ..Default::default() })),
+        3 => id().prop_map(|id| Call::GetUser(pb::GetUserRequest { id, ..Default::default() })),
         3 => (id(), option::of(user_update()))
-            .prop_map(|(id, user)| Call::UpdateUser(pb::UpdateUserRequest { id, user })),
-        1 => id().prop_map(|id| Call::DeactivateUser(pb::DeactivateUserRequest { id })),
-        1 => id().prop_map(|id| Call::ReactivateUser(pb::ReactivateUserRequest { id })),
+            .prop_map(|(id, user)| Call::UpdateUser(pb::UpdateUserRequest { id, user, ..Default::default() })),
+        1 => id().prop_map(|id| Call::DeactivateUser(pb::DeactivateUserRequest { id, ..Default::default() })),
+        1 => id().prop_map(|id| Call::ReactivateUser(pb::ReactivateUserRequest { id, ..Default::default() })),
         6 => (
             (limit(), offset(), option::of(user_filter()), text()),
             (orders(), text(), any::<bool>(), option::of(any::<i32>()))
@@ -423,22 +424,19 @@ pub fn call() -> BoxedStrategy<Call> {
                     order,
                     page_token,
                     skip_total_count,
-                    total_count_limit,
-                })
+                    total_count_limit, ..Default::default() })
             }),
         2 => prop_oneof![10 => vec(user(), 0..12), 1 => vec(user(), 1001..1002)]
-            .prop_map(|users| Call::BatchUpsertUsers(pb::BatchUpsertUsersRequest { users })),
+            .prop_map(|users| Call::BatchUpsertUsers(pb::BatchUpsertUsersRequest { users, ..Default::default() })),
         1 => (option::of(user_filter()), text())
-            .prop_map(|(filter, search)| Call::ExportUsers(pb::ExportUsersRequest { filter, search })),
+            .prop_map(|(filter, search)| Call::ExportUsers(pb::ExportUsersRequest { filter, search, ..Default::default() })),
         1 => (text(), text()).prop_map(|(name, reference)| Call::CreateTenant(pb::CreateTenantRequest {
-            tenant: Some(pb::Tenant { name, reference, ..Default::default() }),
-        })),
-        1 => id().prop_map(|id| Call::GetTenant(pb::GetTenantRequest { id })),
+            tenant: Some(pb::Tenant { name, reference, ..Default::default() }), ..Default::default() })),
+        1 => id().prop_map(|id| Call::GetTenant(pb::GetTenantRequest { id, ..Default::default() })),
         1 => (id(), option::of(text()), option::of(text())).prop_map(|(id, name, reference)| {
             Call::UpdateTenant(pb::UpdateTenantRequest {
                 id,
-                tenant: Some(pb::TenantUpdate { name, reference }),
-            })
+                tenant: Some(pb::TenantUpdate { name, reference }), ..Default::default() })
         }),
         1 => (limit(), offset(), option::of(string_filter()), text(), any::<bool>()).prop_map(
             |(limit, offset, reference, page_token, skip_total_count)| {
@@ -450,8 +448,7 @@ pub fn call() -> BoxedStrategy<Call> {
                         reference: Some(reference),
                     }),
                     page_token,
-                    skip_total_count,
-                })
+                    skip_total_count, ..Default::default() })
             }
         ),
     ]

@@ -162,6 +162,7 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
         Condition::CustomDataContains(value) => {
             Box::new(users::custom_data.contains(value.clone()))
         }
+        Condition::Live => Box::new(users::delete_time.is_null()),
         Condition::Search(text) => {
             let pattern = format!("%{}%", escape_like(text));
             Box::new(

@@ -13,7 +13,10 @@ use super::schema::users;
 
 pub use list::{ListQuery, list};
 pub use read::{FindUsers, active_flag, export_chunk, find};
-pub use write::{Commit, InsertUsers, Write, Written, apply, apply_one};
+pub use write::{
+    Commit, InsertUsers, Outcomes, Write, Written, apply, apply_one, delete_tenant, purge_expired,
+    purge_tenant, undelete_tenant,
+};
 
 /// A text column of `users` that lists can filter on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,8 @@ pub enum Condition {
     CustomDataContains(serde_json::Value),
     /// Case-insensitive substring of email, first name or last name.
     Search(String),
+    /// Not deleted.
+    Live,
 }
 
 /// A column users can be ordered by. `Id` is the final tie-breaker of every order.

@@ -12,6 +12,7 @@ use crate::store::error::StoreError;
 use crate::store::models::UserRow;
 use crate::store::schema::users;
 
+/// The user with this id in the scope, deleted or not.
 pub async fn find(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -26,14 +27,15 @@ pub async fn find(
         .optional()
 }
 
-/// The active flag of the user with this id, in any tenant; `None` when
-/// there is none.
+/// The active flag of the live user with this id, in any tenant; `None`
+/// when there is none (or it is deleted).
 pub async fn active_flag(
     conn: &mut AsyncPgConnection,
     id: Uuid,
 ) -> diesel::QueryResult<Option<bool>> {
     users::table
         .filter(users::id.eq(id))
+        .filter(users::delete_time.is_null())
         .select(users::active)
         .first(conn)
         .await
@@ -60,7 +62,8 @@ pub async fn export_chunk(
 }
 
 /// GetUser for the calls of one batch: one lookup by id for all of them,
-/// each result seen through its own caller's scope `(id, tenant)`.
+/// each result seen through its own caller's scope `(id, tenant)`. Deleted
+/// users are not found.
 #[derive(Debug)]
 pub struct FindUsers;
 
@@ -80,6 +83,7 @@ impl Batch for FindUsers {
         let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
         let rows: HashMap<Uuid, UserRow> = users::table
             .filter(users::id.eq_any(ids))
+            .filter(users::delete_time.is_null())
             .select(UserRow::as_select())
             .load(conn)
             .await?

@@ -33,8 +33,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    AsChangeset, ExpressionMethods, Insertable, OptionalExtension, QueryDsl, SelectableHelper,
-    sql_types::Timestamptz,
+    AsChangeset, BoolExpressionMethods, ExpressionMethods, Insertable, OptionalExtension, QueryDsl,
+    SelectableHelper, sql_types::Timestamptz,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -44,7 +44,9 @@ use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, Time
 use crate::store::coalesce::Batch;
 use crate::store::db;
 use crate::store::error::StoreError;
-use crate::store::models::{NewUser, UserChanges, UserRow};
+use crate::store::filter::Boxed;
+use crate::store::models::{Actor, Etag, NewUser, UserChanges, UserRow};
+use crate::store::requests;
 use crate::store::schema::users;
 
 /// Runs `$work` on `$conn`, on a savepoint when `$savepoint`, so that its
@@ -68,24 +70,49 @@ macro_rules! guarded {
 pub enum Write {
     /// A new user; its reference and email must be free in its tenant.
     Create(NewUser),
-    /// A new user or, when its tenant has a user with its reference, that
-    /// user with every field of this one but its id and creation time.
+    /// A new user or, when its tenant has a live user with its reference,
+    /// that user with every field of this one but its id and creation time.
+    /// A deleted user's reference stays reserved: [`Written::Reserved`].
     Upsert(NewUser),
-    /// The fields `changes` sets, on the user with this id if the scope
-    /// (one tenant, or all) has it.
+    /// The fields `changes` sets, on the live user with this id if the
+    /// scope (one tenant, or all) has it.
     Update {
         id: Uuid,
         tenant: Option<Uuid>,
         changes: UserChanges,
+        etag: Option<Etag>,
     },
-    /// The active flag of the user with this id; a user already in that
-    /// state stays as it is, `updated_at` included.
+    /// The active flag of the live user with this id; a user already in
+    /// that state stays as it is, `updated_at` included.
     SetActive {
         id: Uuid,
         tenant: Option<Uuid>,
         active: bool,
         at: DateTime<Utc>,
+        by: Actor,
+        etag: Option<Etag>,
     },
+    /// Deletes the live user with this id softly, until `until`.
+    Delete {
+        id: Uuid,
+        tenant: Option<Uuid>,
+        at: DateTime<Utc>,
+        until: DateTime<Utc>,
+        by: Actor,
+        etag: Option<Etag>,
+    },
+    /// Restores the deleted user with this id, if `at` is before its
+    /// `expire_time`.
+    Undelete {
+        id: Uuid,
+        tenant: Option<Uuid>,
+        at: DateTime<Utc>,
+        by: Actor,
+        etag: Option<Etag>,
+    },
+    /// Erases the deleted user with this id, and every stored response
+    /// about it ([`requests::erase`]).
+    Purge { id: Uuid, tenant: Option<Uuid> },
 }
 
 /// What one write did.
@@ -95,16 +122,28 @@ pub enum Written {
     Updated(UserRow),
     /// The user already was as asked: nothing was written.
     Unchanged(UserRow),
-    /// No user in the write's scope has its id.
+    /// The write's etag is not the user's: nothing was written. The user as
+    /// it is now.
+    Stale(UserRow),
+    /// The write needs a deleted user and this one is live (a purge):
+    /// nothing was written.
+    Live(UserRow),
+    /// The user was erased.
+    Purged(Uuid),
+    /// The upsert's reference belongs to a deleted user: nothing was written.
+    Reserved,
+    /// No user in the write's scope, in the state the write needs, has its id.
     Missing,
 }
 
 impl Written {
-    /// The user after the write, if there is one.
+    /// The user after a write that stored or kept it.
     pub fn into_row(self) -> Option<UserRow> {
         match self {
             Self::Created(row) | Self::Updated(row) | Self::Unchanged(row) => Some(row),
-            Self::Missing => None,
+            Self::Stale(_) | Self::Live(_) | Self::Purged(_) | Self::Reserved | Self::Missing => {
+                None
+            }
         }
     }
 }
@@ -137,6 +176,7 @@ struct UserInsert<'a> {
     avatar_url: &'a str,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    updated_by: &'a str,
 }
 
 impl<'a> From<&'a NewUser> for UserInsert<'a> {
@@ -157,6 +197,7 @@ impl<'a> From<&'a NewUser> for UserInsert<'a> {
             avatar_url: user.avatar_url.as_ref().map_or("", AvatarUrl::as_str),
             created_at: user.created_at,
             updated_at: user.updated_at,
+            updated_by: user.updated_by.as_str(),
         }
     }
 }
@@ -175,6 +216,7 @@ struct UserChangeset<'a> {
     active: Option<bool>,
     custom_data: Option<&'a serde_json::Value>,
     avatar_url: Option<&'a str>,
+    updated_by: &'a str,
 }
 
 impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
@@ -196,6 +238,7 @@ impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
             active: changes.active,
             custom_data: changes.custom_data.as_ref().map(CustomData::as_value),
             avatar_url: text(&changes.avatar_url, AvatarUrl::as_str),
+            updated_by: changes.by.as_str(),
         }
     }
 }
@@ -320,32 +363,203 @@ fn multi_row(writes: &[Write]) -> Option<MultiRow<'_>> {
     upserts.map(MultiRow::Upsert)
 }
 
-/// One write as one statement.
+/// One write, as one statement where it can be.
 async fn one(conn: &mut AsyncPgConnection, write: &Write) -> diesel::QueryResult<Written> {
     match write {
         Write::Create(row) => insert(conn, row).await.map(Written::Created),
-        Write::Upsert(row) => {
-            let stored = upsert_all(conn, &[row])
-                .await?
-                .pop()
-                .ok_or(diesel::result::Error::NotFound)?;
-            Ok(upserted(row, stored))
-        }
+        Write::Upsert(row) => Ok(match upsert_all(conn, &[row]).await?.pop() {
+            Some(stored) => upserted(row, stored),
+            // The conflict's WHERE keeps a deleted user's row as it is.
+            None => Written::Reserved,
+        }),
         Write::Update {
             id,
             tenant,
             changes,
-        } => Ok(update(conn, *id, *tenant, changes)
-            .await?
-            .map_or(Written::Missing, Written::Updated)),
+            etag,
+        } => update(conn, *id, *tenant, changes, *etag).await,
         Write::SetActive {
             id,
             tenant,
             active,
             at,
-        } => set_active(conn, *id, *tenant, *active, *at).await,
+            by,
+            etag,
+        } => {
+            conn.transaction(async |conn| {
+                let current = match lock(conn, *id, *tenant, Need::Live, *etag).await? {
+                    Ok(current) => current,
+                    Err(written) => return Ok(written),
+                };
+                if current.active == *active {
+                    return Ok(Written::Unchanged(current));
+                }
+                change(conn, &current, (users::active.eq(*active), stamp(*at, by))).await
+            })
+            .await
+        }
+        Write::Delete {
+            id,
+            tenant,
+            at,
+            until,
+            by,
+            etag,
+        } => {
+            conn.transaction(async |conn| {
+                let current = match lock(conn, *id, *tenant, Need::Live, *etag).await? {
+                    Ok(current) => current,
+                    Err(written) => return Ok(written),
+                };
+                let deleted = (
+                    users::delete_time.eq(Some(*at)),
+                    users::expire_time.eq(Some(*until)),
+                );
+                change(conn, &current, (deleted, stamp(*at, by))).await
+            })
+            .await
+        }
+        Write::Undelete {
+            id,
+            tenant,
+            at,
+            by,
+            etag,
+        } => {
+            conn.transaction(async |conn| {
+                let current = match lock(conn, *id, *tenant, Need::Deleted, *etag).await? {
+                    Ok(current) => current,
+                    Err(written) => return Ok(written),
+                };
+                if current.expire_time.is_some_and(|expiry| expiry <= *at) {
+                    // Past its purge time: as good as purged.
+                    return Ok(Written::Missing);
+                }
+                let restored = (
+                    users::delete_time.eq(None::<DateTime<Utc>>),
+                    users::expire_time.eq(None::<DateTime<Utc>>),
+                );
+                change(conn, &current, (restored, stamp(*at, by))).await
+            })
+            .await
+        }
+        Write::Purge { id, tenant } => {
+            conn.transaction(async |conn| {
+                let current = match lock(conn, *id, *tenant, Need::Any, None).await? {
+                    Ok(current) => current,
+                    Err(written) => return Ok(written),
+                };
+                if current.delete_time.is_none() {
+                    return Ok(Written::Live(current));
+                }
+                erase(conn, &[(current.tenant_id, current.id)]).await?;
+                Ok(Written::Purged(current.id))
+            })
+            .await
+        }
     }
 }
+
+/// The state of a user a write needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Live,
+    Deleted,
+    Any,
+}
+
+/// The user with this id, locked for the rest of the transaction, so that
+/// the outcome is the state this call produced or found, whatever a
+/// concurrent call does. `Err` with the outcome when the write stops here:
+/// [`Written::Missing`] when the scope has no such user in the state `need`
+/// names, [`Written::Stale`] when `etag` is given and is not the user's.
+async fn lock(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+    need: Need,
+    etag: Option<Etag>,
+) -> diesel::QueryResult<Result<UserRow, Written>> {
+    let Some(current) = users::table
+        .filter(users::id.eq(id))
+        .filter(in_scope(tenant))
+        .select(UserRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?
+    else {
+        return Ok(Err(Written::Missing));
+    };
+    let fits = match need {
+        Need::Live => current.delete_time.is_none(),
+        Need::Deleted => current.delete_time.is_some(),
+        Need::Any => true,
+    };
+    if !fits {
+        return Ok(Err(Written::Missing));
+    }
+    if etag.is_some_and(|etag| etag != current.etag()) {
+        return Ok(Err(Written::Stale(current)));
+    }
+    Ok(Ok(current))
+}
+
+/// The type of [`stamp`].
+type Stamp<'a> = (
+    diesel::dsl::Eq<users::updated_at, After<DateTime<Utc>>>,
+    diesel::dsl::Eq<users::updated_by, &'a str>,
+);
+
+/// The columns every change sets besides its own: when, and by whom.
+fn stamp(at: DateTime<Utc>, by: &Actor) -> Stamp<'_> {
+    (
+        users::updated_at.eq(after(at)),
+        users::updated_by.eq(by.as_str()),
+    )
+}
+
+/// Writes `changes` to the locked row `current`.
+async fn change<C>(
+    conn: &mut AsyncPgConnection,
+    current: &UserRow,
+    changes: C,
+) -> diesel::QueryResult<Written>
+where
+    C: AsChangeset<Target = users::table>,
+    C::Changeset: diesel::query_builder::QueryFragment<diesel::pg::Pg> + Send,
+{
+    diesel::update(users::table)
+        .filter(users::tenant_id.eq(current.tenant_id))
+        .filter(users::id.eq(current.id))
+        .set(changes)
+        .returning(UserRow::as_returning())
+        .get_results(conn)
+        .await
+        .and_then(db::single)
+        .map(Written::Updated)
+}
+
+/// Deletes the users `ids` (tenant, id) and erases every stored response
+/// about them; the caller's transaction makes it all or nothing.
+pub(crate) async fn erase(
+    conn: &mut AsyncPgConnection,
+    ids: &[(Uuid, Uuid)],
+) -> diesel::QueryResult<()> {
+    for chunk in ids.chunks(ERASE_CHUNK) {
+        let users: Vec<Uuid> = chunk.iter().map(|(_, id)| *id).collect();
+        let mut statement = diesel::delete(users::table).into_boxed();
+        for (tenant, id) in chunk {
+            statement = statement.or_filter(users::tenant_id.eq(*tenant).and(users::id.eq(*id)));
+        }
+        statement.execute(conn).await?;
+        requests::erase_users(conn, &users).await?;
+    }
+    Ok(())
+}
+
+/// Users erased by one statement.
+const ERASE_CHUNK: usize = 500;
 
 /// Created when the stored row is the one sent (its id), updated otherwise.
 fn upserted(sent: &NewUser, stored: UserRow) -> Written {
@@ -392,7 +606,7 @@ async fn upsert_all(
     rows: &[&NewUser],
 ) -> diesel::QueryResult<Vec<UserRow>> {
     use diesel::upsert::{DecoratableTarget, excluded};
-    diesel::insert_into(users::table)
+    let statement = diesel::insert_into(users::table)
         .values(
             rows.iter()
                 .map(|row| UserInsert::from(*row))
@@ -414,22 +628,36 @@ async fn upsert_all(
             users::custom_data.eq(excluded(users::custom_data)),
             users::avatar_url.eq(excluded(users::avatar_url)),
             users::updated_at.eq(after(excluded(users::updated_at))),
-        ))
+            users::updated_by.eq(excluded(users::updated_by)),
+        ));
+    // A deleted user's reference stays reserved: its row is left as it is,
+    // and returned by nothing. (`ON CONFLICT ... DO UPDATE ... WHERE`.)
+    diesel::query_dsl::methods::FilterDsl::filter(statement, users::delete_time.is_null())
         .returning(UserRow::as_returning())
         .get_results(conn)
         .await
 }
 
-/// Applies `changes`; `None` when no user in scope has this id.
+/// Applies `changes` to the live user with this id, if the scope has it and
+/// `etag`, when given, is its etag: one statement, so the check and the
+/// write cannot be split by another write.
 async fn update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     tenant: Option<Uuid>,
     changes: &UserChanges,
-) -> diesel::QueryResult<Option<UserRow>> {
-    diesel::update(users::table)
+    etag: Option<Etag>,
+) -> diesel::QueryResult<Written> {
+    let version: Boxed<users::table> = match etag {
+        Some(etag) => Box::new(users::updated_at.eq(etag.time())),
+        None => Box::new(users::updated_at.is_not_null()),
+    };
+    let target = users::table
         .filter(users::id.eq(id))
         .filter(in_scope(tenant))
+        .filter(users::delete_time.is_null())
+        .filter(version);
+    let updated = diesel::update(target)
         .set((
             UserChangeset::from(changes),
             users::updated_at.eq(after(changes.at)),
@@ -438,47 +666,25 @@ async fn update(
         .get_results(conn)
         .await
         .and_then(db::single)
-        .optional()
-}
-
-/// Sets the active flag. A user already in that state is returned unchanged
-/// (its `updated_at` stays), which makes (de)activation idempotent. The row
-/// is locked first, so the outcome is the state this call produced or found,
-/// whatever a concurrent call does.
-async fn set_active(
-    conn: &mut AsyncPgConnection,
-    id: Uuid,
-    tenant: Option<Uuid>,
-    active: bool,
-    at: DateTime<Utc>,
-) -> diesel::QueryResult<Written> {
-    conn.transaction(async |conn| {
-        let Some(current) = users::table
+        .optional()?;
+    match (updated, etag) {
+        (Some(row), _) => Ok(Written::Updated(row)),
+        (None, None) => Ok(Written::Missing),
+        // Stale, or missing: which one, the user as it is now tells.
+        (None, Some(_)) => Ok(users::table
             .filter(users::id.eq(id))
             .filter(in_scope(tenant))
+            .filter(users::delete_time.is_null())
             .select(UserRow::as_select())
-            .for_update()
             .first(conn)
             .await
             .optional()?
-        else {
-            return Ok(Written::Missing);
-        };
-        if current.active == active {
-            return Ok(Written::Unchanged(current));
-        }
-        diesel::update(users::table)
-            .filter(users::tenant_id.eq(current.tenant_id))
-            .filter(users::id.eq(id))
-            .set((users::active.eq(active), users::updated_at.eq(after(at))))
-            .returning(UserRow::as_returning())
-            .get_results(conn)
-            .await
-            .and_then(db::single)
-            .map(Written::Updated)
-    })
-    .await
+            .map_or(Written::Missing, Written::Stale)),
+    }
 }
+
+/// The type of [`after`].
+type After<T> = greatest<T, diesel::dsl::Add<users::updated_at, diesel::data_types::PgInterval>>;
 
 diesel::define_sql_function! {
     /// The larger of two values (Postgres' GREATEST).
@@ -490,9 +696,7 @@ diesel::define_sql_function! {
 /// a microsecond, so that each committed change to a user has a later
 /// `updated_at` than the one before, whatever order the calls' clocks were
 /// read in.
-fn after<T>(
-    at: T,
-) -> greatest<T, diesel::dsl::Add<users::updated_at, diesel::data_types::PgInterval>>
+fn after<T>(at: T) -> After<T>
 where
     T: diesel::expression::AsExpression<diesel::sql_types::Timestamptz>,
 {
@@ -531,4 +735,91 @@ impl Batch for InsertUsers {
             })
             .collect())
     }
+}
+
+/// Deletes every live user of a tenant that is being deleted, with the
+/// tenant's `delete_time` (`at`), which is how [`undelete_tenant`] finds
+/// them again.
+pub async fn delete_tenant(
+    conn: &mut AsyncPgConnection,
+    tenant: Uuid,
+    at: DateTime<Utc>,
+    until: DateTime<Utc>,
+    by: &Actor,
+) -> diesel::QueryResult<usize> {
+    diesel::update(
+        users::table
+            .filter(users::tenant_id.eq(tenant))
+            .filter(users::delete_time.is_null()),
+    )
+    .set((
+        users::delete_time.eq(Some(at)),
+        users::expire_time.eq(Some(until)),
+        stamp(at, by),
+    ))
+    .execute(conn)
+    .await
+}
+
+/// Restores the users deleted with their tenant at `deleted_at`; users
+/// deleted on their own stay deleted.
+pub async fn undelete_tenant(
+    conn: &mut AsyncPgConnection,
+    tenant: Uuid,
+    deleted_at: DateTime<Utc>,
+    at: DateTime<Utc>,
+    by: &Actor,
+) -> diesel::QueryResult<usize> {
+    diesel::update(
+        users::table
+            .filter(users::tenant_id.eq(tenant))
+            .filter(users::delete_time.eq(deleted_at)),
+    )
+    .set((
+        users::delete_time.eq(None::<DateTime<Utc>>),
+        users::expire_time.eq(None::<DateTime<Utc>>),
+        stamp(at, by),
+    ))
+    .execute(conn)
+    .await
+}
+
+/// Erases every user of a tenant ([`erase`]), `ERASE_CHUNK` at a time.
+pub async fn purge_tenant(conn: &mut AsyncPgConnection, tenant: Uuid) -> diesel::QueryResult<()> {
+    loop {
+        let ids: Vec<Uuid> = users::table
+            .filter(users::tenant_id.eq(tenant))
+            .select(users::id)
+            .limit(ERASE_CHUNK as i64)
+            .load(conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<(Uuid, Uuid)> = ids.into_iter().map(|id| (tenant, id)).collect();
+        erase(conn, &keys).await?;
+    }
+}
+
+/// Erases up to `limit` users whose `expire_time` is before `now`, in one
+/// transaction; how many. Rows another transaction holds are left for the
+/// next round.
+pub async fn purge_expired(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> diesel::QueryResult<usize> {
+    conn.transaction(async |conn| {
+        let expired: Vec<(Uuid, Uuid)> = users::table
+            .filter(users::expire_time.lt(now))
+            .select((users::tenant_id, users::id))
+            .limit(limit)
+            .for_update()
+            .skip_locked()
+            .load(conn)
+            .await?;
+        erase(conn, &expired).await?;
+        Ok(expired.len())
+    })
+    .await
 }
