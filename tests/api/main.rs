@@ -17,7 +17,9 @@ mod metrics;
 #[allow(dead_code)]
 mod process;
 mod resilience;
+mod safe_writes;
 mod schema;
+mod tenant_deletion;
 mod tenants;
 mod transfer;
 mod users;
