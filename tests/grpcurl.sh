@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end check with grpcurl and no proto files: starts the users-service
 # binary on its embedded Postgres, sends the README's JSON requests through
-# server reflection, checks the answers, and stops it with SIGTERM.
+# server reflection, checks the answers (safe writes included: an etag
+# conflict, a replayed request id, delete, undelete and purge), and stops it
+# with SIGTERM.
 #
 # Usage: tests/grpcurl.sh [path/to/users-service]   (default: target/debug/users-service)
 set -euo pipefail
@@ -24,6 +26,21 @@ call() { grpcurl -plaintext -H "authorization: Bearer $(cat "$DATA_DIR/admin.key
 # Field of a JSON document on stdin, by jq path.
 field() { jq -r "$1"; }
 expect() { [[ "$2" == "$3" ]] || fail "$1: expected '$3', got '$2'"; echo "ok: $1"; }
+# gRPC codes by name, for the calls that must fail.
+declare -A CODE=([INVALID_ARGUMENT]=3 [NOT_FOUND]=5 [ALREADY_EXISTS]=6 [FAILED_PRECONDITION]=9 [ABORTED]=10)
+# A call that must fail with the code named; leaves its google.rpc.Status in
+# $err as JSON (details decoded through reflection) for reason and metadata.
+expect_error() {
+  local what=$1 code=$2 method=$3 data=$4
+  if err=$(grpcurl -plaintext -format-error -H "authorization: Bearer $(cat "$DATA_DIR/admin.key")" -d "$data" "$ADDR" "$method" 2>&1); then
+    fail "$what: expected $code, the call succeeded: $err"
+  fi
+  [[ "$(jq -r .code <<<"$err" 2>/dev/null)" == "${CODE[$code]}" ]] || fail "$what: expected $code, got: $err"
+  echo "ok: $what"
+}
+# The google.rpc.ErrorInfo of $err.
+error_info() { jq -c '.details[] | select(."@type" == "type.googleapis.com/google.rpc.ErrorInfo")' <<<"$err"; }
+uuid() { cat /proc/sys/kernel/random/uuid; }
 
 env -u DATABASE_URL "$BIN" --listen "$ADDR" --data-dir "$DATA_DIR" >"$LOG" 2>&1 &
 PID=$!
@@ -73,10 +90,79 @@ listed=$(call users.v1.UsersService/ListUsers '{"limit": 10, "offset": 0, "filte
 expect "ListUsers counts the match" "$(field '.totalCount' <<<"$listed")" "1"
 expect "ListUsers returns the user" "$(field '.data[0].id' <<<"$listed")" "$id"
 
+# Etags: a write with the etag last read happens once; the same etag again is
+# stale, and the error says which etag is current.
+etag=$(call users.v1.UsersService/GetUser "{\"id\": \"$id\"}" | field '.user.etag')
+[[ -n "$etag" && "$etag" != null ]] || fail "GetUser returns no etag"
+walker=$(call users.v1.UsersService/UpdateUser "{\"id\": \"$id\", \"etag\": \"$etag\", \"user\": {\"lastName\": \"Walker\"}}")
+expect "UpdateUser with the current etag writes" "$(field '.user.lastName' <<<"$walker")" "Walker"
+current=$(field '.user.etag' <<<"$walker")
+[[ "$current" != "$etag" ]] || fail "the etag did not change with the update"
+expect_error "UpdateUser with a stale etag is ABORTED" ABORTED users.v1.UsersService/UpdateUser \
+  "{\"id\": \"$id\", \"etag\": \"$etag\", \"user\": {\"lastName\": \"W\"}}"
+expect "... with reason ETAG_MISMATCH" "$(error_info | field '.reason')" "ETAG_MISMATCH"
+expect "... in the service's domain" "$(error_info | field '.domain')" "users-service"
+expect "... and the current etag" "$(error_info | field '.metadata.etag')" "$current"
+expect "... and changes nothing" "$(call users.v1.UsersService/GetUser "{\"id\": \"$id\"}" | field '.user.lastName')" "Walker"
+expect "updatedBy names the admin key" "$(field '.user.updatedBy.apiKeyId' <<<"$walker")" "$(cut -d_ -f2 "$DATA_DIR/admin.key")"
+
+# Request ids: a retry of the same request gets the first one's answer and
+# makes no second user; the same id with another request is refused.
+rid=$(uuid)
+create="{\"requestId\": \"$rid\", \"user\": {\"reference\": \"crm-7\", \"email\": \"grace@example.com\"}}"
+first=$(call users.v1.UsersService/CreateUser "$create")
+grace=$(field '.user.id' <<<"$first")
+retried=$(call users.v1.UsersService/CreateUser "$create")
+expect "a retried CreateUser with the same requestId returns the same user" "$(field '.user.id' <<<"$retried")" "$grace"
+expect "... with the same etag" "$(field '.user.etag' <<<"$retried")" "$(field '.user.etag' <<<"$first")"
+expect "... and makes no second user" \
+  "$(call users.v1.UsersService/ListUsers '{"filter": {"email": {"equalTo": "grace@example.com"}}}' | field '.totalCount')" "1"
+expect_error "the same requestId with another request is INVALID_ARGUMENT" INVALID_ARGUMENT users.v1.UsersService/CreateUser \
+  "{\"requestId\": \"$rid\", \"user\": {\"reference\": \"crm-8\"}}"
+expect "... with reason REQUEST_ID_REUSED" "$(error_info | field '.reason')" "REQUEST_ID_REUSED"
+
+# Deletion: soft, hidden unless asked for, reserving its reference; undone by
+# UndeleteUser; made final by PurgeUser, which only takes a deleted user.
+deleted=$(call users.v1.UsersService/DeleteUser "{\"id\": \"$grace\", \"requestId\": \"$(uuid)\"}")
+[[ "$(field '.user.deleteTime' <<<"$deleted")" != null ]] || fail "DeleteUser answers no deleteTime: $deleted"
+[[ "$(field '.user.expireTime' <<<"$deleted")" > "$(field '.user.deleteTime' <<<"$deleted")" ]] \
+  || fail "expireTime is not after deleteTime: $deleted"
+echo "ok: DeleteUser answers the user with deleteTime and expireTime"
+expect_error "a deleted user is NOT_FOUND" NOT_FOUND users.v1.UsersService/GetUser "{\"id\": \"$grace\"}"
+expect "... unless showDeleted" \
+  "$(call users.v1.UsersService/GetUser "{\"id\": \"$grace\", \"showDeleted\": true}" | field '.user.deleteTime')" \
+  "$(field '.user.deleteTime' <<<"$deleted")"
+expect "ListUsers leaves it out" \
+  "$(call users.v1.UsersService/ListUsers '{"filter": {"reference": {"equalTo": "crm-7"}}}' | field '.totalCount')" "0"
+expect_error "its reference stays reserved" ALREADY_EXISTS users.v1.UsersService/CreateUser '{"user": {"reference": "crm-7"}}'
+expect_error "deleting it again is NOT_FOUND" NOT_FOUND users.v1.UsersService/DeleteUser "{\"id\": \"$grace\"}"
+call users.v1.UsersService/DeleteUser "{\"id\": \"$grace\", \"allowMissing\": true}" >/dev/null
+echo "ok: ... and OK with allowMissing"
+restored=$(call users.v1.UsersService/UndeleteUser "{\"id\": \"$grace\"}")
+expect "UndeleteUser restores it" "$(field '.user.deleteTime' <<<"$restored")" "null"
+expect "... visible again" "$(call users.v1.UsersService/GetUser "{\"id\": \"$grace\"}" | field '.user.email')" "grace@example.com"
+expect_error "PurgeUser of a user not deleted is FAILED_PRECONDITION" FAILED_PRECONDITION \
+  users.v1.UsersService/PurgeUser "{\"id\": \"$grace\"}"
+call users.v1.UsersService/DeleteUser "{\"id\": \"$grace\"}" >/dev/null
+expect "PurgeUser erases a deleted user" \
+  "$(call users.v1.UsersService/PurgeUser "{\"id\": \"$grace\", \"requestId\": \"$(uuid)\"}" | field '.id')" "$grace"
+expect_error "... even for showDeleted" NOT_FOUND users.v1.UsersService/GetUser "{\"id\": \"$grace\", \"showDeleted\": true}"
+expect_error "a replay of the request that created it is NOT_FOUND" NOT_FOUND users.v1.UsersService/CreateUser "$create"
+expect "... and its reference is free again" \
+  "$(call users.v1.UsersService/CreateUser '{"user": {"reference": "crm-7"}}' | field '.user.reference')" "crm-7"
+
 tenant=$(call users.v1.TenantsService/CreateTenant '{"tenant": {"name": "Acme", "reference": "acme"}}')
 expect "CreateTenant returns the tenant" "$(field '.tenant.reference' <<<"$tenant")" "acme"
 tenant_id=$(field '.tenant.id' <<<"$tenant")
 expect "GetTenant" "$(call users.v1.TenantsService/GetTenant "{\"id\": \"$tenant_id\"}" | field '.tenant.name')" "Acme"
+
+# A tenant goes with its users, and comes back with them.
+ada=$(call users.v1.UsersService/CreateUser "{\"user\": {\"email\": \"ada@acme.example\", \"tenantId\": \"$tenant_id\"}}" | field '.user.id')
+call users.v1.TenantsService/DeleteTenant "{\"id\": \"$tenant_id\"}" >/dev/null
+expect_error "DeleteTenant hides its users" NOT_FOUND users.v1.UsersService/GetUser "{\"id\": \"$ada\"}"
+call users.v1.TenantsService/UndeleteTenant "{\"id\": \"$tenant_id\"}" >/dev/null
+expect "UndeleteTenant restores them" "$(call users.v1.UsersService/GetUser "{\"id\": \"$ada\"}" | field '.user.email')" "ada@acme.example"
+expect_error "the default tenant cannot be deleted" FAILED_PRECONDITION users.v1.TenantsService/DeleteTenant "{\"id\": \"$default_tenant\"}"
 
 if out=$(call users.v1.UsersService/CreateUser '{"user": {"email": "nope", "phone": "123"}}' 2>&1); then
   fail "an invalid user was accepted"

@@ -1,7 +1,8 @@
 """The Python client scenario, against a live users-service (see conftest.py).
 
 Tests run in file order and share one server; the last one stops it with
-SIGTERM and checks that it exits 0.
+SIGTERM and checks that it exits 0. Every write sends a request_id, as the
+README asks of any write a client may retry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from grpc_status import rpc_status
 
 ROQ_REFERENCE = "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa"
 TIMEOUT = 10  # seconds, per call
+
+
+def request_id() -> str:
+    """A fresh request id: one per logical write, sent again on each of its retries."""
+    return str(uuid.uuid4())
 
 
 def roq_user(pb):
@@ -55,7 +61,9 @@ def details(pb, error, kind):
 @pytest.fixture(scope="module")
 def roq(pb, users, auth):
     """The ROQ user, created once; the created user as the server returned it."""
-    created = users.CreateUser(pb.users.CreateUserRequest(user=roq_user(pb)), metadata=auth, timeout=TIMEOUT)
+    created = users.CreateUser(
+        pb.users.CreateUserRequest(user=roq_user(pb), request_id=request_id()), metadata=auth, timeout=TIMEOUT
+    )
     return created.user
 
 
@@ -72,6 +80,8 @@ def test_create_roq_user(roq):
     assert roq.HasField("active") and roq.active is True
     uuid.UUID(roq.tenant_id)  # the default tenant
     assert roq.HasField("created_at") and roq.HasField("updated_at")
+    assert roq.etag
+    assert roq.updated_by.api_key_id and not roq.updated_by.user_id  # made with the admin key
 
 
 def test_get_user(pb, users, auth, roq):
@@ -82,36 +92,52 @@ def test_get_user(pb, users, auth, roq):
 def test_update_first_name_only(pb, users, auth, roq):
     before = users.GetUser(pb.users.GetUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
     after = users.UpdateUser(
-        pb.users.UpdateUserRequest(id=roq.id, user=pb.users.UserUpdate(first_name="Anna-Maria")),
+        pb.users.UpdateUserRequest(
+            id=roq.id,
+            user=pb.users.UserUpdate(first_name="Anna-Maria"),
+            etag=before.etag,  # only if nobody changed the user since we read it
+            request_id=request_id(),
+        ),
         metadata=auth,
         timeout=TIMEOUT,
     ).user
     assert after.first_name == "Anna-Maria"
     assert after.updated_at.ToDatetime() >= before.updated_at.ToDatetime()
+    assert after.etag != before.etag
     # Every other field is unchanged.
     expected = type(before)()
     expected.CopyFrom(before)
     expected.first_name = "Anna-Maria"
     expected.ClearField("updated_at")
+    expected.ClearField("etag")
     compared = type(after)()
     compared.CopyFrom(after)
     compared.ClearField("updated_at")
+    compared.ClearField("etag")
     assert compared == expected
     # And it is stored.
     assert users.GetUser(pb.users.GetUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user == after
 
 
 def test_deactivate_and_reactivate_are_idempotent(pb, users, auth, roq):
-    first = users.DeactivateUser(pb.users.DeactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    def deactivate():
+        request = pb.users.DeactivateUserRequest(id=roq.id, request_id=request_id())
+        return users.DeactivateUser(request, metadata=auth, timeout=TIMEOUT).user
+
+    def reactivate():
+        request = pb.users.ReactivateUserRequest(id=roq.id, request_id=request_id())
+        return users.ReactivateUser(request, metadata=auth, timeout=TIMEOUT).user
+
+    first = deactivate()
     assert first.active is False
-    second = users.DeactivateUser(pb.users.DeactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    second = deactivate()
     assert second.active is False
     assert second.updated_at == first.updated_at, "a second deactivate changed updatedAt"
     assert second == first
 
-    back = users.ReactivateUser(pb.users.ReactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    back = reactivate()
     assert back.active is True
-    again = users.ReactivateUser(pb.users.ReactivateUserRequest(id=roq.id), metadata=auth, timeout=TIMEOUT).user
+    again = reactivate()
     assert again.active is True
     assert again.updated_at == back.updated_at, "a second reactivate changed updatedAt"
 
@@ -137,7 +163,8 @@ def test_list_paging_with_next_page_token(pb, users, auth):
     created = set()
     for i in range(5):
         user = pb.users.User(reference=f"{prefix}{i}", first_name=f"Page{i}", last_name="Walker")
-        created.add(users.CreateUser(pb.users.CreateUserRequest(user=user), metadata=auth, timeout=TIMEOUT).user.id)
+        request = pb.users.CreateUserRequest(user=user, request_id=request_id())
+        created.add(users.CreateUser(request, metadata=auth, timeout=TIMEOUT).user.id)
     assert len(created) == 5
 
     user_filter = pb.users.UserFilter(reference=pb.common.StringFilter(like=f"{prefix}%"))
@@ -163,7 +190,7 @@ def test_list_paging_with_next_page_token(pb, users, auth):
 
 def test_validation_error_lists_every_bad_field(pb, users, auth):
     bad = pb.users.User(reference=f"bad-{uuid.uuid4()}", email="not an email", phone="12-not-a-phone")
-    error = rpc_error(users.CreateUser, pb.users.CreateUserRequest(user=bad), auth)
+    error = rpc_error(users.CreateUser, pb.users.CreateUserRequest(user=bad, request_id=request_id()), auth)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     (bad_request,) = details(pb, error, pb.error_details.BadRequest)
     fields = {v.field for v in bad_request.field_violations}
@@ -180,11 +207,30 @@ def test_unknown_id_is_not_found(pb, users, auth):
 
 def test_duplicate_reference_is_already_exists(pb, users, auth, roq):
     duplicate = pb.users.User(reference=ROQ_REFERENCE, first_name="Other")
-    error = rpc_error(users.CreateUser, pb.users.CreateUserRequest(user=duplicate), auth)
+    error = rpc_error(users.CreateUser, pb.users.CreateUserRequest(user=duplicate, request_id=request_id()), auth)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     (info,) = details(pb, error, pb.error_details.ErrorInfo)
     assert info.reason == "ALREADY_EXISTS"
     assert info.metadata["field"] == "reference"
+
+
+def test_retry_with_the_same_request_id_returns_the_same_user(pb, users, auth):
+    """A write sent again with its request_id, as after a lost reply, has no second effect."""
+    reference = f"retry-{uuid.uuid4()}"
+    request = pb.users.CreateUserRequest(
+        user=pb.users.User(reference=reference, first_name="Grace", last_name="Hopper"),
+        request_id=request_id(),
+    )
+    first = users.CreateUser(request, metadata=auth, timeout=TIMEOUT).user
+    retry = users.CreateUser(request, metadata=auth, timeout=TIMEOUT).user
+    assert retry.id == first.id
+    assert retry == first, "the retry did not get the first response (same etag, same times)"
+    listed = users.ListUsers(
+        pb.users.ListUsersRequest(filter=pb.users.UserFilter(reference=pb.common.StringFilter(equal_to=reference))),
+        metadata=auth,
+        timeout=TIMEOUT,
+    )
+    assert listed.total_count == 1, "the retry made a second user"
 
 
 def test_authentication(pb, users, auth):

@@ -1,6 +1,8 @@
 // End-to-end test of the generated TypeScript client against the real
 // users-service binary: its own embedded Postgres in a fresh data dir, a free
 // port, the bootstrap admin key, and a clean SIGTERM shutdown at the end.
+// Every write sends a requestId, as the README asks of any write a client
+// may retry.
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -23,6 +25,8 @@ const serverBin = path.resolve(
   process.env.USERS_SERVICE_BIN ?? "../../target/debug/users-service",
 );
 const ROQ_REFERENCE = "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa";
+/** A fresh request id: one per logical write, sent again on each of its retries. */
+const requestId = (): string => randomUUID();
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const STARTUP_TIMEOUT_MS = 30_000;
 const SHUTDOWN_TIMEOUT_MS = 30_000;
@@ -204,6 +208,7 @@ describe("users-service TypeScript client", () => {
         isOptedIn: false,
         active: true,
       },
+      requestId: requestId(),
     });
     assert.ok(user);
     assert.match(user.id, UUID);
@@ -219,6 +224,8 @@ describe("users-service TypeScript client", () => {
     assert.equal(user.synced, true);
     assert.match(user.tenantId, UUID); // the default tenant
     assert.ok(user.createdAt && user.updatedAt);
+    assert.ok(user.etag.length > 0);
+    assert.ok(user.updatedBy?.apiKeyId, "updatedBy names no API key"); // made with the admin key
     roq = user;
   });
 
@@ -229,28 +236,35 @@ describe("users-service TypeScript client", () => {
   });
 
   it("updates the first name only", async () => {
-    const { user } = await client.users.updateUser({ id: roq.id, user: { firstName: "Anna-Maria" } });
+    const { user } = await client.users.updateUser({
+      id: roq.id,
+      user: { firstName: "Anna-Maria" },
+      etag: roq.etag, // only if nobody changed the user since we read it
+      requestId: requestId(),
+    });
     assert.ok(user);
     assert.equal(user.firstName, "Anna-Maria");
     assert.ok(millis(user, "updatedAt") >= millis(roq, "updatedAt"));
+    assert.notEqual(user.etag, roq.etag);
     const expected = clone(UserSchema, roq);
     expected.firstName = "Anna-Maria";
     expected.updatedAt = user.updatedAt;
+    expected.etag = user.etag;
     assert.ok(equals(UserSchema, user, expected), "fields other than firstName changed");
     roq = user;
   });
 
   it("deactivates idempotently and reactivates", async () => {
-    const first = (await client.users.deactivateUser({ id: roq.id })).user;
+    const first = (await client.users.deactivateUser({ id: roq.id, requestId: requestId() })).user;
     assert.ok(first);
     assert.equal(first.active, false);
-    const second = (await client.users.deactivateUser({ id: roq.id })).user;
+    const second = (await client.users.deactivateUser({ id: roq.id, requestId: requestId() })).user;
     assert.ok(second);
     assert.equal(second.active, false);
     assert.equal(millis(second, "updatedAt"), millis(first, "updatedAt"), "second deactivate changed updatedAt");
     assert.ok(equals(UserSchema, second, first));
 
-    const again = (await client.users.reactivateUser({ id: roq.id })).user;
+    const again = (await client.users.reactivateUser({ id: roq.id, requestId: requestId() })).user;
     assert.ok(again);
     assert.equal(again.active, true);
     assert.equal(again.firstName, "Anna-Maria");
@@ -274,6 +288,7 @@ describe("users-service TypeScript client", () => {
     for (let i = 0; i < 5; i++) {
       const { user } = await client.users.createUser({
         user: { reference: `${prefix}${i}`, email: `${prefix}${i}@example.com`, firstName: `Page ${i}` },
+        requestId: requestId(),
       });
       assert.ok(user);
       created.add(user.id);
@@ -297,7 +312,7 @@ describe("users-service TypeScript client", () => {
 
   it("reports every invalid field as google.rpc.BadRequest", async () => {
     const err = await expectError(Code.InvalidArgument, () =>
-      client.users.createUser({ user: { email: "not an email", phone: "12" } }),
+      client.users.createUser({ user: { email: "not an email", phone: "12" }, requestId: requestId() }),
     );
     const badRequests = err.findDetails(BadRequestSchema);
     assert.equal(badRequests.length, 1);
@@ -314,12 +329,25 @@ describe("users-service TypeScript client", () => {
 
   it("answers ALREADY_EXISTS for a duplicate reference", async () => {
     const err = await expectError(Code.AlreadyExists, () =>
-      client.users.createUser({ user: { reference: ROQ_REFERENCE, firstName: "Dup" } }),
+      client.users.createUser({ user: { reference: ROQ_REFERENCE, firstName: "Dup" }, requestId: requestId() }),
     );
     const infos = err.findDetails(ErrorInfoSchema);
     assert.equal(infos.length, 1);
     assert.equal(infos[0].reason, "ALREADY_EXISTS");
     assert.equal(infos[0].metadata.field, "reference");
+  });
+
+  it("returns the same user to a retry with the same requestId", async () => {
+    // As after a lost reply: the very same request, with the same requestId, again.
+    const reference = `ts-retry-${randomUUID()}`;
+    const request = { user: { reference, firstName: "Grace", lastName: "Hopper" }, requestId: requestId() };
+    const first = (await client.users.createUser(request)).user;
+    const retry = (await client.users.createUser(request)).user;
+    assert.ok(first && retry);
+    assert.equal(retry.id, first.id);
+    assert.ok(equals(UserSchema, retry, first), "the retry did not get the first response (same etag, same times)");
+    const page = await client.users.listUsers({ filter: { reference: { equalTo: reference } } });
+    assert.equal(page.totalCount, 1n, "the retry made a second user");
   });
 
   it("answers UNAUTHENTICATED without the API key", async () => {
