@@ -80,7 +80,7 @@ fn parse_batch(state: &AppState, scope: Scope, by: &Actor, users: Vec<pb::User>)
 pub async fn batch_upsert(
     state: &AppState,
     principal: &Principal,
-    request: pb::BatchUpsertUsersRequest,
+    mut request: pb::BatchUpsertUsersRequest,
 ) -> Result<pb::BatchUpsertUsersResponse, Error> {
     let scope = super::authz::manage_users(principal)?;
     if request.users.len() > MAX_BATCH {
@@ -90,7 +90,7 @@ pub async fn batch_upsert(
         ));
     }
     let by = super::authz::actor(principal);
-    let key = RequestKey::of(&by, &request)?;
+    let key = RequestKey::of(&by, &mut request)?;
     let Batch { outcomes, rows } = parse_batch(state, scope, &by, request.users);
 
     let writes: Vec<Write> = rows

@@ -19,7 +19,7 @@ use crate::pb::v1 as pb;
 use crate::store::{models::Actor, requests};
 
 /// A mutating request that may carry a request id.
-pub trait Idempotent: Message + Clone {
+pub trait Idempotent: Message {
     /// The method, as the record names it.
     const METHOD: &'static str;
     fn request_id(&self) -> &str;
@@ -161,7 +161,8 @@ pub struct RequestKey {
 
 impl RequestKey {
     /// The key of `request` from `caller`; `None` without a request id.
-    pub fn of<R: Idempotent>(caller: &Actor, request: &R) -> Result<Option<Self>, Error> {
+    /// Takes the id out of `request`, whose fingerprint is the rest.
+    pub fn of<R: Idempotent>(caller: &Actor, request: &mut R) -> Result<Option<Self>, Error> {
         if request.request_id().is_empty() {
             return Ok(None);
         }
@@ -171,12 +172,11 @@ impl RequestKey {
                 "must be a UUID such as 0190c8f2-5b7e-7c1a-9d3e-2f4a6b8c0d1e",
             )
         })?;
-        let mut bare = request.clone();
-        bare.clear_request_id();
+        request.clear_request_id();
         let fingerprint = Sha256::new()
             .chain_update(R::METHOD.as_bytes())
             .chain_update([0])
-            .chain_update(bare.encode_to_vec())
+            .chain_update(request.encode_to_vec())
             .finalize()
             .into();
         Ok(Some(Self {
@@ -188,6 +188,26 @@ impl RequestKey {
     }
 }
 
+impl RequestKey {
+    /// The record of `response` as the outcome of this request.
+    pub fn record<R: About>(
+        &self,
+        response: &R,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> requests::NewRecord {
+        requests::NewRecord {
+            caller: self.caller.as_str().to_owned(),
+            request_id: self.id,
+            method: self.method.to_owned(),
+            fingerprint: Some(self.fingerprint.to_vec()),
+            response: Some(response.encode_to_vec()),
+            tenant_id: response.tenant(),
+            user_ids: response.users(),
+            created_at: now,
+        }
+    }
+}
+
 /// Stores `response` as the outcome of `key`, in the transaction of the
 /// write that produced it.
 pub async fn record<R: About>(
@@ -196,23 +216,9 @@ pub async fn record<R: About>(
     response: &R,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), Error> {
-    let encoded = response.encode_to_vec();
-    let users = response.users();
-    requests::insert(
-        conn,
-        &requests::NewRecord {
-            caller: key.caller.as_str(),
-            request_id: key.id,
-            method: key.method,
-            fingerprint: Some(&key.fingerprint),
-            response: Some(&encoded),
-            tenant_id: response.tenant(),
-            user_ids: &users,
-            created_at: now,
-        },
-    )
-    .await
-    .map_err(Error::from)
+    requests::insert(conn, &key.record(response, now))
+        .await
+        .map_err(Error::from)
 }
 
 /// What to do after a request with a key failed.

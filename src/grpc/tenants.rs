@@ -24,7 +24,7 @@ impl TenantsApi {
     /// carries a request id.
     fn admin<R: idempotent::Idempotent>(
         principal: &Principal,
-        request: &R,
+        request: &mut R,
     ) -> Result<Option<RequestKey>, Error> {
         authz::manage_tenants(principal)?;
         RequestKey::of(&authz::actor(principal), request)
@@ -33,9 +33,9 @@ impl TenantsApi {
     async fn create(
         &self,
         principal: &Principal,
-        request: pb::CreateTenantRequest,
+        mut request: pb::CreateTenantRequest,
     ) -> Result<pb::CreateTenantResponse, Error> {
-        let key = Self::admin(principal, &request)?;
+        let key = Self::admin(principal, &mut request)?;
         let new = convert::new_tenant(request.tenant, Uuid::now_v7(), self.state.now())?;
         idempotent::once!(&self.state, key.as_ref(), |conn| async {
             let tenant = tenants::insert(conn, &new).await?;
@@ -59,9 +59,9 @@ impl TenantsApi {
     async fn update(
         &self,
         principal: &Principal,
-        request: pb::UpdateTenantRequest,
+        mut request: pb::UpdateTenantRequest,
     ) -> Result<pb::UpdateTenantResponse, Error> {
-        let key = Self::admin(principal, &request)?;
+        let key = Self::admin(principal, &mut request)?;
         let id = convert::parse_id("id", &request.id);
         let changes = convert::tenant_changes(request.tenant, self.state.now());
         let (id, changes) = merge_violations(id, changes)?;
@@ -78,9 +78,9 @@ impl TenantsApi {
     async fn delete(
         &self,
         principal: &Principal,
-        request: pb::DeleteTenantRequest,
+        mut request: pb::DeleteTenantRequest,
     ) -> Result<pb::DeleteTenantResponse, Error> {
-        let key = Self::admin(principal, &request)?;
+        let key = Self::admin(principal, &mut request)?;
         let id = convert::parse_id("id", &request.id)?;
         let by = authz::actor(principal);
         let at = self.state.now();
@@ -96,9 +96,9 @@ impl TenantsApi {
     async fn undelete(
         &self,
         principal: &Principal,
-        request: pb::UndeleteTenantRequest,
+        mut request: pb::UndeleteTenantRequest,
     ) -> Result<pb::UndeleteTenantResponse, Error> {
-        let key = Self::admin(principal, &request)?;
+        let key = Self::admin(principal, &mut request)?;
         let id = convert::parse_id("id", &request.id)?;
         let by = authz::actor(principal);
         let at = self.state.now();
@@ -113,9 +113,9 @@ impl TenantsApi {
     async fn purge(
         &self,
         principal: &Principal,
-        request: pb::PurgeTenantRequest,
+        mut request: pb::PurgeTenantRequest,
     ) -> Result<pb::PurgeTenantResponse, Error> {
-        let key = Self::admin(principal, &request)?;
+        let key = Self::admin(principal, &mut request)?;
         let id = convert::parse_id("id", &request.id)?;
         idempotent::once!(&self.state, key.as_ref(), |conn| async {
             match tenants::purge(conn, id).await? {

@@ -31,27 +31,43 @@ impl UsersApi {
     async fn create(
         &self,
         principal: &Principal,
-        request: pb::CreateUserRequest,
+        mut request: pb::CreateUserRequest,
     ) -> Result<pb::CreateUserResponse, Error> {
         let scope = authz::manage_users(principal)?;
         let actor = authz::actor(principal);
-        let key = RequestKey::of(&actor, &request)?;
+        let key = RequestKey::of(&actor, &mut request)?;
         let given = request.user.as_ref().map_or("", |u| u.tenant_id.as_str());
         let tenant = scope.tenant_for_new_user(given, self.state.default_tenant)?;
         let now = self.state.now();
         let new = convert::new_user(request.user, tenant, Uuid::now_v7(), now, &actor)?;
-        if key.is_none() {
-            // Without a request id, CreateUser calls share statements.
-            let row = self.state.inserts.submit(new).await.map_err(Error::from)?;
+        let Some(key) = key else {
+            let row = self
+                .state
+                .inserts
+                .submit((new, None))
+                .await
+                .map_err(Error::from)?;
             return Ok(pb::CreateUserResponse {
                 user: Some(row.into()),
             });
+        };
+        // The response is known before the insert (the service makes every
+        // value of a new user), so the user and the record of its request
+        // go in one statement, in a batch like any CreateUser.
+        let response = pb::CreateUserResponse {
+            user: Some(new.as_row().into()),
+        };
+        loop {
+            let record = key.record(&response, self.state.now());
+            let failure = match self.state.inserts.submit((new.clone(), Some(record))).await {
+                Ok(_) => return Ok(response),
+                Err(failure) => Error::from(failure),
+            };
+            match idempotent::settle(&self.state, &key, failure).await {
+                idempotent::Settled::Done(answer) => return answer,
+                idempotent::Settled::Again => continue,
+            }
         }
-        let write = Write::Create(new);
-        idempotent::once!(&self.state, key.as_ref(), |conn| async {
-            let user = user_of(apply(conn, &write).await?)?;
-            Ok::<_, Error>(pb::CreateUserResponse { user: Some(user) })
-        })
     }
 
     async fn get(
@@ -79,11 +95,11 @@ impl UsersApi {
     async fn update(
         &self,
         principal: &Principal,
-        request: pb::UpdateUserRequest,
+        mut request: pb::UpdateUserRequest,
     ) -> Result<pb::UpdateUserResponse, Error> {
         let scope = authz::update_user(principal, request.user.as_ref())?;
         let actor = authz::actor(principal);
-        let key = RequestKey::of(&actor, &request)?;
+        let key = RequestKey::of(&actor, &mut request)?;
         let id = convert::parse_id("id", &request.id);
         let etag = convert::etag(&request.etag);
         let changes = convert::user_changes(request.user, self.state.now(), actor);
@@ -107,7 +123,7 @@ impl UsersApi {
     async fn change_state<R: idempotent::Idempotent>(
         &self,
         principal: &Principal,
-        request: &R,
+        request: &mut R,
         id: &str,
         etag: &str,
         change: impl FnOnce(Uuid, Option<Uuid>, Option<Etag>, Actor) -> Write,
@@ -122,7 +138,7 @@ impl UsersApi {
     async fn set_active<R, Response>(
         &self,
         principal: &Principal,
-        request: &R,
+        request: &mut R,
         (id, etag): (&str, &str),
         active: bool,
         respond: fn(pb::User) -> Response,
@@ -152,16 +168,17 @@ impl UsersApi {
     async fn delete(
         &self,
         principal: &Principal,
-        request: pb::DeleteUserRequest,
+        mut request: pb::DeleteUserRequest,
     ) -> Result<pb::DeleteUserResponse, Error> {
+        let (id, etag) = (request.id.clone(), request.etag.clone());
         let at = self.state.now();
         let until = at + self.state.retention.deleted;
         let (key, write) = self
             .change_state(
                 principal,
-                &request,
-                &request.id,
-                &request.etag,
+                &mut request,
+                &id,
+                &etag,
                 |id, tenant, etag, by| Write::Delete {
                     id,
                     tenant,
@@ -193,15 +210,16 @@ impl UsersApi {
     async fn undelete(
         &self,
         principal: &Principal,
-        request: pb::UndeleteUserRequest,
+        mut request: pb::UndeleteUserRequest,
     ) -> Result<pb::UndeleteUserResponse, Error> {
+        let (id, etag) = (request.id.clone(), request.etag.clone());
         let at = self.state.now();
         let (key, write) = self
             .change_state(
                 principal,
-                &request,
-                &request.id,
-                &request.etag,
+                &mut request,
+                &id,
+                &etag,
                 |id, tenant, etag, by| Write::Undelete {
                     id,
                     tenant,
@@ -220,10 +238,11 @@ impl UsersApi {
     async fn purge(
         &self,
         principal: &Principal,
-        request: pb::PurgeUserRequest,
+        mut request: pb::PurgeUserRequest,
     ) -> Result<pb::PurgeUserResponse, Error> {
+        let id = request.id.clone();
         let (key, write) = self
-            .change_state(principal, &request, &request.id, "", |id, tenant, _, _| {
+            .change_state(principal, &mut request, &id, "", |id, tenant, _, _| {
                 Write::Purge { id, tenant }
             })
             .await?;
@@ -335,15 +354,12 @@ impl UsersService for UsersApi {
         request: Request<pb::DeactivateUserRequest>,
     ) -> Result<Response<pb::DeactivateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        let (id, etag) = (request.id.clone(), request.etag.clone());
         let response = self
-            .set_active(
-                &principal,
-                &request,
-                (&request.id, &request.etag),
-                false,
-                |user| pb::DeactivateUserResponse { user: Some(user) },
-            )
+            .set_active(&principal, &mut request, (&id, &etag), false, |user| {
+                pb::DeactivateUserResponse { user: Some(user) }
+            })
             .await?;
         Ok(Response::new(response))
     }
@@ -353,15 +369,12 @@ impl UsersService for UsersApi {
         request: Request<pb::ReactivateUserRequest>,
     ) -> Result<Response<pb::ReactivateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        let (id, etag) = (request.id.clone(), request.etag.clone());
         let response = self
-            .set_active(
-                &principal,
-                &request,
-                (&request.id, &request.etag),
-                true,
-                |user| pb::ReactivateUserResponse { user: Some(user) },
-            )
+            .set_active(&principal, &mut request, (&id, &etag), true, |user| {
+                pb::ReactivateUserResponse { user: Some(user) }
+            })
             .await?;
         Ok(Response::new(response))
     }

@@ -125,6 +125,40 @@ pub struct NewUser {
     pub updated_by: Actor,
 }
 
+impl NewUser {
+    /// The row an insert of this user stores.
+    pub fn as_row(&self) -> UserRow {
+        UserRow {
+            tenant_id: self.tenant_id,
+            id: self.id,
+            reference: self.reference.as_str().to_owned(),
+            email: self.email.as_ref().map_or("", Email::as_str).to_owned(),
+            phone: self.phone.as_ref().map_or("", Phone::as_str).to_owned(),
+            first_name: self.first_name.as_str().to_owned(),
+            last_name: self.last_name.as_str().to_owned(),
+            locale: self.locale.as_str().to_owned(),
+            timezone: self
+                .timezone
+                .as_ref()
+                .map_or("", |zone| zone.as_str())
+                .to_owned(),
+            is_opted_in: self.is_opted_in,
+            active: self.active,
+            custom_data: self.custom_data.as_value().clone(),
+            avatar_url: self
+                .avatar_url
+                .as_ref()
+                .map_or("", AvatarUrl::as_str)
+                .to_owned(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            delete_time: None,
+            expire_time: None,
+            updated_by: self.updated_by.as_str().to_owned(),
+        }
+    }
+}
+
 /// A partial update of a user, made of validated values. `None` leaves a
 /// field as it is; for fields that may be unset, `Some(None)` clears it.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,4 +211,44 @@ pub struct TenantChanges {
     pub name: Option<String>,
     pub reference: Option<String>,
     pub updated_at: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_etag_reads_back_as_the_version_it_was_made_from() {
+        let at = DateTime::from_timestamp_micros(1_796_181_328_574_937).unwrap();
+        let etag = Etag(at).to_string();
+        assert_eq!(etag, "6619e0e0ab9d9");
+        assert_eq!(Etag::parse(&etag), Ok(Etag(at)));
+    }
+
+    #[test]
+    fn an_etag_the_service_did_not_make_is_refused() {
+        for bad in [
+            "",
+            "nonsense",
+            "+1f",
+            "-1",
+            "0x1f",
+            &"f".repeat(65),
+            "ffffffffffffffffff",
+        ] {
+            assert!(Etag::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_actor_is_stored_by_kind() {
+        let user = Uuid::nil();
+        assert_eq!(Actor::key("k1").as_str(), "key:k1");
+        assert_eq!(Actor::parts("key:k1"), ("k1", ""));
+        assert_eq!(
+            Actor::parts(Actor::user(user).as_str()),
+            ("", &*user.to_string())
+        );
+        assert_eq!(Actor::parts(""), ("", ""));
+    }
 }

@@ -14,17 +14,46 @@ use uuid::Uuid;
 use super::schema::request_ids;
 
 /// The record of one successful request.
-#[derive(Debug, Clone, diesel::Insertable)]
+#[derive(Debug, Clone, PartialEq, diesel::Insertable)]
 #[diesel(table_name = request_ids)]
-pub struct NewRecord<'a> {
-    pub caller: &'a str,
+pub struct NewRecord {
+    pub caller: String,
     pub request_id: Uuid,
-    pub method: &'a str,
-    pub fingerprint: Option<&'a [u8]>,
-    pub response: Option<&'a [u8]>,
+    pub method: String,
+    pub fingerprint: Option<Vec<u8>>,
+    pub response: Option<Vec<u8>>,
     pub tenant_id: Option<Uuid>,
-    pub user_ids: &'a [Uuid],
+    pub user_ids: Vec<Uuid>,
     pub created_at: DateTime<Utc>,
+}
+
+/// `WITH recorded AS (<records>) <statement>`: a write and the records of
+/// the requests that asked for it as one statement, so one round trip and
+/// one commit, and all of it or nothing.
+#[derive(Debug, Clone, diesel::query_builder::QueryId)]
+pub struct WithRecords<R, S> {
+    pub records: R,
+    pub statement: S,
+}
+
+impl<R, S: diesel::query_builder::Query> diesel::query_builder::Query for WithRecords<R, S> {
+    type SqlType = S::SqlType;
+}
+
+impl<R, S> diesel::query_builder::QueryFragment<diesel::pg::Pg> for WithRecords<R, S>
+where
+    R: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+    S: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        out.push_sql("WITH recorded AS (");
+        self.records.walk_ast(out.reborrow())?;
+        out.push_sql(") ");
+        self.statement.walk_ast(out.reborrow())
+    }
 }
 
 /// A stored record, as a retry reads it.
@@ -43,10 +72,7 @@ pub struct Record {
 /// taken (by a first request that committed while this one ran).
 pub const TAKEN: &str = "request_ids_pkey";
 
-pub async fn insert(
-    conn: &mut AsyncPgConnection,
-    record: &NewRecord<'_>,
-) -> diesel::QueryResult<()> {
+pub async fn insert(conn: &mut AsyncPgConnection, record: &NewRecord) -> diesel::QueryResult<()> {
     diesel::insert_into(request_ids::table)
         .values(record)
         .execute(conn)

@@ -203,19 +203,29 @@ pub async fn delete(
             _ => return Ok(TenantWritten::Missing),
         }
         users::delete_tenant(conn, id, at, until, by).await?;
-        diesel::update(tenants::table.find(id))
-            .set((
-                tenants::delete_time.eq(Some(at)),
-                tenants::expire_time.eq(Some(until)),
-                tenants::updated_at.eq(at),
-            ))
-            .returning(TenantRow::as_returning())
-            .get_results(conn)
-            .await
-            .and_then(db::single)
-            .map(TenantWritten::Changed)
+        set_deleted(conn, id, Some((at, until)), at).await
     })
     .await
+}
+
+/// Marks the tenant deleted (`Some((delete_time, expire_time))`) or live.
+async fn set_deleted(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    deleted: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    at: DateTime<Utc>,
+) -> diesel::QueryResult<TenantWritten> {
+    diesel::update(tenants::table.find(id))
+        .set((
+            tenants::delete_time.eq(deleted.map(|(time, _)| time)),
+            tenants::expire_time.eq(deleted.map(|(_, expiry)| expiry)),
+            tenants::updated_at.eq(at),
+        ))
+        .returning(TenantRow::as_returning())
+        .get_results(conn)
+        .await
+        .and_then(db::single)
+        .map(TenantWritten::Changed)
 }
 
 /// Restores a deleted tenant before its `expire_time`, with the users
@@ -236,17 +246,7 @@ pub async fn undelete(
             _ => return Ok(TenantWritten::Missing),
         };
         users::undelete_tenant(conn, id, deleted_at, at, by).await?;
-        diesel::update(tenants::table.find(id))
-            .set((
-                tenants::delete_time.eq(None::<DateTime<Utc>>),
-                tenants::expire_time.eq(None::<DateTime<Utc>>),
-                tenants::updated_at.eq(at),
-            ))
-            .returning(TenantRow::as_returning())
-            .get_results(conn)
-            .await
-            .and_then(db::single)
-            .map(TenantWritten::Changed)
+        set_deleted(conn, id, None, at).await
     })
     .await
 }

@@ -705,12 +705,13 @@ where
 }
 
 /// CreateUser for the calls of one batch: their rows by [`apply`], each
-/// committing on its own.
+/// committing on its own; a create that carries the record of its request
+/// ([`requests::NewRecord`]) commits with it ([`insert_recorded`]).
 #[derive(Debug)]
 pub struct InsertUsers;
 
 impl Batch for InsertUsers {
-    type Item = NewUser;
+    type Item = (NewUser, Option<requests::NewRecord>);
     type Output = UserRow;
     const MAX: usize = 64;
     /// A commit waits for its WAL flush: two at once overlap them.
@@ -720,21 +721,106 @@ impl Batch for InsertUsers {
     async fn run(
         &self,
         conn: &mut AsyncPgConnection,
-        items: Vec<NewUser>,
+        items: Vec<Self::Item>,
     ) -> Result<Vec<Result<UserRow, StoreError>>, StoreError> {
-        let writes: Vec<Write> = items.into_iter().map(Write::Create).collect();
-        Ok(apply(conn, &writes, Commit::Apart)
-            .await?
+        let mut outcomes: Vec<Option<Result<UserRow, StoreError>>> = vec![None; items.len()];
+        let (recorded, plain): (Vec<_>, Vec<_>) = items
             .into_iter()
-            .map(|outcome| {
-                outcome.and_then(|written| {
-                    written
-                        .into_row()
-                        .ok_or_else(|| StoreError::Other("a create stored no row".into()))
-                })
-            })
+            .enumerate()
+            .partition(|(_, (_, record))| record.is_some());
+
+        let writes: Vec<Write> = plain
+            .iter()
+            .map(|(_, (user, _))| Write::Create(user.clone()))
+            .collect();
+        for ((i, _), outcome) in plain.iter().zip(apply(conn, &writes, Commit::Apart).await?) {
+            outcomes[*i] = Some(outcome.and_then(|written| {
+                written
+                    .into_row()
+                    .ok_or_else(|| StoreError::Other("a create stored no row".into()))
+            }));
+        }
+
+        let recorded: Vec<(usize, NewUser, requests::NewRecord)> = recorded
+            .into_iter()
+            .filter_map(|(i, (user, record))| record.map(|record| (i, user, record)))
+            .collect();
+        // All in one statement; when that fails for its rows, each on its own.
+        let together = match recorded.as_slice() {
+            [] | [_] => None,
+            several => Some(
+                insert_recorded(conn, several)
+                    .await
+                    .map_err(StoreError::from),
+            ),
+        };
+        match together {
+            Some(Err(error)) if error.is_outage() => return Err(error),
+            Some(Ok(rows)) => {
+                let mut by_id: HashMap<Uuid, UserRow> =
+                    rows.into_iter().map(|row| (row.id, row)).collect();
+                for (i, user, _) in &recorded {
+                    outcomes[*i] = by_id.remove(&user.id).map(Ok);
+                }
+            }
+            None | Some(Err(_)) => {}
+        }
+        for item in &recorded {
+            if outcomes[item.0].is_none() {
+                let result = insert_recorded_one(conn, &item.1, &item.2)
+                    .await
+                    .map_err(StoreError::from);
+                outcomes[item.0] = Some(match result {
+                    Err(error) if error.is_outage() => return Err(error),
+                    result => result,
+                });
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("every create has its outcome"))
             .collect())
     }
+}
+
+/// [`insert_recorded`] of one user: a statement of one shape, which the
+/// connection prepares once.
+async fn insert_recorded_one(
+    conn: &mut AsyncPgConnection,
+    user: &NewUser,
+    record: &requests::NewRecord,
+) -> diesel::QueryResult<UserRow> {
+    requests::WithRecords {
+        records: diesel::insert_into(crate::store::schema::request_ids::table).values(record),
+        statement: diesel::insert_into(users::table)
+            .values(UserInsert::from(user))
+            .returning(UserRow::as_returning()),
+    }
+    .get_results(conn)
+    .await
+    .and_then(db::single)
+}
+
+/// Inserts the users and the records of the requests that created them in
+/// one statement: each record commits exactly when its user does. Any
+/// refusal (a unique key taken, a request id already recorded) fails all.
+async fn insert_recorded(
+    conn: &mut AsyncPgConnection,
+    items: &[(usize, NewUser, requests::NewRecord)],
+) -> diesel::QueryResult<Vec<UserRow>> {
+    let records: Vec<&requests::NewRecord> = items.iter().map(|(_, _, record)| record).collect();
+    let users: Vec<UserInsert<'_>> = items
+        .iter()
+        .map(|(_, user, _)| UserInsert::from(user))
+        .collect();
+    requests::WithRecords {
+        records: diesel::insert_into(crate::store::schema::request_ids::table).values(records),
+        statement: diesel::insert_into(users::table)
+            .values(users)
+            .returning(UserRow::as_returning()),
+    }
+    .get_results(conn)
+    .await
 }
 
 /// Deletes every live user of a tenant that is being deleted, with the
