@@ -112,29 +112,22 @@ pub async fn forget(
     .map(drop)
 }
 
-/// Forgets up to `limit` records made before `before`; how many.
+/// Forgets up to `limit` records made before `before`, in one statement;
+/// how many.
 pub async fn forget_expired(
     conn: &mut AsyncPgConnection,
     before: DateTime<Utc>,
     limit: i64,
 ) -> diesel::QueryResult<usize> {
-    let expired = request_ids::table
-        .filter(request_ids::created_at.lt(before))
-        .select((request_ids::caller, request_ids::request_id))
-        .limit(limit)
-        .load::<(String, Uuid)>(conn)
-        .await?;
-    let mut forgotten = 0;
-    for (caller, request_id) in expired {
-        forgotten += diesel::delete(
-            request_ids::table
-                .filter(request_ids::caller.eq(caller))
-                .filter(request_ids::request_id.eq(request_id)),
-        )
-        .execute(conn)
-        .await?;
-    }
-    Ok(forgotten)
+    use diesel::sql_types::{BigInt, Timestamptz};
+    diesel::sql_query(
+        "DELETE FROM request_ids WHERE ctid = ANY (ARRAY( \
+         SELECT ctid FROM request_ids WHERE created_at < $1 LIMIT $2))",
+    )
+    .bind::<Timestamptz, _>(before)
+    .bind::<BigInt, _>(limit)
+    .execute(conn)
+    .await
 }
 
 /// Erases what the records about these users hold: their responses and

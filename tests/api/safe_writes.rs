@@ -1779,3 +1779,50 @@ async fn the_service_purges_deleted_users_once_their_expire_time_has_passed() {
         Vec::<String>::new()
     );
 }
+
+#[tokio::test]
+async fn the_service_forgets_request_ids_once_their_retention_has_passed() {
+    let mut app = spawn_configured(|config| {
+        config.request_id_retention = Duration::from_secs(3600);
+        config.purge_interval = Duration::from_millis(100);
+    })
+    .await;
+    for name in ["Kept", "Forgotten"] {
+        let user = User {
+            first_name: name.into(),
+            ..Default::default()
+        };
+        create(&mut app.users, user, &request_id()).await.unwrap();
+        if name == "Kept" {
+            app.clock.advance(Duration::from_secs(1800));
+        }
+    }
+    let stored = async |db: &tokio_postgres::Client| -> i64 {
+        db.query_one("SELECT count(*) FROM request_ids", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(stored(&app.db).await, 2);
+
+    // The first record is past its retention now, the second is not.
+    app.clock.advance(Duration::from_secs(2400));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored(&app.db).await != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<String> = app
+        .db
+        .query("SELECT response FROM request_ids", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| String::from_utf8_lossy(row.get::<_, &[u8]>(0)).into_owned())
+        .collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "the expired record is forgotten, the other kept"
+    );
+    assert!(left[0].contains("Forgotten"), "{left:?}");
+}

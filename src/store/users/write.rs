@@ -33,8 +33,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    AsChangeset, BoolExpressionMethods, ExpressionMethods, Insertable, OptionalExtension, QueryDsl,
-    SelectableHelper, sql_types::Timestamptz,
+    AsChangeset, ExpressionMethods, Insertable, OptionalExtension, QueryDsl, SelectableHelper,
+    sql_types::Timestamptz,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -547,12 +547,17 @@ pub(crate) async fn erase(
     ids: &[(Uuid, Uuid)],
 ) -> diesel::QueryResult<()> {
     for chunk in ids.chunks(ERASE_CHUNK) {
+        let tenants: Vec<Uuid> = chunk.iter().map(|(tenant, _)| *tenant).collect();
         let users: Vec<Uuid> = chunk.iter().map(|(_, id)| *id).collect();
-        let mut statement = diesel::delete(users::table).into_boxed();
-        for (tenant, id) in chunk {
-            statement = statement.or_filter(users::tenant_id.eq(*tenant).and(users::id.eq(*id)));
-        }
-        statement.execute(conn).await?;
+        // Ids are unique across tenants (the service makes them); the
+        // tenants only keep the delete on the primary key's ground.
+        diesel::delete(
+            users::table
+                .filter(users::tenant_id.eq_any(&tenants))
+                .filter(users::id.eq_any(&users)),
+        )
+        .execute(conn)
+        .await?;
         requests::erase_users(conn, &users).await?;
     }
     Ok(())
