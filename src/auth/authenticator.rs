@@ -146,7 +146,7 @@ impl Authenticator {
         }
         let jwt = self.jwt.as_ref().ok_or(AuthFailure::Unauthenticated)?;
         let user_id = jwt.verify(token).ok_or(AuthFailure::Unauthenticated)?;
-        // A deactivated user's tokens stop working within the cache period;
+        // A deactivated or deleted user's tokens stop working within the cache period;
         // an id with no user may call (and finds nothing).
         let active = self
             .users

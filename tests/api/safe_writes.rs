@@ -1826,3 +1826,37 @@ async fn the_service_forgets_request_ids_once_their_retention_has_passed() {
     );
     assert!(left[0].contains("Forgotten"), "{left:?}");
 }
+
+#[tokio::test]
+async fn a_deleted_users_own_token_stops_working_and_works_again_once_undeleted() {
+    let mut app = spawn_app().await;
+    let user = create(&mut app.users, person("token-holder"), "")
+        .await
+        .unwrap();
+    let mut own = app.users_as(Some(&user_token(&user.id)));
+    // Polled: the service remembers a token's user for the key cache
+    // period. Until then a deleted user's own GetUser is NOT_FOUND.
+    let poll = async |own: &mut Users, works: bool| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let outcome = get(own, &user.id, false).await;
+            let refused = matches!(&outcome, Err(s) if s.code() == Code::Unauthenticated);
+            if outcome.is_ok() == works && (works || refused) || Instant::now() > deadline {
+                return outcome;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    poll(&mut own, true)
+        .await
+        .expect("a live user's token works");
+
+    delete(&mut app.users, &user.id, "", "").await.unwrap();
+    let status = poll(&mut own, false).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    undelete(&mut app.users, &user.id, "", "").await.unwrap();
+    poll(&mut own, true)
+        .await
+        .expect("the token works again once the user is undeleted");
+}

@@ -27,19 +27,19 @@ pub async fn find(
         .optional()
 }
 
-/// The active flag of the live user with this id, in any tenant; `None`
-/// when there is none (or it is deleted).
+/// Whether the user with this id, in any tenant, may act: active and not
+/// deleted; `None` when there is no such user.
 pub async fn active_flag(
     conn: &mut AsyncPgConnection,
     id: Uuid,
 ) -> diesel::QueryResult<Option<bool>> {
     users::table
         .filter(users::id.eq(id))
-        .filter(users::delete_time.is_null())
-        .select(users::active)
-        .first(conn)
+        .select((users::active, users::delete_time.is_null()))
+        .first::<(bool, bool)>(conn)
         .await
         .optional()
+        .map(|found| found.map(|(active, live)| active && live))
 }
 
 /// The next `limit` users matching `conditions` after id `after`, in id order.
