@@ -184,7 +184,7 @@ fn rename(first_name: &str) -> UserUpdate {
     }
 }
 
-async fn create(users: &mut Users, user: User, request_id: &str) -> Result<User, Status> {
+pub async fn create(users: &mut Users, user: User, request_id: &str) -> Result<User, Status> {
     users
         .create_user(CreateUserRequest {
             user: Some(user),
@@ -194,7 +194,7 @@ async fn create(users: &mut Users, user: User, request_id: &str) -> Result<User,
         .map(|r| r.into_inner().user.expect("a user"))
 }
 
-async fn get(users: &mut Users, id: &str, show_deleted: bool) -> Result<User, Status> {
+pub async fn get(users: &mut Users, id: &str, show_deleted: bool) -> Result<User, Status> {
     users
         .get_user(GetUserRequest {
             id: id.into(),

@@ -10,16 +10,18 @@ use tonic::{Code, Status};
 use users_service::{
     auth::Role,
     pb::v1::{
-        CreateTenantRequest, CreateUserRequest, DeleteTenantRequest, DeleteUserRequest,
-        ExportUsersRequest, GetTenantRequest, GetUserRequest, ListTenantsRequest, ListUsersRequest,
-        ListUsersResponse, PurgeTenantRequest, StringFilter, Tenant, UndeleteTenantRequest, User,
-        UserFilter,
+        CreateTenantRequest, DeleteTenantRequest, DeleteUserRequest, ExportUsersRequest,
+        GetTenantRequest, ListTenantsRequest, ListUsersRequest, ListUsersResponse,
+        PurgeTenantRequest, StringFilter, Tenant, UndeleteTenantRequest, User, UserFilter,
     },
 };
 use uuid::Uuid;
 
 use crate::helpers::{Tenants, TestApp, Users, spawn_app};
-use crate::safe_writes::{places_holding, request_id, spawn_configured, user_row, user_token};
+use crate::safe_writes::{
+    create as create_user, get as get_user, places_holding, request_id, spawn_configured, user_row,
+    user_token,
+};
 
 async fn create_tenant(app: &mut TestApp, name: &str, reference: &str, request_id: &str) -> Tenant {
     app.tenants
@@ -87,26 +89,6 @@ fn member(tenant: &str, tag: &str) -> User {
         first_name: "Member".into(),
         ..Default::default()
     }
-}
-
-async fn create_user(users: &mut Users, user: User, request_id: &str) -> Result<User, Status> {
-    users
-        .create_user(CreateUserRequest {
-            user: Some(user),
-            request_id: request_id.into(),
-        })
-        .await
-        .map(|r| r.into_inner().user.expect("a user"))
-}
-
-async fn get_user(users: &mut Users, id: &str, show_deleted: bool) -> Result<User, Status> {
-    users
-        .get_user(GetUserRequest {
-            id: id.into(),
-            show_deleted,
-        })
-        .await
-        .map(|r| r.into_inner().user.expect("a user"))
 }
 
 /// ListUsers of an admin, filtered on `tenant` when given.
