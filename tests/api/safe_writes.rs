@@ -151,7 +151,7 @@ async fn users_with_reference(db: &tokio_postgres::Client, reference: &str) -> i
 }
 
 /// Microseconds since the epoch.
-fn micros(ts: &Option<prost_types::Timestamp>) -> i64 {
+pub fn micros(ts: &Option<prost_types::Timestamp>) -> i64 {
     let ts = ts.as_ref().expect("a timestamp");
     ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1000
 }

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::helpers::{Tenants, TestApp, Users, spawn_app};
 use crate::safe_writes::{
-    create as create_user, get as get_user, places_holding, request_id, spawn_configured, user_row,
-    user_token,
+    create as create_user, get as get_user, micros, places_holding, request_id, spawn_configured,
+    user_row, user_token,
 };
 
 async fn create_tenant(app: &mut TestApp, name: &str, reference: &str, request_id: &str) -> Tenant {
@@ -160,11 +160,6 @@ async fn rows_of_tenant(db: &tokio_postgres::Client, table: &str, tenant: &str) 
     .await
     .unwrap()
     .get(0)
-}
-
-fn micros(ts: &Option<prost_types::Timestamp>) -> i64 {
-    let ts = ts.as_ref().expect("a timestamp");
-    ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1000
 }
 
 /// Calls ListUsers with `token` every 50 ms until `done` says yes of the
