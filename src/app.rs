@@ -125,6 +125,7 @@ impl Application {
             let mut state = AppState::new(pool, default_tenant, &metrics, clock);
             state.stream_stall_timeout = config.stream_stall_timeout;
             state.retention = retention(config)?;
+            state.watch_heartbeat = config.watch_heartbeat;
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?
@@ -217,6 +218,14 @@ impl Application {
             stop_probe.subscribe(),
         ));
 
+        let metrics = Arc::clone(&self.metrics);
+        let feed = tokio::spawn(Arc::clone(&self.state.hub).follow(
+            self.state.pool.clone(),
+            self.state.committed.clone(),
+            move |events| metrics.events_read(events),
+            stop_probe.subscribe(),
+        ));
+
         let max_request = self.config.max_request_bytes;
         let users = UsersServiceServer::new(UsersApi::new(self.state.clone()))
             .max_decoding_message_size(max_request);
@@ -298,6 +307,9 @@ impl Application {
                 let _ = stop_probe.send(true);
                 let _ = prober.await;
                 let _ = purger.await;
+                // Watch streams end now, UNAVAILABLE: they would hold the
+                // grace period up for nothing.
+                let _ = feed.await;
                 health::set_all(&health, ServingStatus::NotServing).await;
                 let _ = draining.send(true);
                 if tokio::time::timeout(grace, &mut server).await.is_err() {
@@ -337,6 +349,7 @@ fn retention(config: &Config) -> Result<crate::grpc::Retention, StartError> {
     Ok(crate::grpc::Retention {
         deleted: period("--delete-retention", config.delete_retention)?,
         request_ids: period("--request-id-retention", config.request_id_retention)?,
+        events: period("--event-retention", config.event_retention)?,
     })
 }
 

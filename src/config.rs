@@ -15,6 +15,8 @@
 //! | `--delete-retention` | `DELETE_RETENTION` | `30days` |
 //! | `--purge-interval` | `PURGE_INTERVAL` | `1m` |
 //! | `--request-id-retention` | `REQUEST_ID_RETENTION` | `24h` |
+//! | `--event-retention` | `EVENT_RETENTION` | `7days` |
+//! | `--watch-heartbeat` | `WATCH_HEARTBEAT` | `10s` |
 //! | `--rate-limit-per-second` | `RATE_LIMIT_PER_SECOND` | `200` (0: off) |
 //! | `--rate-limit-burst` | `RATE_LIMIT_BURST` | the rate |
 //! | `--max-in-flight` | `MAX_IN_FLIGHT` | `512` |
@@ -223,6 +225,16 @@ pub struct Config {
     #[arg(long, global = true, env = "REQUEST_ID_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub request_id_retention: Duration,
 
+    /// How long change events are kept: a WatchUsers resume token stays
+    /// good this long.
+    #[arg(long, global = true, env = "EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub event_retention: Duration,
+
+    /// A WatchUsers stream sends a response (without events when nothing
+    /// happened) at least this often.
+    #[arg(long, global = true, env = "WATCH_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub watch_heartbeat: Duration,
+
     /// Calls per second allowed to each caller (API key, end user, or address
     /// of unauthenticated calls); 0 switches per-caller limiting off.
     #[arg(long, global = true, env = "RATE_LIMIT_PER_SECOND", default_value_t = DEFAULT_RATE_LIMIT)]
@@ -348,6 +360,8 @@ impl Config {
             delete_retention: Duration::from_secs(30 * 24 * 3600),
             purge_interval: Duration::from_secs(60),
             request_id_retention: Duration::from_secs(24 * 3600),
+            event_retention: Duration::from_secs(7 * 24 * 3600),
+            watch_heartbeat: Duration::from_secs(10),
             log_format: LogFormat::Text,
             metrics_listen: None,
             rate_limit_per_second: DEFAULT_RATE_LIMIT,

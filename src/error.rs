@@ -61,6 +61,10 @@ pub enum Error {
     /// PERMISSION_DENIED: the caller is known but may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(&'static str),
+    /// OUT_OF_RANGE with reason `TOKEN_EXPIRED`: a position the service no
+    /// longer keeps (a change feed token older than its retention).
+    #[error("{0}")]
+    OutOfRange(&'static str),
     /// RESOURCE_EXHAUSTED: a bounded resource (such as concurrent exports)
     /// is all in use. Retry later.
     #[error("{0}")]
@@ -99,6 +103,7 @@ impl Error {
             Self::RequestIdReused => Self::RequestIdReused,
             Self::PermissionDenied(what) => Self::PermissionDenied(what),
             Self::TooBusy(what) => Self::TooBusy(what),
+            Self::OutOfRange(what) => Self::OutOfRange(what),
             Self::Unavailable(cause) => Self::Unavailable(cause.to_string().into()),
             Self::Internal(cause) => Self::Internal(cause.to_string().into()),
         }
@@ -291,6 +296,11 @@ impl From<Error> for Status {
                 )
             }
             Error::TooBusy(what) => Status::resource_exhausted(what),
+            Error::OutOfRange(what) => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info("TOKEN_EXPIRED", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::OutOfRange, what, details)
+            }
             Error::Unavailable(cause) => {
                 static SUMMARY: Summarized = Summarized::new(Duration::from_secs(1));
                 if let Some(calls) = SUMMARY.due() {

@@ -91,6 +91,10 @@ pub struct Metrics {
     refused_connections: Counter,
     database_ready: Gauge,
     database_outages: Counter,
+    events: Counter,
+    watchers: Gauge,
+    relay_lag_events: Gauge,
+    relay_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,6 +124,10 @@ impl Metrics {
         let refused_connections = Counter::default();
         let database_ready = Gauge::default();
         let database_outages = Counter::default();
+        let events = Counter::default();
+        let watchers = Gauge::default();
+        let relay_lag_events = Gauge::default();
+        let relay_lag_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -177,6 +185,26 @@ impl Metrics {
             database_outages.clone(),
         );
         registry.register(
+            "users_service_events",
+            "Change events committed, as the change feed read them (its rate: events written per second)",
+            events.clone(),
+        );
+        registry.register(
+            "users_service_watchers",
+            "WatchUsers streams open now",
+            watchers.clone(),
+        );
+        registry.register(
+            "users_service_relay_lag_events",
+            "Change events committed but not yet acknowledged by NATS JetStream (as of the relay's last page)",
+            relay_lag_events.clone(),
+        );
+        registry.register(
+            "users_service_relay_lag_seconds",
+            "Age of the oldest change event not yet acknowledged by NATS JetStream; 0 when caught up",
+            relay_lag_seconds.clone(),
+        );
+        registry.register(
             "users_service_build_info",
             "Always 1; the labels describe the running build",
             build,
@@ -193,7 +221,28 @@ impl Metrics {
             refused_connections,
             database_ready,
             database_outages,
+            events,
+            watchers,
+            relay_lag_events,
+            relay_lag_seconds,
         }
+    }
+
+    /// The change feed read this many new events.
+    pub fn events_read(&self, events: u64) {
+        self.events.inc_by(events);
+    }
+
+    /// The gauge of open WatchUsers streams, for the feed to move.
+    pub fn watchers(&self) -> Gauge {
+        self.watchers.clone()
+    }
+
+    /// Where the relay to NATS stands: events not yet acknowledged, and the
+    /// age of the oldest of them.
+    pub fn relay_lag(&self, events: i64, seconds: f64) {
+        self.relay_lag_events.set(events);
+        self.relay_lag_seconds.set(seconds);
     }
 
     /// Readiness changed: the database answers (`true`) or stopped (`false`).

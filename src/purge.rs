@@ -1,5 +1,6 @@
 //! The purge job: erases the users and tenants whose `expire_time` has
-//! passed, and forgets the request ids older than their retention.
+//! passed, forgets the request ids older than their retention, and prunes
+//! the change events older than theirs.
 //!
 //! It works in small batches, each its own short transaction, so that it
 //! never holds many locks or a long snapshot, and skips rows another
@@ -10,7 +11,7 @@
 use std::time::Duration;
 
 use crate::grpc::AppState;
-use crate::store::{requests, tenants, users};
+use crate::store::{events, requests, tenants, users};
 
 /// Rows erased or forgotten by one statement.
 const BATCH: i64 = 500;
@@ -29,11 +30,12 @@ pub async fn run(state: AppState, every: Duration, mut stop: tokio::sync::watch:
                     tracing::info!("purge job works again");
                     failing = false;
                 }
-                if done.users + done.tenants + done.request_ids > 0 {
+                if done.users + done.tenants + done.request_ids + done.events > 0 {
                     tracing::info!(
                         users = done.users,
                         tenants = done.tenants,
                         request_ids = done.request_ids,
+                        events = done.events,
                         "purged what had expired"
                     );
                 }
@@ -54,6 +56,7 @@ pub struct Purged {
     pub users: usize,
     pub tenants: usize,
     pub request_ids: usize,
+    pub events: usize,
 }
 
 /// Erases everything expired now, a batch at a time.
@@ -62,7 +65,7 @@ pub async fn round(state: &AppState) -> Result<Purged, crate::error::Error> {
     loop {
         let now = state.now();
         let users = state
-            .db(async |conn| users::purge_expired(conn, now, BATCH).await)
+            .write(async |conn| users::purge_expired(conn, now, BATCH).await)
             .await?;
         done.users += users;
         if users < BATCH as usize {
@@ -75,7 +78,7 @@ pub async fn round(state: &AppState) -> Result<Purged, crate::error::Error> {
         .await?;
     for tenant in expired {
         if let tenants::TenantWritten::Purged(_) = state
-            .db(async |conn| tenants::purge(conn, tenant).await)
+            .write(async |conn| tenants::purge(conn, tenant).await)
             .await?
         {
             done.tenants += 1;
@@ -88,6 +91,16 @@ pub async fn round(state: &AppState) -> Result<Purged, crate::error::Error> {
             .await?;
         done.request_ids += forgotten;
         if forgotten < BATCH as usize {
+            break;
+        }
+    }
+    loop {
+        let before = state.now() - state.retention.events;
+        let pruned = state
+            .db(async |conn| events::prune(conn, before, BATCH).await)
+            .await?;
+        done.events += pruned;
+        if pruned < BATCH as usize {
             break;
         }
     }

@@ -113,6 +113,15 @@ pub fn list_users(principal: &Principal) -> Result<Scope, Error> {
     }
 }
 
+/// WatchUsers: admins watch any tenant or all; tenant keys (viewers too)
+/// their own tenant; end users nothing.
+pub fn watch_users(principal: &Principal) -> Result<Scope, Error> {
+    match principal {
+        Principal::User { .. } => Err(Error::PermissionDenied("end users cannot watch users")),
+        other => list_users(other),
+    }
+}
+
 /// CreateUser, DeactivateUser, ReactivateUser, DeleteUser, UndeleteUser,
 /// PurgeUser, BatchUpsertUsers: server-side operations.
 pub fn manage_users(principal: &Principal) -> Result<Scope, Error> {

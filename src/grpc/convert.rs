@@ -295,9 +295,42 @@ impl From<UserRow> for pb::User {
                 pb::Actor {
                     api_key_id: api_key_id.to_owned(),
                     user_id: user_id.to_owned(),
+                    api_key_name: String::new(),
                 }
             }),
         }
+    }
+}
+
+/// A stored change event as watchers and the relay get it. A user whose
+/// state the event no longer holds (purged) is its id and tenant only.
+pub fn user_event(event: crate::store::events::Event) -> pb::UserEvent {
+    let user = event
+        .state
+        .and_then(|state| serde_json::from_value::<UserRow>(state).ok())
+        .map_or_else(
+            || pb::User {
+                id: event.user_id.to_string(),
+                tenant_id: event.tenant_id.to_string(),
+                ..Default::default()
+            },
+            pb::User::from,
+        );
+    let (api_key_id, user_id) = Actor::parts(&event.actor);
+    pb::UserEvent {
+        event_id: event.seq.to_string(),
+        r#type: i32::from(event.kind),
+        user: Some(user),
+        changed_fields: Some(prost_types::FieldMask {
+            paths: event.changed,
+        }),
+        commit_time: Some(timestamp(event.time)),
+        actor: Some(pb::Actor {
+            api_key_id: api_key_id.to_owned(),
+            user_id: user_id.to_owned(),
+            api_key_name: event.key_name.unwrap_or_default(),
+        }),
+        resume_token: event.position.encode(),
     }
 }
 

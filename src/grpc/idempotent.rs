@@ -280,10 +280,10 @@ macro_rules! once {
         let key: Option<&$crate::grpc::idempotent::RequestKey> = $key;
         loop {
             let Some(key) = key else {
-                break state.db(async |$conn| $work.await).await;
+                break state.write(async |$conn| $work.await).await;
             };
             let result = state
-                .db(async |conn| {
+                .write(async |conn| {
                     diesel_async::AsyncConnection::transaction(conn, async |$conn| {
                         let response = $work.await?;
                         $crate::grpc::idempotent::record($conn, key, &response, state.now())

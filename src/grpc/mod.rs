@@ -9,6 +9,7 @@ pub mod json;
 pub mod list;
 pub mod tenants;
 pub mod users;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -46,6 +47,12 @@ pub struct AppState {
     /// the end of its shutdown grace: they answer UNAVAILABLE.
     pub abandon: Arc<tokio::sync::watch::Sender<bool>>,
     pub retention: Retention,
+    /// Told after every write that may have written change events.
+    pub committed: crate::store::events::Committed,
+    /// The process's reader of the change feed.
+    pub hub: Arc<watch::Hub>,
+    /// A watch stream sends a response at least this often.
+    pub watch_heartbeat: std::time::Duration,
 }
 
 /// How long the service keeps what it keeps for a while.
@@ -55,6 +62,8 @@ pub struct Retention {
     pub deleted: chrono::Duration,
     /// A request id is remembered this long.
     pub request_ids: chrono::Duration,
+    /// Change events are kept this long.
+    pub events: chrono::Duration,
 }
 
 impl Default for Retention {
@@ -62,6 +71,7 @@ impl Default for Retention {
         Self {
             deleted: chrono::Duration::days(30),
             request_ids: chrono::Duration::hours(24),
+            events: chrono::Duration::days(7),
         }
     }
 }
@@ -78,6 +88,7 @@ impl AppState {
     /// `clock` is where handlers read the time from (tests control it).
     pub fn new(pool: DbPool, default_tenant: Uuid, metrics: &Metrics, clock: Clock) -> Self {
         let exports = (pool.status().max_size / 4).max(1);
+        let committed = crate::store::events::Committed::default();
         Self {
             finds: Coalescer::new(
                 FindUsers,
@@ -85,7 +96,9 @@ impl AppState {
                 metrics.batch_items(FindUsers::NAME),
             ),
             inserts: Coalescer::new(
-                InsertUsers,
+                InsertUsers {
+                    committed: committed.clone(),
+                },
                 pool.clone(),
                 metrics.batch_items(InsertUsers::NAME),
             ),
@@ -96,6 +109,9 @@ impl AppState {
             stream_stall_timeout: std::time::Duration::from_secs(10),
             abandon: Arc::new(tokio::sync::watch::Sender::new(false)),
             retention: Retention::default(),
+            committed,
+            hub: Arc::new(watch::Hub::new(metrics.watchers())),
+            watch_heartbeat: std::time::Duration::from_secs(10),
         }
     }
 
@@ -111,5 +127,16 @@ impl AppState {
         work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     ) -> Result<T, Error> {
         db::run(&self.pool, work).await?.map_err(Into::into)
+    }
+
+    /// [`AppState::db`] for work that writes users: the change feed is
+    /// told when it is done (committed or not: a look costs one query).
+    pub async fn write<T, E: Into<Error>>(
+        &self,
+        work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+    ) -> Result<T, Error> {
+        let result = self.db(work).await;
+        self.committed.poke();
+        result
     }
 }

@@ -6,16 +6,17 @@ use uuid::Uuid;
 use diesel_async::AsyncPgConnection;
 
 use super::idempotent::{self, RequestKey};
-use super::{AppState, authz, bulk, convert, list};
+use super::{AppState, authz, bulk, convert, list, watch};
 use crate::auth::Principal;
 use crate::error::Error;
-use crate::layers::deadline::CallDeadline;
+use crate::layers::deadline::{CallDeadline, parse_grpc_timeout};
 
 /// How long a stream may run when no deadline layer set one (the server
 /// always does; this bounds a handler called some other way).
 const DEFAULT_STREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
 use crate::store::models::{Actor, Etag};
+use crate::store::events::Position;
 use crate::store::users::{self, Write, Written};
 
 #[derive(Debug, Clone)]
@@ -268,6 +269,7 @@ impl UsersApi {
             .db(async |conn| users::list(conn, &list.query).await)
             .await?
             .map_err(|_| Error::invalid("page_token", "does not match this request"))?;
+        let (page, snapshot) = page;
         let limit = list.query.count_limit.unwrap_or(i64::MAX);
         Ok(pb::ListUsersResponse {
             data: page.rows.into_iter().map(Into::into).collect(),
@@ -277,6 +279,7 @@ impl UsersApi {
                 .next
                 .map(|cursor| list::encode_token(&list.fingerprint, cursor))
                 .unwrap_or_default(),
+            watch_token: Position::At(snapshot).encode(),
         })
     }
 }
@@ -426,6 +429,31 @@ impl UsersService for UsersApi {
         let principal = authz::principal(&request)?;
         let response = bulk::batch_upsert(&self.state, &principal, request.into_inner()).await?;
         Ok(Response::new(response))
+    }
+
+    type WatchUsersStream = watch::WatchStream;
+
+    async fn watch_users(
+        &self,
+        request: Request<pb::WatchUsersRequest>,
+    ) -> Result<Response<Self::WatchUsersStream>, Status> {
+        let principal = authz::principal(&request)?;
+        // A watch runs as long as its client wants: only the client's own
+        // deadline ends it, not the server's cap on calls.
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| parse_grpc_timeout(value.as_bytes()))
+            .map(|timeout| tokio::time::Instant::now() + timeout);
+        let scope = authz::watch_users(&principal)?;
+        let parsed = watch::parse(scope, request.get_ref())?;
+        let settings = watch::WatchSettings {
+            heartbeat: self.state.watch_heartbeat,
+            stall_timeout: self.state.stream_stall_timeout,
+            deadline,
+        };
+        let stream = watch::watch(&self.state, parsed, settings).await?;
+        Ok(Response::new(stream))
     }
 
     type ExportUsersStream = bulk::ExportStream;

@@ -5,6 +5,7 @@ pub mod coalesce;
 pub mod database;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod filter;
 pub mod models;
 pub mod page;

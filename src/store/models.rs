@@ -7,8 +7,8 @@ use uuid::Uuid;
 use super::schema::{tenants, users};
 use crate::domain::{AvatarUrl, CustomData, Email, Locale, Phone, ShortText, TimeZone};
 
-/// One row of `users`.
-#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+/// One row of `users` (also as `to_jsonb` writes it, in change events).
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, serde::Deserialize)]
 #[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
 pub struct UserRow {
     pub tenant_id: Uuid,

@@ -70,4 +70,47 @@ diesel::table! {
     }
 }
 
+/// Postgres types diesel has no name for.
+pub mod sql_types {
+    /// A 64-bit transaction id.
+    #[derive(diesel::sql_types::SqlType)]
+    #[diesel(postgres_type(name = "xid8"))]
+    pub struct Xid8;
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::Xid8;
+
+    user_events (seq) {
+        seq -> Int8,
+        xid -> Xid8,
+        tenant_id -> Uuid,
+        user_id -> Uuid,
+        kind -> Int2,
+        changed -> Array<Text>,
+        actor -> Text,
+        time -> Timestamptz,
+        state -> Nullable<Jsonb>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::Xid8;
+
+    user_events_horizon (only_row) {
+        only_row -> Bool,
+        xid -> Xid8,
+    }
+}
+
+diesel::table! {
+    user_events_relays (stream) {
+        stream -> Text,
+        position -> Text,
+        updated_at -> Timestamptz,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(api_keys, request_ids, tenants, users);

@@ -24,3 +24,4 @@ mod tenants;
 mod transfer;
 mod users;
 mod validation;
+mod watch;

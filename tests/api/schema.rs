@@ -12,14 +12,16 @@ fn declared() -> BTreeMap<String, (Vec<String>, Vec<String>)> {
     for block in text.split("diesel::table! {").skip(1) {
         let block = &block[..block.find("\n}").expect("a closed block")];
         let mut lines = block.lines().map(str::trim).filter(|l| !l.is_empty());
-        let head = lines.next().expect("a table line");
+        let head = lines
+            .find(|l| !l.starts_with("use "))
+            .expect("a table line");
         let (name, rest) = head.split_once(" (").expect("name (key)");
         let key = rest[..rest.find(')').unwrap()]
             .split(',')
             .map(|c| c.trim().to_owned())
             .collect();
         let columns = lines
-            .filter(|l| *l != "}")
+            .filter(|l| *l != "}" && !l.starts_with("use ") && !l.starts_with("#["))
             .map(|l| l.trim_end_matches(',').to_owned())
             .collect();
         tables.insert(name.to_owned(), (key, columns));
@@ -39,6 +41,9 @@ fn diesel_type(udt: &str) -> &'static str {
         "int4" => "Int4",
         "int8" => "Int8",
         "_uuid" => "Array<Uuid>",
+        "_text" => "Array<Text>",
+        "int2" => "Int2",
+        "xid8" => "Xid8",
         other => panic!("schema.rs has no mapping for the type {other}"),
     }
 }

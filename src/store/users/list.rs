@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::{BoolField, Condition, OrderField, TextField, TimeField, UuidField};
 use crate::store::db;
+use crate::store::events::{self, Snapshot};
 use crate::store::filter::{
     Boxed, CursorValue, Direction, escape_like, text_condition, time_condition, uuid_condition,
 };
@@ -43,11 +44,29 @@ impl ListQuery {
     }
 }
 
-/// One page of users, with the total count when asked for.
+/// One page of users, with the total count when asked for, and the
+/// snapshot both were read at: the position in the change feed right after
+/// every change the page shows (list, then watch from there).
 ///
 /// Fails with [`CursorMismatch`] (inside `Ok`) when `query.after` does not fit
 /// the order, which callers report as a bad page token.
 pub async fn list(
+    conn: &mut AsyncPgConnection,
+    query: &ListQuery,
+) -> diesel::QueryResult<Result<(Page<UserRow>, Snapshot), CursorMismatch>> {
+    conn.build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run(async |conn| {
+            let snapshot = events::now(conn).await?;
+            Ok(page(conn, query)
+                .await?
+                .map(|page| (page, snapshot)))
+        })
+        .await
+}
+
+async fn page(
     conn: &mut AsyncPgConnection,
     query: &ListQuery,
 ) -> diesel::QueryResult<Result<Page<UserRow>, CursorMismatch>> {

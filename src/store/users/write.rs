@@ -712,8 +712,11 @@ where
 /// CreateUser for the calls of one batch: their rows by [`apply`], each
 /// committing on its own; a create that carries the record of its request
 /// ([`requests::NewRecord`]) commits with it ([`insert_recorded`]).
-#[derive(Debug)]
-pub struct InsertUsers;
+#[derive(Debug, Default)]
+pub struct InsertUsers {
+    /// Told after each batch: its rows' events committed.
+    pub committed: crate::store::events::Committed,
+}
 
 impl Batch for InsertUsers {
     type Item = (NewUser, Option<requests::NewRecord>);
@@ -781,6 +784,8 @@ impl Batch for InsertUsers {
                 });
             }
         }
+        // Every statement above committed on its own.
+        self.committed.poke();
         Ok(outcomes
             .into_iter()
             .map(|outcome| outcome.expect("every create has its outcome"))

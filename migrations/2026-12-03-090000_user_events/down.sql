@@ -1,0 +1,10 @@
+DROP TRIGGER user_events_delete ON users;
+DROP TRIGGER user_events_update ON users;
+DROP TRIGGER user_events_insert ON users;
+DROP FUNCTION user_events_of_delete();
+DROP FUNCTION user_events_of_update();
+DROP FUNCTION user_events_of_insert();
+DROP FUNCTION user_changed_fields(users, users);
+DROP TABLE user_events_relays;
+DROP TABLE user_events_horizon;
+DROP TABLE user_events;

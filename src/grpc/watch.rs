@@ -1,0 +1,445 @@
+//! WatchUsers: the change feed, and the one reader per process (the
+//! [`Hub`]) that follows `user_events` for every watcher.
+//!
+//! The hub reads each new page of events once, right after a local write
+//! commits (and at least every [`POLL`], for writes of other replicas and
+//! of other paths), converts it once, and hands it to every live watcher
+//! through a bounded broadcast. A watcher that falls behind (a slow client,
+//! or one that resumes from an old token) reads from the table instead, at
+//! its own pace, until it reaches the hub's position, and then joins it
+//! again: memory stays bounded, and nobody waits for anybody.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::Status;
+use uuid::Uuid;
+
+use super::{AppState, authz::Scope, convert};
+use crate::error::Error;
+use crate::pb::v1 as pb;
+use crate::store::{
+    db::{self, DbPool},
+    events::{self, BadToken, Committed, Filter, Position},
+};
+
+/// The stream WatchUsers answers with.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchUsersResponse, Status>> + Send>>;
+
+/// The longest the hub waits before looking for events it was not told of.
+pub const POLL: Duration = Duration::from_millis(100);
+/// The shortest time between two reads of the hub: commits that arrive
+/// together are read together.
+const MIN_GAP: Duration = Duration::from_millis(2);
+/// Events per page the hub reads, and per response of a watcher.
+const PAGE: i64 = 500;
+/// Pages the broadcast holds for watchers that are a little behind; one
+/// further behind reads from the table.
+const BROADCAST_PAGES: usize = 16;
+/// Longest wait for the hub's next page before a watcher that is ahead of
+/// it looks again.
+const AHEAD_WAIT: Duration = Duration::from_secs(1);
+
+/// A page of the feed as the hub read it: the events between two
+/// positions, converted once for every watcher.
+#[derive(Debug)]
+pub struct Page {
+    pub start: Position,
+    pub end: Position,
+    pub events: Vec<(Uuid, pb::UserEvent)>,
+}
+
+/// The process's reader of `user_events`.
+#[derive(Debug)]
+pub struct Hub {
+    /// The broadcast and the position after its last page, changed
+    /// together, so that a watcher that subscribes knows where the next
+    /// page starts.
+    tail: Mutex<(broadcast::Sender<Arc<Page>>, Option<Position>)>,
+    /// Turns true when the service stops: watchers end.
+    closed: watch::Sender<bool>,
+    /// Watchers connected now (a metric).
+    watchers: Gauge,
+}
+
+impl Hub {
+    pub fn new(watchers: Gauge) -> Self {
+        Self {
+            tail: Mutex::new((broadcast::Sender::new(BROADCAST_PAGES), None)),
+            closed: watch::Sender::new(false),
+            watchers,
+        }
+    }
+
+    fn publish(&self, page: Page) {
+        let mut tail = self.tail.lock().expect("the hub's lock is never poisoned");
+        tail.1 = Some(page.end.clone());
+        // No receiver is no error: nobody watches.
+        let _ = tail.0.send(Arc::new(page));
+    }
+
+    fn subscribe(&self) -> (broadcast::Receiver<Arc<Page>>, Option<Position>) {
+        let tail = self.tail.lock().expect("the hub's lock is never poisoned");
+        (tail.0.subscribe(), tail.1.clone())
+    }
+
+    /// Follows `user_events` until `stop` turns true, then ends every
+    /// watcher. `written` counts the events it read (a metric).
+    pub async fn follow(
+        self: Arc<Self>,
+        pool: DbPool,
+        committed: Committed,
+        written: impl Fn(u64) + Send + Sync,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut commits = committed.subscribe();
+        let mut at: Option<Position> = None;
+        let mut failing = false;
+        loop {
+            let started = Instant::now();
+            match self.read_all(&pool, &mut at, &written).await {
+                Ok(()) if failing => {
+                    tracing::info!("change feed reads again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(%error, "change feed cannot read; trying again");
+                        failing = true;
+                    }
+                }
+            }
+            let committed = tokio::select! {
+                _ = commits.changed() => true,
+                () = tokio::time::sleep(POLL) => false,
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            if committed {
+                tokio::time::sleep_until(started + MIN_GAP).await;
+            }
+        }
+        self.closed.send_replace(true);
+    }
+
+    /// Reads and publishes every page after `at` (from now when unset).
+    async fn read_all(
+        &self,
+        pool: &DbPool,
+        at: &mut Option<Position>,
+        written: &(impl Fn(u64) + Sync),
+    ) -> Result<(), Error> {
+        loop {
+            let start = match at {
+                Some(position) => position.clone(),
+                None => {
+                    let now = db::run(pool, events::now).await??;
+                    let start = Position::At(now);
+                    *at = Some(start.clone());
+                    start
+                }
+            };
+            let page = db::run(pool, async |conn| {
+                events::read(conn, &start, &Filter::default(), PAGE).await
+            })
+            .await??;
+            let full = page.events.len() as i64 >= PAGE;
+            written(page.events.len() as u64);
+            *at = Some(page.end.clone());
+            self.publish(Page {
+                start,
+                end: page.end,
+                events: page
+                    .events
+                    .into_iter()
+                    .map(|event| (event.tenant_id, convert::user_event(event)))
+                    .collect(),
+            });
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What a watcher asked for, checked.
+#[derive(Debug, Clone)]
+pub struct WatchRequest {
+    pub filter: Filter,
+    /// Where to start; `None`: now.
+    pub start: Option<Position>,
+}
+
+/// Parses a WatchUsers request for a caller confined to `scope`.
+pub fn parse(scope: Scope, request: &pb::WatchUsersRequest) -> Result<WatchRequest, Error> {
+    let tenant = match (scope.tenant(), request.tenant_id.as_str()) {
+        (own, "") => own,
+        (own, given) => {
+            let given = convert::parse_id("tenant_id", given)?;
+            if own.is_some_and(|own| own != given) {
+                return Err(Error::PermissionDenied(
+                    "a tenant key watches its own tenant only",
+                ));
+            }
+            Some(given)
+        }
+    };
+    if request.types.len() > 7 {
+        return Err(Error::invalid("types", "at most 7, each type once"));
+    }
+    let mut kinds = Vec::with_capacity(request.types.len());
+    for &kind in &request.types {
+        match pb::UserEventType::try_from(kind) {
+            Ok(pb::UserEventType::Unspecified) | Err(_) => {
+                return Err(Error::invalid("types", format!("{kind} is not an event type")));
+            }
+            Ok(_) if kinds.contains(&(kind as i16)) => {
+                return Err(Error::invalid("types", "each type at most once"));
+            }
+            Ok(_) => kinds.push(kind as i16),
+        }
+    }
+    let start = match request.resume_token.as_str() {
+        "" => None,
+        token => Some(Position::decode(token).map_err(|_| {
+            Error::invalid(
+                "resume_token",
+                "is not a token of this service: send back a resume_token or watch_token as received",
+            )
+        })?),
+    };
+    Ok(WatchRequest {
+        filter: Filter { tenant, kinds },
+        start,
+    })
+}
+
+/// How a watch stream runs.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// A response without events at least this often.
+    pub heartbeat: Duration,
+    /// A client that takes nothing for this long is gone: its stream ends.
+    pub stall_timeout: Duration,
+    /// The client's deadline, if it set one.
+    pub deadline: Option<Instant>,
+}
+
+/// Starts a watch: checks its start position now (so that a bad or
+/// expired token is the call's status), then streams.
+pub async fn watch(
+    state: &AppState,
+    request: WatchRequest,
+    settings: WatchSettings,
+) -> Result<WatchStream, Error> {
+    let now = state.db(async |conn| events::now(conn).await).await?;
+    let start = match request.start {
+        None => Position::At(now),
+        Some(start) => {
+            let horizon = state
+                .db(async |conn| events::horizon(conn).await)
+                .await?;
+            start.check(&now, horizon).map_err(|bad| match bad {
+                BadToken::Malformed => Error::invalid(
+                    "resume_token",
+                    "is not a position of this service's feed",
+                ),
+                BadToken::Expired => Error::OutOfRange(
+                    "resume_token is older than the change feed keeps (--event-retention): \
+                     list the users again and watch from the list's watch_token",
+                ),
+            })?;
+            start
+        }
+    };
+    let (tx, rx) = mpsc::channel(2);
+    let watcher = Watcher {
+        hub: Arc::clone(&state.hub),
+        pool: state.pool.clone(),
+        filter: request.filter,
+        settings,
+        tx,
+        last_sent: Instant::now(),
+    };
+    tokio::spawn(watcher.run(start));
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// One WatchUsers stream.
+struct Watcher {
+    hub: Arc<Hub>,
+    pool: DbPool,
+    filter: Filter,
+    settings: WatchSettings,
+    tx: mpsc::Sender<Result<pb::WatchUsersResponse, Status>>,
+    last_sent: Instant,
+}
+
+/// Why a watch stream ended.
+enum Ended {
+    /// The client went away or stopped reading.
+    Gone,
+    /// Answered with this status.
+    Status(Status),
+}
+
+impl Watcher {
+    async fn run(mut self, start: Position) {
+        self.hub.watchers.inc();
+        let mut closed = self.hub.closed.subscribe();
+        let deadline = self.settings.deadline;
+        let outcome = tokio::select! {
+            ended = self.stream(start) => ended,
+            _ = closed.wait_for(|closed| *closed) => Ended::Status(Status::unavailable(
+                "the server is shutting down: resume on another replica with the last resume_token",
+            )),
+            () = until(deadline) => Ended::Status(Status::deadline_exceeded("deadline exceeded")),
+        };
+        if let Ended::Status(status) = outcome {
+            let _ = self.tx.try_send(Err(status));
+        }
+        self.hub.watchers.dec();
+    }
+
+    /// Streams from `position` until the client goes or the feed fails.
+    async fn stream(&mut self, mut position: Position) -> Ended {
+        // The first response confirms the watch and its position.
+        if let Err(ended) = self.send(Vec::new(), &position).await {
+            return ended;
+        }
+        loop {
+            // Behind the hub: catch up from the table, then join it.
+            let (mut pages, hub_at) = self.hub.subscribe();
+            match self.catch_up(&mut position, hub_at.as_ref()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Ahead of the hub (a token of a newer snapshot): wait
+                    // for its next page and look again.
+                    let wait = self.heartbeat_due().min(Instant::now() + AHEAD_WAIT);
+                    tokio::select! {
+                        _ = pages.recv() => {}
+                        () = tokio::time::sleep_until(wait) => {}
+                    }
+                    if let Err(ended) = self.beat(&position).await {
+                        return ended;
+                    }
+                    continue;
+                }
+                Err(ended) => return ended,
+            }
+            // Live: take the hub's pages as they come.
+            loop {
+                let heartbeat = self.heartbeat_due();
+                tokio::select! {
+                    page = pages.recv() => match page {
+                        Ok(page) if page.start == position => {
+                            let events: Vec<pb::UserEvent> = page
+                                .events
+                                .iter()
+                                .filter(|(tenant, event)| self.filter.matches(*tenant, event.r#type as i16))
+                                .map(|(_, event)| event.clone())
+                                .collect();
+                            position = page.end.clone();
+                            if !events.is_empty() {
+                                if let Err(ended) = self.send(events, &position).await {
+                                    return ended;
+                                }
+                            }
+                        }
+                        // Missed pages: read them from the table.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return Ended::Gone,
+                    },
+                    () = tokio::time::sleep_until(heartbeat) => {
+                        if let Err(ended) = self.send(Vec::new(), &position).await {
+                            return ended;
+                        }
+                    }
+                    () = self.tx.closed() => return Ended::Gone,
+                }
+            }
+        }
+    }
+
+    /// Reads pages from the table until `position` is the hub's (`true`),
+    /// or is found ahead of it (`false`).
+    async fn catch_up(
+        &mut self,
+        position: &mut Position,
+        hub_at: Option<&Position>,
+    ) -> Result<bool, Ended> {
+        loop {
+            if Some(&*position) == hub_at {
+                return Ok(true);
+            }
+            let next = match (&*position, hub_at) {
+                (Position::Within { .. }, _) => position.clone(),
+                // The events between here and the hub.
+                (Position::At(here), Some(Position::At(hub))) if hub.includes(here) => {
+                    Position::Within {
+                        from: here.clone(),
+                        to: hub.clone(),
+                        after: i64::MIN,
+                    }
+                }
+                _ => return Ok(false),
+            };
+            let filter = self.filter.clone();
+            let page = db::run(&self.pool, async |conn| {
+                events::read(conn, &next, &filter, PAGE).await
+            })
+            .await
+            .map_err(|e| Ended::Status(Error::Unavailable(e.into()).into()))?
+            .map_err(|e| Ended::Status(Error::from(e).into()))?;
+            *position = page.end;
+            let events: Vec<pb::UserEvent> =
+                page.events.into_iter().map(convert::user_event).collect();
+            if !events.is_empty() {
+                self.send(events, position).await?;
+            } else {
+                self.beat(position).await?;
+            }
+        }
+    }
+
+    fn heartbeat_due(&self) -> Instant {
+        self.last_sent + self.settings.heartbeat
+    }
+
+    /// A response without events, when one is due.
+    async fn beat(&mut self, position: &Position) -> Result<(), Ended> {
+        if Instant::now() >= self.heartbeat_due() {
+            self.send(Vec::new(), position).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, events: Vec<pb::UserEvent>, position: &Position) -> Result<(), Ended> {
+        let response = pb::WatchUsersResponse {
+            events,
+            resume_token: position.encode(),
+        };
+        match tokio::time::timeout(self.settings.stall_timeout, self.tx.send(Ok(response))).await {
+            Ok(Ok(())) => {
+                self.last_sent = Instant::now();
+                Ok(())
+            }
+            Ok(Err(_)) | Err(_) => Err(Ended::Gone),
+        }
+    }
+}
+
+/// Completes at `deadline`, or never.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

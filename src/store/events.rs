@@ -1,0 +1,601 @@
+//! The change feed's table, `user_events`: positions in it, reading the
+//! events that committed after a position, pruning, and the relay's stored
+//! position.
+//!
+//! # Positions
+//!
+//! Events are written by triggers in the transactions of their changes,
+//! and transactions commit in any order, so a sequence number is no
+//! position: a reader that has seen 11 would never see a 10 that commits
+//! later. A position is a Postgres snapshot instead ([`Snapshot`], from
+//! `pg_current_snapshot()`): the set of transactions that had ended when it
+//! was taken. The events after a position `F`, read at a later snapshot
+//! `T`, are those whose transaction `T` sees and `F` does not: they
+//! committed between the two. They are read in `seq` order, which is
+//! commit order for the events of one user (a change waits for the row lock
+//! of the one before, and writes its event after). A long transaction holds
+//! nobody up: it is in `F`'s list of running transactions until it ends.
+//!
+//! When the events between `F` and `T` are more than a page,
+//! [`Position::Within`] names the rest of them: those with a larger `seq`.
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use diesel::{
+    QueryableByName,
+    sql_types::{Array, BigInt, Jsonb, Nullable, SmallInt, Text, Timestamptz},
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use prost::Message;
+use uuid::Uuid;
+
+/// Tells the feed's reader that a write committed events, so that it reads
+/// them now rather than at its next poll. Cheap, and never blocks: a count
+/// that readers watch.
+#[derive(Debug, Clone)]
+pub struct Committed(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for Committed {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl Committed {
+    /// Called after a commit that may have written events.
+    pub fn poke(&self) {
+        self.0.send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// The transactions a Postgres snapshot sees as ended (committed or
+/// aborted): every xid below `xmin`, and those below `xmax` not in `xip`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    /// Sorted, each in `xmin..xmax`.
+    pub xip: Vec<u64>,
+}
+
+impl Snapshot {
+    /// `pg_snapshot`'s text form, `xmin:xmax:xip,xip,...`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|xid| xid.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        let snapshot = Self { xmin, xmax, xip };
+        (parts.next().is_none() && snapshot.is_valid()).then_some(snapshot)
+    }
+
+    fn is_valid(&self) -> bool {
+        self.xmin <= self.xmax
+            && self.xip.len() <= MAX_RUNNING
+            && self.xip.windows(2).all(|pair| pair[0] < pair[1])
+            && self
+                .xip
+                .iter()
+                .all(|xid| (self.xmin..self.xmax).contains(xid))
+    }
+
+    pub fn to_text(&self) -> String {
+        let xip: Vec<String> = self.xip.iter().map(u64::to_string).collect();
+        format!("{}:{}:{}", self.xmin, self.xmax, xip.join(","))
+    }
+
+    /// Whether the transaction `xid` had ended.
+    fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
+    }
+
+    /// Whether this snapshot sees every transaction `earlier` sees (it was
+    /// taken at the same time or later).
+    pub fn includes(&self, earlier: &Self) -> bool {
+        earlier.xmax <= self.xmax && self.xip.iter().all(|&xid| !earlier.sees(xid))
+    }
+}
+
+/// Most running transactions a snapshot of a token may list: far more than
+/// a server runs at once (`max_connections`), and a bound on a forged one.
+const MAX_RUNNING: usize = 4096;
+
+/// Where a reader of the feed is: every event before it has been read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// After every event whose transaction `0` sees.
+    At(Snapshot),
+    /// After every event `from` sees, and the events `to` sees and `from`
+    /// does not up to `seq` `after`.
+    Within {
+        from: Snapshot,
+        to: Snapshot,
+        after: i64,
+    },
+}
+
+/// Why a token is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadToken {
+    /// Not a token this service made.
+    Malformed,
+    /// Older than the oldest event kept.
+    Expired,
+}
+
+impl Position {
+    /// The earliest snapshot of the position: the events it has not read
+    /// are not seen by it.
+    fn from(&self) -> &Snapshot {
+        match self {
+            Self::At(from) | Self::Within { from, .. } => from,
+        }
+    }
+
+    /// The position as clients carry it: opaque, URL-safe.
+    pub fn encode(&self) -> String {
+        let token = match self {
+            Self::At(at) => Token {
+                from: Some(TokenSnapshot::from(at)),
+                to: None,
+                after: None,
+            },
+            Self::Within { from, to, after } => Token {
+                from: Some(TokenSnapshot::from(from)),
+                to: Some(TokenSnapshot::from(to)),
+                after: Some(*after),
+            },
+        };
+        URL_SAFE_NO_PAD.encode(token.encode_to_vec())
+    }
+
+    /// A position from a token of [`Position::encode`].
+    pub fn decode(token: &str) -> Result<Self, BadToken> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(BadToken::Malformed);
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| BadToken::Malformed)?;
+        let token = Token::decode(bytes.as_slice()).map_err(|_| BadToken::Malformed)?;
+        let snapshot = |part: Option<TokenSnapshot>| {
+            part.and_then(TokenSnapshot::into_snapshot)
+                .ok_or(BadToken::Malformed)
+        };
+        let from = snapshot(token.from)?;
+        match (token.to, token.after) {
+            (None, None) => Ok(Self::At(from)),
+            (Some(to), Some(after)) => {
+                let to = snapshot(Some(to))?;
+                if to.includes(&from) {
+                    Ok(Self::Within { from, to, after })
+                } else {
+                    Err(BadToken::Malformed)
+                }
+            }
+            _ => Err(BadToken::Malformed),
+        }
+    }
+
+    /// Whether this position can still be read from, now that `now` is the
+    /// current snapshot: not from the future (a forged token), and not
+    /// older than what pruning removed (`horizon`: every pruned event's
+    /// transaction is below it).
+    pub fn check(&self, now: &Snapshot, horizon: u64) -> Result<(), BadToken> {
+        let latest = match self {
+            Self::At(at) => at,
+            Self::Within { to, .. } => to,
+        };
+        if !now.includes(latest) {
+            return Err(BadToken::Malformed);
+        }
+        if horizon >= self.from().xmin && horizon > 0 {
+            return Err(BadToken::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// Longest token accepted, in characters.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// A token's wire form: protobuf, with a snapshot's running transactions
+/// as deltas so that a token stays short.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Token {
+    #[prost(message, optional, tag = "1")]
+    from: Option<TokenSnapshot>,
+    #[prost(message, optional, tag = "2")]
+    to: Option<TokenSnapshot>,
+    #[prost(int64, optional, tag = "3")]
+    after: Option<i64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TokenSnapshot {
+    #[prost(uint64, tag = "1")]
+    xmin: u64,
+    /// `xmax - xmin`.
+    #[prost(uint64, tag = "2")]
+    span: u64,
+    /// Each running xid less the one before (the first: less `xmin`).
+    #[prost(uint64, repeated, tag = "3")]
+    running: Vec<u64>,
+}
+
+impl From<&Snapshot> for TokenSnapshot {
+    fn from(snapshot: &Snapshot) -> Self {
+        let mut last = snapshot.xmin;
+        Self {
+            xmin: snapshot.xmin,
+            span: snapshot.xmax - snapshot.xmin,
+            running: snapshot
+                .xip
+                .iter()
+                .map(|&xid| {
+                    let delta = xid - last;
+                    last = xid;
+                    delta
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TokenSnapshot {
+    fn into_snapshot(self) -> Option<Snapshot> {
+        if self.running.len() > MAX_RUNNING {
+            return None;
+        }
+        let mut last = self.xmin;
+        let xip = self
+            .running
+            .iter()
+            .map(|&delta| {
+                last = last.checked_add(delta)?;
+                Some(last)
+            })
+            .collect::<Option<Vec<u64>>>()?;
+        let snapshot = Snapshot {
+            xmin: self.xmin,
+            xmax: self.xmin.checked_add(self.span)?,
+            xip,
+        };
+        snapshot.is_valid().then_some(snapshot)
+    }
+}
+
+/// One event as stored, with the position right after it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub seq: i64,
+    pub tenant_id: Uuid,
+    pub user_id: Uuid,
+    /// `users.v1.UserEventType`.
+    pub kind: i16,
+    /// Proto field names.
+    pub changed: Vec<String>,
+    /// `key:<id>`, `user:<id>` or empty.
+    pub actor: String,
+    /// The name of the actor's API key, when it is one that still exists.
+    pub key_name: Option<String>,
+    pub time: DateTime<Utc>,
+    /// `to_jsonb` of the user after the change; `None` once purged.
+    pub state: Option<serde_json::Value>,
+    pub position: Position,
+}
+
+/// Which events a reader wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// One tenant's, or every tenant's.
+    pub tenant: Option<Uuid>,
+    /// These types only; empty: all.
+    pub kinds: Vec<i16>,
+}
+
+impl Filter {
+    pub fn matches(&self, tenant: Uuid, kind: i16) -> bool {
+        self.tenant.is_none_or(|wanted| wanted == tenant)
+            && (self.kinds.is_empty() || self.kinds.contains(&kind))
+    }
+}
+
+/// Events read after a position, and the position after them.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub events: Vec<Event>,
+    pub end: Position,
+}
+
+#[derive(QueryableByName)]
+struct EventRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    snapshot: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    tenant_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    user_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    kind: Option<i16>,
+    #[diesel(sql_type = Nullable<Array<Text>>)]
+    changed: Option<Vec<String>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    actor: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    key_name: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    state: Option<serde_json::Value>,
+}
+
+/// The columns of an event, and the name of its actor's key.
+const EVENT: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, e.actor, \
+     k.name AS key_name, e.time, e.state \
+     FROM user_events e \
+     LEFT JOIN api_keys k ON e.actor LIKE 'key:%' AND k.id = substr(e.actor, 5) \
+     WHERE (e.xid >= $1::text::xid8 OR e.xid = ANY($2::text[]::xid8[])) \
+     AND ($3::uuid IS NULL OR e.tenant_id = $3) \
+     AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
+
+/// Up to `limit` events of `filter` after `position`, in order.
+///
+/// From [`Position::At`], the events are read at the statement's own
+/// snapshot, which the page's end names; from [`Position::Within`], at the
+/// snapshot it names.
+pub async fn read(
+    conn: &mut AsyncPgConnection,
+    position: &Position,
+    filter: &Filter,
+    limit: i64,
+) -> diesel::QueryResult<Page> {
+    let from = position.from();
+    let xip: Vec<String> = from.xip.iter().map(u64::to_string).collect();
+    let query = match position {
+        Position::At(_) => diesel::sql_query(format!(
+            "SELECT s.snapshot, e.* FROM (SELECT pg_current_snapshot()::text AS snapshot) s \
+             LEFT JOIN LATERAL ({EVENT} ORDER BY e.seq LIMIT $5) e ON true"
+        ))
+        .into_boxed(),
+        Position::Within { .. } => diesel::sql_query(format!(
+            "SELECT NULL::text AS snapshot, e.* FROM ({EVENT} \
+             AND e.xid < $6::text::xid8 AND pg_visible_in_snapshot(e.xid, $7::text::pg_snapshot) \
+             AND e.seq > $8 ORDER BY e.seq LIMIT $5) e"
+        ))
+        .into_boxed(),
+    };
+    let query = query
+        .bind::<Text, _>(from.xmax.to_string())
+        .bind::<Array<Text>, _>(xip)
+        .bind::<Nullable<diesel::sql_types::Uuid>, _>(filter.tenant)
+        .bind::<Array<SmallInt>, _>(filter.kinds.clone())
+        .bind::<BigInt, _>(limit);
+    let (rows, to) = match position {
+        Position::At(_) => {
+            let rows: Vec<EventRow> = query.load(conn).await?;
+            let to = <[EventRow]>::first(&rows)
+                .and_then(|row| row.snapshot.as_deref())
+                .and_then(Snapshot::parse)
+                .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))?;
+            (rows, to)
+        }
+        Position::Within { to, after, .. } => {
+            let rows: Vec<EventRow> = query
+                .bind::<Text, _>(to.xmax.to_string())
+                .bind::<Text, _>(to.to_text())
+                .bind::<BigInt, _>(*after)
+                .load(conn)
+                .await?;
+            (rows, to.clone())
+        }
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (Some(seq), Some(tenant_id), Some(user_id), Some(kind), Some(time)) =
+            (row.seq, row.tenant_id, row.user_id, row.kind, row.time)
+        else {
+            continue;
+        };
+        events.push(Event {
+            seq,
+            tenant_id,
+            user_id,
+            kind,
+            changed: row.changed.unwrap_or_default(),
+            actor: row.actor.unwrap_or_default(),
+            key_name: row.key_name,
+            time,
+            state: row.state,
+            position: Position::Within {
+                from: from.clone(),
+                to: to.clone(),
+                after: seq,
+            },
+        });
+    }
+    let end = match events.last() {
+        Some(last) if events.len() as i64 >= limit => last.position.clone(),
+        _ => Position::At(to),
+    };
+    Ok(Page { events, end })
+}
+
+fn unexpected(what: &str) -> diesel::result::Error {
+    diesel::result::Error::DeserializationError(what.into())
+}
+
+#[derive(QueryableByName)]
+struct Text1 {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+/// The current snapshot: a position right after every event committed now.
+pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> {
+    let row: Text1 = diesel::sql_query("SELECT pg_current_snapshot()::text AS value")
+        .get_result(conn)
+        .await?;
+    Snapshot::parse(&row.value).ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))
+}
+
+/// The transaction below which events may have been pruned.
+pub async fn horizon(conn: &mut AsyncPgConnection) -> diesel::QueryResult<u64> {
+    let row: Text1 = diesel::sql_query("SELECT xid::text AS value FROM user_events_horizon")
+        .get_result(conn)
+        .await?;
+    row.value
+        .parse()
+        .map_err(|_| unexpected("user_events_horizon.xid in an unknown form"))
+}
+
+/// Deletes up to `limit` of the oldest events written before `before`, and
+/// moves the horizon past them; how many. One short transaction.
+pub async fn prune(
+    conn: &mut AsyncPgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> diesel::QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Pruned {
+        #[diesel(sql_type = BigInt)]
+        count: i64,
+    }
+    conn.transaction(async |conn| {
+        let pruned: Pruned = diesel::sql_query(
+            "WITH oldest AS (SELECT seq FROM user_events ORDER BY seq LIMIT $1), \
+             gone AS (DELETE FROM user_events e USING oldest o \
+                      WHERE e.seq = o.seq AND e.time < $2 RETURNING e.xid), \
+             moved AS (UPDATE user_events_horizon \
+                       SET xid = greatest(xid, (SELECT max(xid) FROM gone)) \
+                       WHERE EXISTS (SELECT 1 FROM gone)) \
+             SELECT count(*) AS count FROM gone",
+        )
+        .bind::<BigInt, _>(limit)
+        .bind::<Timestamptz, _>(before)
+        .get_result(conn)
+        .await?;
+        Ok(usize::try_from(pruned.count).unwrap_or(0))
+    })
+    .await
+}
+
+/// The position a relay stored for `stream`.
+pub async fn relay_position(
+    conn: &mut AsyncPgConnection,
+    stream: &str,
+) -> diesel::QueryResult<Option<String>> {
+    let rows: Vec<Text1> =
+        diesel::sql_query("SELECT position AS value FROM user_events_relays WHERE stream = $1")
+            .bind::<Text, _>(stream)
+            .load(conn)
+            .await?;
+    Ok(rows.into_iter().next().map(|row| row.value))
+}
+
+/// Stores the position a relay has got to for `stream`.
+pub async fn set_relay_position(
+    conn: &mut AsyncPgConnection,
+    stream: &str,
+    position: &str,
+) -> diesel::QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO user_events_relays (stream, position) VALUES ($1, $2) \
+         ON CONFLICT (stream) DO UPDATE SET position = excluded.position, updated_at = now()",
+    )
+    .bind::<Text, _>(stream)
+    .bind::<Text, _>(position)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(text: &str) -> Snapshot {
+        Snapshot::parse(text).expect("a snapshot")
+    }
+
+    #[test]
+    fn snapshots_parse_as_postgres_writes_them() {
+        assert_eq!(
+            snapshot("10:20:12,15"),
+            Snapshot {
+                xmin: 10,
+                xmax: 20,
+                xip: vec![12, 15]
+            }
+        );
+        assert_eq!(snapshot("778:778:").xip, Vec::<u64>::new());
+        for bad in ["", "1:2", "5:4:", "1:9:9", "1:9:5,3", "a:b:", "1:2::"] {
+            assert_eq!(Snapshot::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_later_snapshot_includes_an_earlier_one() {
+        let earlier = snapshot("10:20:12,15");
+        // 12 ended since, 15 still runs, 20..25 started.
+        let later = snapshot("15:25:15,21");
+        assert!(later.includes(&earlier));
+        assert!(!earlier.includes(&later));
+        // 12 ended in `a` only, 13 in `b` only: neither includes the other.
+        let a = snapshot("10:20:13");
+        let b = snapshot("10:20:12");
+        assert!(!a.includes(&b) && !b.includes(&a));
+    }
+
+    #[test]
+    fn tokens_round_trip_and_refuse_what_they_cannot_hold() {
+        let from = snapshot("1000:1010:1002,1007");
+        let to = snapshot("1007:1030:1007,1021");
+        for position in [
+            Position::At(from.clone()),
+            Position::Within {
+                from: from.clone(),
+                to: to.clone(),
+                after: 42,
+            },
+        ] {
+            assert_eq!(Position::decode(&position.encode()), Ok(position));
+        }
+        // `to` must include `from`.
+        let backwards = Position::Within {
+            from: to,
+            to: from,
+            after: 1,
+        };
+        assert_eq!(
+            Position::decode(&backwards.encode()),
+            Err(BadToken::Malformed)
+        );
+        for bad in ["", "!!", "AAAA", &"A".repeat(MAX_TOKEN_LEN + 1)] {
+            assert_eq!(Position::decode(bad), Err(BadToken::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_position_past_the_horizon_or_from_the_future_is_refused() {
+        let now = snapshot("2000:2010:");
+        let at = Position::At(snapshot("1000:1010:"));
+        assert_eq!(at.check(&now, 0), Ok(()));
+        assert_eq!(at.check(&now, 999), Ok(()));
+        assert_eq!(at.check(&now, 1000), Err(BadToken::Expired));
+        let future = Position::At(snapshot("3000:3000:"));
+        assert_eq!(future.check(&now, 0), Err(BadToken::Malformed));
+    }
+}
