@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 
 ROQ_REFERENCE = "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa"
 TIMEOUT = 10  # seconds, per call
+WATCH_TIMEOUT = 60  # seconds, a whole WatchUsers stream (heartbeats come every 10 s)
 
 
 def request_id() -> str:
@@ -240,6 +241,111 @@ def test_authentication(pb, users, auth):
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
     reply = users.ListUsers(request, metadata=auth, timeout=TIMEOUT)
     assert len(reply.data) == 1
+
+
+def read_events(stream, count):
+    """The next `count` events of a watch, across responses and heartbeats; fails if those bring more.
+
+    Blocks until they come, or until the watch's deadline (WATCH_TIMEOUT) ends it.
+    """
+    events = []
+    while len(events) < count:
+        events.extend(next(stream).events)
+    assert len(events) == count, f"expected {count} events, got {[(e.type, e.user.id) for e in events]}"
+    return events
+
+
+def start_watch(users, auth, request):
+    """A watch, once its first response (no events, a position) confirms it."""
+    stream = users.WatchUsers(request, metadata=auth, timeout=WATCH_TIMEOUT)
+    first = next(stream)
+    assert not first.events, "the first response is the position only"
+    assert first.resume_token
+    return stream
+
+
+def test_watch_resumes_from_the_last_event_with_nothing_lost_or_repeated(pb, users, channel, auth):
+    """Watch, disconnect, change more, resume from the last event's resume_token."""
+    Type = pb.users.UserEventType
+    tenants = pb.tenants_grpc.TenantsServiceStub(channel)
+    tenant = tenants.CreateTenant(
+        pb.tenants.CreateTenantRequest(
+            tenant=pb.tenants.Tenant(name="Watchers", reference=f"watch-{uuid.uuid4()}"), request_id=request_id()
+        ),
+        metadata=auth,
+        timeout=TIMEOUT,
+    ).tenant
+    # Its own tenant: every event of these watches is one of this test's changes.
+    watch_request = pb.users.WatchUsersRequest(tenant_id=tenant.id)
+
+    def create(first_name):
+        user = pb.users.User(first_name=first_name, tenant_id=tenant.id)
+        request = pb.users.CreateUserRequest(user=user, request_id=request_id())
+        return users.CreateUser(request, metadata=auth, timeout=TIMEOUT).user.id
+
+    def update(user_id, **fields):
+        request = pb.users.UpdateUserRequest(id=user_id, user=pb.users.UserUpdate(**fields), request_id=request_id())
+        users.UpdateUser(request, metadata=auth, timeout=TIMEOUT)
+
+    def deactivate(user_id):
+        request = pb.users.DeactivateUserRequest(id=user_id, request_id=request_id())
+        users.DeactivateUser(request, metadata=auth, timeout=TIMEOUT)
+
+    def reactivate(user_id):
+        request = pb.users.ReactivateUserRequest(id=user_id, request_id=request_id())
+        users.ReactivateUser(request, metadata=auth, timeout=TIMEOUT)
+
+    stream = start_watch(users, auth, watch_request)
+    try:
+        ada = create("Ada")
+        bob = create("Bob")
+        update(ada, last_name="Lovelace")
+        deactivate(bob)
+        expected = [
+            (ada, Type.USER_EVENT_TYPE_CREATED),
+            (bob, Type.USER_EVENT_TYPE_CREATED),
+            (ada, Type.USER_EVENT_TYPE_UPDATED),
+            (bob, Type.USER_EVENT_TYPE_DEACTIVATED),
+        ]
+        seen = read_events(stream, len(expected))
+    finally:
+        stream.cancel()  # disconnect
+
+    updated = seen[2]
+    assert list(updated.changed_fields.paths) == ["last_name"]
+    assert updated.user.last_name == "Lovelace"
+    assert seen[3].user.HasField("active") and seen[3].user.active is False
+    assert all(e.resume_token for e in seen)
+
+    # While nobody watches.
+    update(bob, first_name="Robert")
+    deactivate(ada)
+    reactivate(bob)
+    cleo = create("Cleo")
+    expected += [
+        (bob, Type.USER_EVENT_TYPE_UPDATED),
+        (ada, Type.USER_EVENT_TYPE_DEACTIVATED),
+        (bob, Type.USER_EVENT_TYPE_REACTIVATED),
+        (cleo, Type.USER_EVENT_TYPE_CREATED),
+    ]
+
+    resume = pb.users.WatchUsersRequest(tenant_id=tenant.id, resume_token=seen[-1].resume_token)
+    resumed = start_watch(users, auth, resume)
+    try:
+        # One change after the resumption marks the end: every event before it
+        # in commit order has arrived by the time it does, duplicates included.
+        update(cleo, last_name="Marker")
+        expected.append((cleo, Type.USER_EVENT_TYPE_UPDATED))
+        seen += read_events(resumed, len(expected) - len(seen))
+    finally:
+        resumed.cancel()
+
+    got = [(e.user.id, e.type) for e in seen]
+    assert got == expected, f"every change once, in commit order (so in order per user): {got}"
+    event_ids = [e.event_id for e in seen]
+    assert all(event_ids) and len(set(event_ids)) == len(event_ids), f"an event came twice: {event_ids}"
+    assert seen[4].user.first_name == "Robert"
+    assert all(e.user.tenant_id == tenant.id for e in seen)
 
 
 def test_sigterm_stops_the_server_with_exit_0(server):
