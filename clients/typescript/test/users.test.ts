@@ -16,7 +16,13 @@ import { clone, create, equals } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createUsersServiceClients, type UsersServiceClients } from "../src/client.js";
-import { UserSchema, type User } from "../src/gen/users/v1/users_pb.js";
+import {
+  UserEventType,
+  UserSchema,
+  type User,
+  type UserEvent,
+  type WatchUsersResponse,
+} from "../src/gen/users/v1/users_pb.js";
 import { BadRequestSchema, ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
 
 const packageDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -30,6 +36,8 @@ const requestId = (): string => randomUUID();
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const STARTUP_TIMEOUT_MS = 30_000;
 const SHUTDOWN_TIMEOUT_MS = 30_000;
+/** Deadline of a whole WatchUsers stream (heartbeats come every 10 s). */
+const WATCH_TIMEOUT_MS = 60_000;
 
 interface Server {
   child: ChildProcess;
@@ -175,6 +183,22 @@ function millis(user: User, field: "createdAt" | "updatedAt"): number {
   const ts = user[field];
   assert.ok(ts, `${field} is missing`);
   return timestampDate(ts).getTime();
+}
+
+/**
+ * The next `count` events of a watch, across responses and heartbeats; fails
+ * if those responses bring more. Waits until they come, or until the watch's
+ * deadline (WATCH_TIMEOUT_MS) ends it.
+ */
+async function readEvents(stream: AsyncIterator<WatchUsersResponse>, count: number): Promise<UserEvent[]> {
+  const events: UserEvent[] = [];
+  while (events.length < count) {
+    const next = await stream.next();
+    assert.ok(!next.done, `the watch ended after ${events.length} of ${count} events`);
+    events.push(...next.value.events);
+  }
+  assert.equal(events.length, count, "more events than the changes made");
+  return events;
 }
 
 describe("users-service TypeScript client", () => {
@@ -355,6 +379,100 @@ describe("users-service TypeScript client", () => {
     const anonymous = createUsersServiceClients({ baseUrl: server.baseUrl });
     await expectError(Code.Unauthenticated, () => anonymous.users.listUsers({ limit: 1 }));
     await expectError(Code.Unauthenticated, () => anonymous.users.getUser({ id: roq.id }));
+  });
+
+  it("watches, disconnects, and resumes from the last event's resumeToken with nothing lost or repeated", async () => {
+    const { tenant } = await client.tenants.createTenant({
+      tenant: { name: "Watchers", reference: `ts-watch-${randomUUID()}` },
+      requestId: requestId(),
+    });
+    assert.ok(tenant);
+    // Its own tenant: every event of these watches is one of this test's changes.
+    const tenantId = tenant.id;
+    /** A watch, once its first response (no events, a position) confirms it. */
+    const startWatch = async (resumeToken = "") => {
+      const abort = new AbortController();
+      const stream = client.users
+        .watchUsers({ tenantId, resumeToken }, { signal: abort.signal, timeoutMs: WATCH_TIMEOUT_MS })
+        [Symbol.asyncIterator]();
+      const first = await stream.next();
+      assert.ok(!first.done, "the watch ended before its first response");
+      assert.equal(first.value.events.length, 0, "the first response is the position only");
+      assert.ok(first.value.resumeToken.length > 0);
+      /** Cancels the watch, then reads on to its end (CANCELED), which also clears its deadline's timer. */
+      const disconnect = async () => {
+        abort.abort();
+        try {
+          while (!(await stream.next()).done);
+        } catch {
+          // Canceled, as asked.
+        }
+      };
+      return { stream, disconnect };
+    };
+    const createUser = async (firstName: string): Promise<string> => {
+      const { user } = await client.users.createUser({ user: { firstName, tenantId }, requestId: requestId() });
+      assert.ok(user);
+      return user.id;
+    };
+    const update = (id: string, user: { firstName?: string; lastName?: string }) =>
+      client.users.updateUser({ id, user, requestId: requestId() });
+    const deactivate = (id: string) => client.users.deactivateUser({ id, requestId: requestId() });
+    const reactivate = (id: string) => client.users.reactivateUser({ id, requestId: requestId() });
+
+    const watch = await startWatch();
+    let ada: string, bob: string, seen: UserEvent[];
+    const expected: [string, UserEventType][] = [];
+    try {
+      ada = await createUser("Ada");
+      bob = await createUser("Bob");
+      await update(ada, { lastName: "Lovelace" });
+      await deactivate(bob);
+      expected.push(
+        [ada, UserEventType.CREATED],
+        [bob, UserEventType.CREATED],
+        [ada, UserEventType.UPDATED],
+        [bob, UserEventType.DEACTIVATED],
+      );
+      seen = await readEvents(watch.stream, expected.length);
+    } finally {
+      await watch.disconnect();
+    }
+    assert.deepEqual(seen[2].changedFields?.paths, ["last_name"]);
+    assert.equal(seen[2].user?.lastName, "Lovelace");
+    assert.equal(seen[3].user?.active, false);
+    for (const e of seen) assert.ok(e.resumeToken.length > 0, "an event without resumeToken");
+
+    // While nobody watches.
+    await update(bob, { firstName: "Robert" });
+    await deactivate(ada);
+    await reactivate(bob);
+    const cleo = await createUser("Cleo");
+    expected.push(
+      [bob, UserEventType.UPDATED],
+      [ada, UserEventType.DEACTIVATED],
+      [bob, UserEventType.REACTIVATED],
+      [cleo, UserEventType.CREATED],
+    );
+
+    const resumed = await startWatch(seen[seen.length - 1].resumeToken);
+    try {
+      // One change after the resumption marks the end: every event before it
+      // in commit order has arrived by the time it does, duplicates included.
+      await update(cleo, { lastName: "Marker" });
+      expected.push([cleo, UserEventType.UPDATED]);
+      seen.push(...(await readEvents(resumed.stream, expected.length - seen.length)));
+    } finally {
+      await resumed.disconnect();
+    }
+
+    const got = seen.map((e): [string, UserEventType] => [e.user?.id ?? "", e.type]);
+    assert.deepEqual(got, expected, "every change once, in commit order (so in order per user)");
+    const eventIds = seen.map((e) => e.eventId);
+    assert.ok(eventIds.every((id) => id.length > 0), "an event without eventId");
+    assert.equal(new Set(eventIds).size, eventIds.length, `an event came twice: ${eventIds.join(", ")}`);
+    assert.equal(seen[4].user?.firstName, "Robert");
+    for (const e of seen) assert.equal(e.user?.tenantId, tenantId);
   });
 
   it("stops on SIGTERM with exit code 0", async () => {
