@@ -2,7 +2,8 @@
 # End-to-end check with grpcurl and no proto files: starts the users-service
 # binary on its embedded Postgres, sends the README's JSON requests through
 # server reflection, checks the answers (safe writes included: an etag
-# conflict, a replayed request id, delete, undelete and purge), and stops it
+# conflict, a replayed request id, delete, undelete and purge; the change
+# feed: a watch, and list-then-watch from watchToken), and stops it
 # with SIGTERM.
 #
 # Usage: tests/grpcurl.sh [path/to/users-service]   (default: target/debug/users-service)
@@ -16,6 +17,7 @@ chmod 755 "$DATA_DIR"
 LOG=$DATA_DIR/service.log
 
 cleanup() {
+  if [[ -n "${WATCH_PID:-}" ]] && kill -0 "$WATCH_PID" 2>/dev/null; then kill "$WATCH_PID"; wait "$WATCH_PID" || true; fi
   if [[ -n "${PID:-}" ]] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi
   rm -rf "$DATA_DIR"
 }
@@ -41,6 +43,36 @@ expect_error() {
 # The google.rpc.ErrorInfo of $err.
 error_info() { jq -c '.details[] | select(."@type" == "type.googleapis.com/google.rpc.ErrorInfo")' <<<"$err"; }
 uuid() { cat /proc/sys/kernel/random/uuid; }
+# WatchUsers in the background (at most 30 s), its responses as JSON
+# documents into file $1; returns once the first response, which confirms
+# the watch, is there: changes made after that are in the feed.
+watch_start() {
+  local out=$1 data=$2
+  : >"$out"
+  grpcurl -plaintext -max-time 30 -H "authorization: Bearer $(cat "$DATA_DIR/admin.key")" -d "$data" \
+    "$ADDR" users.v1.UsersService/WatchUsers >"$out" 2>"$out.err" &
+  WATCH_PID=$!
+  for _ in $(seq 1 100); do
+    grep -qs resumeToken "$out" && return 0
+    kill -0 "$WATCH_PID" 2>/dev/null || fail "WatchUsers ended before its first response: $(cat "$out" "$out.err")"
+    sleep 0.1
+  done
+  fail "WatchUsers sent no first response within 10 s"
+}
+# The events in watch output $1 so far, one compact JSON line each ("" while
+# a response is half written).
+watch_events() { jq -s -c '.[].events[]?' "$1" 2>/dev/null || true; }
+# Waits until watch output $1 holds $2 events, then ends the watch.
+watch_stop_after() {
+  local out=$1 count=$2
+  for _ in $(seq 1 100); do
+    (($(watch_events "$out" | grep -c .) >= count)) && break
+    kill -0 "$WATCH_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$WATCH_PID" 2>/dev/null; then kill "$WATCH_PID"; wait "$WATCH_PID" || true; fi
+  WATCH_PID=
+}
 
 env -u DATABASE_URL "$BIN" --listen "$ADDR" --data-dir "$DATA_DIR" >"$LOG" 2>&1 &
 PID=$!
@@ -163,6 +195,35 @@ expect_error "DeleteTenant hides its users" NOT_FOUND users.v1.UsersService/GetU
 call users.v1.TenantsService/UndeleteTenant "{\"id\": \"$tenant_id\"}" >/dev/null
 expect "UndeleteTenant restores them" "$(call users.v1.UsersService/GetUser "{\"id\": \"$ada\"}" | field '.user.email')" "ada@acme.example"
 expect_error "the default tenant cannot be deleted" FAILED_PRECONDITION users.v1.TenantsService/DeleteTenant "{\"id\": \"$default_tenant\"}"
+
+# The change feed: a watch's first response is its position, without events;
+# each change after it is one event, with the user as the change left it.
+watch=$DATA_DIR/watch.json
+watch_start "$watch" '{}'
+linus=$(call users.v1.UsersService/CreateUser "{\"requestId\": \"$(uuid)\", \"user\": {\"email\": \"linus@example.com\"}}" | field '.user.id')
+watch_stop_after "$watch" 1
+[[ "$(jq -s -c '.[0]' "$watch")" == '{"resumeToken":'* ]] || fail "the first response is not a position only: $(cat "$watch")"
+echo "ok: WatchUsers answers first with its position"
+events=$(watch_events "$watch")
+expect "WatchUsers sends one event for a CreateUser" "$(grep -c . <<<"$events")" "1"
+expect "... of type CREATED" "$(field '.type' <<<"$events")" "USER_EVENT_TYPE_CREATED"
+expect "... with the user" "$(field '.user.id' <<<"$events")" "$linus"
+expect "... and who made it" "$(field '.actor.apiKeyName' <<<"$events")" "bootstrap"
+
+# List, then watch from the list's watchToken: the changes the list does not
+# show, also those made before the watch started, and nothing it does show.
+listed=$(call users.v1.UsersService/ListUsers '{"filter": {"email": {"equalTo": "linus@example.com"}}}')
+expect "ListUsers shows the created user" "$(field '.data[0].id' <<<"$listed")" "$linus"
+watch_token=$(field '.watchToken' <<<"$listed")
+[[ -n "$watch_token" && "$watch_token" != null ]] || fail "ListUsers answers no watchToken: $listed"
+call users.v1.UsersService/UpdateUser "{\"id\": \"$linus\", \"requestId\": \"$(uuid)\", \"user\": {\"lastName\": \"T\"}}" >/dev/null
+watch=$DATA_DIR/watch-from-list.json
+watch_start "$watch" "{\"resumeToken\": \"$watch_token\"}"
+call users.v1.UsersService/DeactivateUser "{\"id\": \"$linus\", \"requestId\": \"$(uuid)\"}" >/dev/null
+watch_stop_after "$watch" 2
+expect "watching from ListUsers' watchToken sends the changes after the list, in order" \
+  "$(watch_events "$watch" | jq -r '"\(.type) \(.user.id)"' | paste -sd,)" \
+  "USER_EVENT_TYPE_UPDATED $linus,USER_EVENT_TYPE_DEACTIVATED $linus"
 
 if out=$(call users.v1.UsersService/CreateUser '{"user": {"email": "nope", "phone": "123"}}' 2>&1); then
   fail "an invalid user was accepted"
