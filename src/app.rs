@@ -226,6 +226,21 @@ impl Application {
             stop_probe.subscribe(),
         ));
 
+        let relay = self.config.nats_url.clone().map(|url| {
+            tokio::spawn(crate::relay::run(
+                self.state.pool.clone(),
+                self.database.config.clone(),
+                crate::relay::RelaySettings {
+                    url,
+                    stream: self.config.nats_stream.clone(),
+                    duplicate_window: self.config.nats_duplicate_window,
+                },
+                self.state.committed.clone(),
+                Arc::clone(&self.metrics),
+                stop_probe.subscribe(),
+            ))
+        });
+
         let max_request = self.config.max_request_bytes;
         let users = UsersServiceServer::new(UsersApi::new(self.state.clone()))
             .max_decoding_message_size(max_request);
@@ -310,6 +325,9 @@ impl Application {
                 // Watch streams end now, UNAVAILABLE: they would hold the
                 // grace period up for nothing.
                 let _ = feed.await;
+                if let Some(relay) = relay {
+                    let _ = relay.await;
+                }
                 health::set_all(&health, ServingStatus::NotServing).await;
                 let _ = draining.send(true);
                 if tokio::time::timeout(grace, &mut server).await.is_err() {

@@ -17,6 +17,9 @@
 //! | `--request-id-retention` | `REQUEST_ID_RETENTION` | `24h` |
 //! | `--event-retention` | `EVENT_RETENTION` | `7days` |
 //! | `--watch-heartbeat` | `WATCH_HEARTBEAT` | `10s` |
+//! | `--nats-url` | `NATS_URL` | none: no relay to NATS |
+//! | `--nats-stream` | `NATS_STREAM` | `USERS_EVENTS` |
+//! | `--nats-duplicate-window` | `NATS_DUPLICATE_WINDOW` | `2m` |
 //! | `--rate-limit-per-second` | `RATE_LIMIT_PER_SECOND` | `200` (0: off) |
 //! | `--rate-limit-burst` | `RATE_LIMIT_BURST` | the rate |
 //! | `--max-in-flight` | `MAX_IN_FLIGHT` | `512` |
@@ -235,6 +238,24 @@ pub struct Config {
     #[arg(long, global = true, env = "WATCH_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub watch_heartbeat: Duration,
 
+    /// NATS server to relay every change event to (JetStream, subject
+    /// `users.v1.events.<tenant>.<user>.<type>`); no relay when unset.
+    #[arg(long, global = true, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// The JetStream stream the relay publishes to; created when missing.
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_STREAM",
+        default_value = "USERS_EVENTS"
+    )]
+    pub nats_stream: String,
+
+    /// The duplicate window of the stream, when the relay creates it.
+    #[arg(long, global = true, env = "NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub nats_duplicate_window: Duration,
+
     /// Calls per second allowed to each caller (API key, end user, or address
     /// of unauthenticated calls); 0 switches per-caller limiting off.
     #[arg(long, global = true, env = "RATE_LIMIT_PER_SECOND", default_value_t = DEFAULT_RATE_LIMIT)]
@@ -362,6 +383,9 @@ impl Config {
             request_id_retention: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             watch_heartbeat: Duration::from_secs(10),
+            nats_url: None,
+            nats_stream: "USERS_EVENTS".to_owned(),
+            nats_duplicate_window: Duration::from_secs(120),
             log_format: LogFormat::Text,
             metrics_listen: None,
             rate_limit_per_second: DEFAULT_RATE_LIMIT,

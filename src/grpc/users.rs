@@ -15,8 +15,8 @@ use crate::layers::deadline::{CallDeadline, parse_grpc_timeout};
 /// always does; this bounds a handler called some other way).
 const DEFAULT_STREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
-use crate::store::models::{Actor, Etag};
 use crate::store::events::Position;
+use crate::store::models::{Actor, Etag};
 use crate::store::users::{self, Write, Written};
 
 #[derive(Debug, Clone)]

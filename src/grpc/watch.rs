@@ -198,7 +198,10 @@ pub fn parse(scope: Scope, request: &pb::WatchUsersRequest) -> Result<WatchReque
     for &kind in &request.types {
         match pb::UserEventType::try_from(kind) {
             Ok(pb::UserEventType::Unspecified) | Err(_) => {
-                return Err(Error::invalid("types", format!("{kind} is not an event type")));
+                return Err(Error::invalid(
+                    "types",
+                    format!("{kind} is not an event type"),
+                ));
             }
             Ok(_) if kinds.contains(&(kind as i16)) => {
                 return Err(Error::invalid("types", "each type at most once"));
@@ -243,14 +246,11 @@ pub async fn watch(
     let start = match request.start {
         None => Position::At(now),
         Some(start) => {
-            let horizon = state
-                .db(async |conn| events::horizon(conn).await)
-                .await?;
+            let horizon = state.db(async |conn| events::horizon(conn).await).await?;
             start.check(&now, horizon).map_err(|bad| match bad {
-                BadToken::Malformed => Error::invalid(
-                    "resume_token",
-                    "is not a position of this service's feed",
-                ),
+                BadToken::Malformed => {
+                    Error::invalid("resume_token", "is not a position of this service's feed")
+                }
                 BadToken::Expired => Error::OutOfRange(
                     "resume_token is older than the change feed keeps (--event-retention): \
                      list the users again and watch from the list's watch_token",

@@ -448,7 +448,8 @@ pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> 
     let row: Text1 = diesel::sql_query("SELECT pg_current_snapshot()::text AS value")
         .get_result(conn)
         .await?;
-    Snapshot::parse(&row.value).ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))
+    Snapshot::parse(&row.value)
+        .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))
 }
 
 /// The transaction below which events may have been pruned.

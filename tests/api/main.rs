@@ -16,6 +16,7 @@ mod metrics;
 // Shared with the fuzz and abuse binaries, which use all of it.
 #[allow(dead_code)]
 mod process;
+mod relay;
 mod resilience;
 mod safe_writes;
 mod schema;

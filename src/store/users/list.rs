@@ -59,9 +59,7 @@ pub async fn list(
         .read_only()
         .run(async |conn| {
             let snapshot = events::now(conn).await?;
-            Ok(page(conn, query)
-                .await?
-                .map(|page| (page, snapshot)))
+            Ok(page(conn, query).await?.map(|page| (page, snapshot)))
         })
         .await
 }
