@@ -221,6 +221,7 @@ impl Application {
         let metrics = Arc::clone(&self.metrics);
         let feed = tokio::spawn(Arc::clone(&self.state.hub).follow(
             self.state.pool.clone(),
+            self.database.config.clone(),
             self.state.committed.clone(),
             move |events| metrics.events_read(events),
             stop_probe.subscribe(),

@@ -2,9 +2,13 @@
 //! [`Hub`]) that follows `user_events` for every watcher.
 //!
 //! The hub reads each new page of events once, right after a local write
-//! commits (and at least every [`POLL`], for writes of other replicas and
-//! of other paths), converts it once, and hands it to every live watcher
-//! through a bounded broadcast. A watcher that falls behind (a slow client,
+//! commits, converts it once, and hands it to every live watcher through a
+//! bounded broadcast. Other replicas learn of it by one `NOTIFY
+//! user_events` per page the hub read after a local commit (sent by the
+//! hub, not by the writers, whose commits would otherwise all queue for
+//! the lock NOTIFY takes at commit); every hub `LISTEN`s on a connection of
+//! its own, and looks at least every [`POLL`] for changes nobody told it
+//! of (an operator's SQL, a notification lost while reconnecting). A watcher that falls behind (a slow client,
 //! or one that resumes from an old token) reads from the table instead, at
 //! its own pace, until it reaches the hub's position, and then joins it
 //! again: memory stays bounded, and nobody waits for anybody.
@@ -91,25 +95,37 @@ impl Hub {
     }
 
     /// Follows `user_events` until `stop` turns true, then ends every
-    /// watcher. `written` counts the events it read (a metric).
+    /// watcher. `written` counts the events it read (a metric); `listen`
+    /// is where to LISTEN for other replicas' commits.
     pub async fn follow(
         self: Arc<Self>,
         pool: DbPool,
+        listen: tokio_postgres::Config,
         committed: Committed,
         written: impl Fn(u64) + Send + Sync,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut commits = committed.subscribe();
+        let elsewhere = Committed::default();
+        let mut others = elsewhere.subscribe();
+        let me = Uuid::new_v4().to_string();
+        let listener = tokio::spawn(listen_for_others(listen, me.clone(), elsewhere));
         let mut at: Option<Position> = None;
         let mut failing = false;
+        let mut local = false;
         loop {
             let started = Instant::now();
-            match self.read_all(&pool, &mut at, &written).await {
-                Ok(()) if failing => {
+            let read = self.read_all(&pool, &mut at, &written).await;
+            let read = match read {
+                Ok(events) if local && events > 0 => tell_others(&pool, &me).await.map(|()| events),
+                read => read,
+            };
+            match read {
+                Ok(_) if failing => {
                     tracing::info!("change feed reads again");
                     failing = false;
                 }
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(error) => {
                     if !failing {
                         tracing::warn!(%error, "change feed cannot read; trying again");
@@ -117,25 +133,27 @@ impl Hub {
                     }
                 }
             }
-            let committed = tokio::select! {
+            local = tokio::select! {
                 _ = commits.changed() => true,
+                _ = others.changed() => false,
                 () = tokio::time::sleep(POLL) => false,
                 _ = stop.wait_for(|stop| *stop) => break,
             };
-            if committed {
-                tokio::time::sleep_until(started + MIN_GAP).await;
-            }
+            tokio::time::sleep_until(started + MIN_GAP).await;
         }
+        listener.abort();
         self.closed.send_replace(true);
     }
 
-    /// Reads and publishes every page after `at` (from now when unset).
+    /// Reads and publishes every page after `at` (from now when unset); how
+    /// many events.
     async fn read_all(
         &self,
         pool: &DbPool,
         at: &mut Option<Position>,
         written: &(impl Fn(u64) + Sync),
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
+        let mut read = 0;
         loop {
             let start = match at {
                 Some(position) => position.clone(),
@@ -151,6 +169,7 @@ impl Hub {
             })
             .await??;
             let full = page.events.len() as i64 >= PAGE;
+            read += page.events.len();
             written(page.events.len() as u64);
             *at = Some(page.end.clone());
             self.publish(Page {
@@ -163,9 +182,61 @@ impl Hub {
                     .collect(),
             });
             if !full {
-                return Ok(());
+                return Ok(read);
             }
         }
+    }
+}
+
+/// The channel hubs tell each other of new events on.
+const CHANNEL: &str = "user_events";
+
+/// Tells the other replicas' hubs that events committed here.
+async fn tell_others(pool: &DbPool, me: &str) -> Result<(), Error> {
+    use diesel_async::RunQueryDsl;
+    db::run(pool, async |conn| {
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<diesel::sql_types::Text, _>(CHANNEL)
+            .bind::<diesel::sql_types::Text, _>(me)
+            .execute(conn)
+            .await
+    })
+    .await??;
+    Ok(())
+}
+
+/// LISTENs for other hubs' notifications on a connection of its own, and
+/// pokes `elsewhere` on each; reconnects after a failure, for ever.
+async fn listen_for_others(config: tokio_postgres::Config, me: String, elsewhere: Committed) {
+    use futures_util::StreamExt;
+    loop {
+        if let Ok((client, mut connection)) = config.connect(tokio_postgres::NoTls).await {
+            let me = me.clone();
+            let poke = elsewhere.clone();
+            let driver = tokio::spawn(async move {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(message)) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(note) = message
+                        && note.payload() != me
+                    {
+                        poke.poke();
+                    }
+                }
+            });
+            if client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .is_ok()
+            {
+                // Whatever was missed while away.
+                elsewhere.poke();
+                let _ = driver.await;
+            } else {
+                driver.abort();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
