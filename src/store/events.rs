@@ -29,6 +29,8 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use prost::Message;
 use uuid::Uuid;
 
+use super::db;
+
 /// Tells the feed's reader that a write committed events, so that it reads
 /// them now rather than at its next poll. Cheap, and never blocks: a count
 /// that readers watch.
@@ -446,8 +448,9 @@ struct Text1 {
 /// The current snapshot: a position right after every event committed now.
 pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> {
     let row: Text1 = diesel::sql_query("SELECT pg_current_snapshot()::text AS value")
-        .get_result(conn)
-        .await?;
+        .get_results(conn)
+        .await
+        .and_then(db::single)?;
     Snapshot::parse(&row.value)
         .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))
 }
@@ -455,8 +458,9 @@ pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> 
 /// The transaction below which events may have been pruned.
 pub async fn horizon(conn: &mut AsyncPgConnection) -> diesel::QueryResult<u64> {
     let row: Text1 = diesel::sql_query("SELECT xid::text AS value FROM user_events_horizon")
-        .get_result(conn)
-        .await?;
+        .get_results(conn)
+        .await
+        .and_then(db::single)?;
     row.value
         .parse()
         .map_err(|_| unexpected("user_events_horizon.xid in an unknown form"))
@@ -486,8 +490,9 @@ pub async fn prune(
         )
         .bind::<BigInt, _>(limit)
         .bind::<Timestamptz, _>(before)
-        .get_result(conn)
-        .await?;
+        .get_results(conn)
+        .await
+        .and_then(db::single)?;
         Ok(usize::try_from(pruned.count).unwrap_or(0))
     })
     .await

@@ -118,10 +118,9 @@ async fn wait_for(nats: &Nats, count: u64) -> Stream {
         if let Ok(client) = async_nats::connect(nats.url()).await
             && let Ok(mut stream) = jetstream::new(client).get_stream(STREAM).await
             && let Ok(info) = stream.info().await
+            && info.state.messages >= count
         {
-            if info.state.messages >= count {
-                return stream;
-            }
+            return stream;
         }
         assert!(
             tokio::time::Instant::now() < deadline,

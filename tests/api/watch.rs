@@ -22,7 +22,10 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Starts a watch and waits for its first response (which confirms it):
 /// the stream, and that response's token.
-async fn watch(users: &mut Users, request: WatchUsersRequest) -> (Streaming<WatchUsersResponse>, String) {
+async fn watch(
+    users: &mut Users,
+    request: WatchUsersRequest,
+) -> (Streaming<WatchUsersResponse>, String) {
     let mut stream = users
         .watch_users(request)
         .await
@@ -33,7 +36,10 @@ async fn watch(users: &mut Users, request: WatchUsersRequest) -> (Streaming<Watc
         .expect("a first response in time")
         .expect("the stream works")
         .expect("a first response");
-    assert!(first.events.is_empty(), "the first response is the position only");
+    assert!(
+        first.events.is_empty(),
+        "the first response is the position only"
+    );
     assert!(!first.resume_token.is_empty());
     (stream, first.resume_token)
 }
@@ -56,7 +62,11 @@ async fn events(stream: &mut Streaming<WatchUsersResponse>, count: usize) -> Vec
             .expect("the stream goes on");
         events.extend(response.events);
     }
-    assert_eq!(events.len(), count, "no more events than expected: {events:#?}");
+    assert_eq!(
+        events.len(),
+        count,
+        "no more events than expected: {events:#?}"
+    );
     events
 }
 
@@ -64,8 +74,14 @@ async fn events(stream: &mut Streaming<WatchUsersResponse>, count: usize) -> Vec
 async fn no_event(stream: &mut Streaming<WatchUsersResponse>, wait: Duration) {
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(response) = tokio::time::timeout_at(deadline, stream.message()).await {
-        let response = response.expect("the stream works").expect("the stream goes on");
-        assert!(response.events.is_empty(), "no event expected: {:#?}", response.events);
+        let response = response
+            .expect("the stream works")
+            .expect("the stream goes on");
+        assert!(
+            response.events.is_empty(),
+            "no event expected: {:#?}",
+            response.events
+        );
     }
 }
 
@@ -107,7 +123,9 @@ async fn every_change_is_one_event_in_commit_order_and_a_change_of_nothing_is_no
     let mut users = app.users.clone();
     let (mut stream, _) = watch(&mut users, WatchUsersRequest::default()).await;
 
-    let created = create(&mut users, user("ada@example.com"), "").await.unwrap();
+    let created = create(&mut users, user("ada@example.com"), "")
+        .await
+        .unwrap();
     let id = created.id.clone();
     users
         .update_user(UpdateUserRequest {
@@ -188,7 +206,10 @@ async fn every_change_is_one_event_in_commit_order_and_a_change_of_nothing_is_no
     let state = created_event.user.as_ref().unwrap();
     assert_eq!(state.id, id);
     assert_eq!(state.email, "ada@example.com");
-    assert_eq!(changed(created_event), ["email", "first_name", "locale", "active"]);
+    assert_eq!(
+        changed(created_event),
+        ["email", "first_name", "locale", "active"]
+    );
     assert_eq!(changed(updated), ["last_name"]);
     assert_eq!(updated.user.as_ref().unwrap().last_name, "Lovelace");
     assert_eq!(changed(deactivated), ["active"]);
@@ -218,7 +239,9 @@ async fn every_change_is_one_event_in_commit_order_and_a_change_of_nothing_is_no
 async fn a_change_that_rolls_back_writes_no_event() {
     let app = spawn_app().await;
     let mut users = app.users.clone();
-    let taken = create(&mut users, user("taken@example.com"), "").await.unwrap();
+    let taken = create(&mut users, user("taken@example.com"), "")
+        .await
+        .unwrap();
     let (mut stream, _) = watch(&mut users, WatchUsersRequest::default()).await;
 
     // Refused by the database: nothing committed.
@@ -245,7 +268,9 @@ async fn a_change_that_rolls_back_writes_no_event() {
 async fn transactions_that_commit_out_of_order_are_all_delivered_in_commit_order() {
     let app = spawn_app().await;
     let mut users = app.users.clone();
-    let early = create(&mut users, user("early@example.com"), "").await.unwrap();
+    let early = create(&mut users, user("early@example.com"), "")
+        .await
+        .unwrap();
     let (mut stream, _) = watch(&mut users, WatchUsersRequest::default()).await;
 
     // Transaction A writes its event first (the lower seq) and stays open.
@@ -270,7 +295,10 @@ async fn transactions_that_commit_out_of_order_are_all_delivered_in_commit_order
     }
     let before_a = events(&mut stream, 5).await;
     assert_eq!(
-        before_a.iter().map(|e| e.user.as_ref().unwrap().id.clone()).collect::<Vec<_>>(),
+        before_a
+            .iter()
+            .map(|e| e.user.as_ref().unwrap().id.clone())
+            .collect::<Vec<_>>(),
         later
     );
     // Then A commits, and comes after them: the order of commits.
@@ -281,7 +309,9 @@ async fn transactions_that_commit_out_of_order_are_all_delivered_in_commit_order
     assert_eq!(after[0].user.as_ref().unwrap().first_name, "Held");
     let a_seq: i64 = after[0].event_id.parse().unwrap();
     assert!(
-        before_a.iter().all(|e| e.event_id.parse::<i64>().unwrap() > a_seq),
+        before_a
+            .iter()
+            .all(|e| e.event_id.parse::<i64>().unwrap() > a_seq),
         "A took its sequence number first, and was delivered last"
     );
 
@@ -313,7 +343,12 @@ async fn a_watcher_resumes_right_after_its_token_on_another_replica_and_after_a_
     let (mut stream, start) = watch(&mut users, WatchUsersRequest::default()).await;
     let mut ids = Vec::new();
     for i in 0..6 {
-        ids.push(create(&mut users, user(&format!("r{i}@example.com")), "").await.unwrap().id);
+        ids.push(
+            create(&mut users, user(&format!("r{i}@example.com")), "")
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let seen = events(&mut stream, 6).await;
     drop(stream);
@@ -327,7 +362,10 @@ async fn a_watcher_resumes_right_after_its_token_on_another_replica_and_after_a_
     let rest = events(&mut resumed, 3).await;
     assert_eq!(
         rest.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>(),
-        seen[3..].iter().map(|e| e.event_id.clone()).collect::<Vec<_>>()
+        seen[3..]
+            .iter()
+            .map(|e| e.event_id.clone())
+            .collect::<Vec<_>>()
     );
     drop(resumed);
 
@@ -336,10 +374,15 @@ async fn a_watcher_resumes_right_after_its_token_on_another_replica_and_after_a_
     second.shutdown().await;
     let restarted = spawn_with(config).await;
     let mut users = restarted.users.clone();
-    let late = create(&mut users, user("late@example.com"), "").await.unwrap();
+    let late = create(&mut users, user("late@example.com"), "")
+        .await
+        .unwrap();
     let (mut replay, _) = watch(&mut users, from(&start)).await;
     let all = events(&mut replay, 7).await;
-    let replayed: Vec<String> = all.iter().map(|e| e.user.as_ref().unwrap().id.clone()).collect();
+    let replayed: Vec<String> = all
+        .iter()
+        .map(|e| e.user.as_ref().unwrap().id.clone())
+        .collect();
     ids.push(late.id);
     assert_eq!(replayed, ids);
     restarted.shutdown().await;
@@ -375,7 +418,11 @@ async fn listing_then_watching_from_the_watch_token_misses_nothing_and_repeats_n
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(page.total_count, Some(page.data.len() as i64), "one snapshot");
+    assert_eq!(
+        page.total_count,
+        Some(page.data.len() as i64),
+        "one snapshot"
+    );
     let listed: HashSet<String> = page.data.into_iter().map(|u| u.id).collect();
     let (mut stream, _) = watch(&mut users, from(&page.watch_token)).await;
     let written = writer.await.unwrap();
@@ -430,7 +477,9 @@ async fn tenant_keys_watch_their_tenant_only_and_end_users_may_not_watch() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
 
-    let mine = create(&mut admin, user("mine@example.com"), "").await.unwrap();
+    let mine = create(&mut admin, user("mine@example.com"), "")
+        .await
+        .unwrap();
     let end_user = user_token(&mine.id);
     let refused = app
         .users_as(Some(&end_user))
@@ -451,7 +500,9 @@ async fn tenant_keys_watch_their_tenant_only_and_end_users_may_not_watch() {
     )
     .await
     .unwrap();
-    let ours = create(&mut admin, user("ours@example.com"), "").await.unwrap();
+    let ours = create(&mut admin, user("ours@example.com"), "")
+        .await
+        .unwrap();
     // The admin sees both; the viewer only its tenant's.
     assert_eq!(events(&mut admin_stream, 2).await.len(), 2);
     let seen = events(&mut viewer_stream, 1).await;
@@ -476,7 +527,9 @@ async fn types_filter_and_bad_tokens() {
         },
     )
     .await;
-    let ada = create(&mut users, user("ada@example.com"), "").await.unwrap();
+    let ada = create(&mut users, user("ada@example.com"), "")
+        .await
+        .unwrap();
     users
         .deactivate_user(DeactivateUserRequest {
             id: ada.id.clone(),
@@ -517,10 +570,15 @@ async fn an_idle_watcher_gets_heartbeats_with_fresh_tokens() {
         assert!(response.events.is_empty());
         tokens.push(response.resume_token);
     }
-    assert!(started.elapsed() < Duration::from_secs(3), "heartbeats come every 200 ms");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "heartbeats come every 200 ms"
+    );
     // The latest heartbeat's token resumes: a change made after it comes.
     let (mut resumed, _) = watch(&mut users, from(tokens.last().unwrap())).await;
-    create(&mut users, user("after@example.com"), "").await.unwrap();
+    create(&mut users, user("after@example.com"), "")
+        .await
+        .unwrap();
     assert_eq!(events(&mut resumed, 1).await.len(), 1);
 }
 
@@ -576,7 +634,9 @@ async fn a_token_older_than_the_retention_is_out_of_range() {
     .await;
     let mut users = app.users.clone();
     let (_, start) = watch(&mut users, WatchUsersRequest::default()).await;
-    create(&mut users, user("old@example.com"), "").await.unwrap();
+    create(&mut users, user("old@example.com"), "")
+        .await
+        .unwrap();
     app.clock.advance(Duration::from_secs(2 * 3600));
     // The purge job prunes the event.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -590,11 +650,54 @@ async fn a_token_older_than_the_retention_is_out_of_range() {
         if left == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the event is pruned");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event is pruned"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let refused = users.watch_users(from(&start)).await.unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
     // A fresh position works.
     let (_, _) = watch(&mut users, WatchUsersRequest::default()).await;
+}
+
+#[tokio::test]
+async fn metrics_count_watchers_and_events() {
+    let app = spawn_configured(|config| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let mut users = app.users.clone();
+    let (mut stream, _) = watch(&mut users, WatchUsersRequest::default()).await;
+    for i in 0..3 {
+        create(&mut users, user(&format!("m{i}@example.com")), "")
+            .await
+            .unwrap();
+    }
+    events(&mut stream, 3).await;
+    let scraped = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
+    assert!(
+        scraped.contains("\nusers_service_watchers 1\n"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("\nusers_service_events_total 3\n"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("\nusers_service_relay_lag_events 0\n"),
+        "{scraped}"
+    );
+    drop(stream);
+    // The stream ends on the server when its client goes.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let scraped = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
+        if scraped.contains("\nusers_service_watchers 0\n") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{scraped}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
