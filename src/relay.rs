@@ -173,6 +173,18 @@ async fn relay(
         // First start: from now.
         None => Position::At(now(pool).await?),
     };
+    let horizon = db::run(pool, events::horizon)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if position.check(&now(pool).await?, horizon) == Err(events::BadToken::Expired) {
+        // Away longer than --event-retention: what was pruned meanwhile is
+        // gone; relay everything still kept.
+        tracing::error!(
+            stream = %settings.stream,
+            "the relay is further behind than --event-retention: events pruned meanwhile never reached NATS"
+        );
+    }
     // The first page of a spell skips what JetStream already holds.
     let mut resumed = true;
     let mut stored_at = Instant::now() - STORE_IDLE;

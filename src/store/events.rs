@@ -192,7 +192,12 @@ impl Position {
     /// Whether this position can still be read from, now that `now` is the
     /// current snapshot: not from the future (a forged token), and not
     /// older than what pruning removed (`horizon`: every pruned event's
-    /// transaction is below it).
+    /// transaction is at most it, and had ended before the prune began).
+    ///
+    /// A pruned event this position has not read is one whose transaction
+    /// it does not see: at or past its `xmax`, or running when it was taken.
+    /// A transaction that began after the prune is above the horizon, so a
+    /// fresh position is never refused, whatever long transaction runs.
     pub fn check(&self, now: &Snapshot, horizon: u64) -> Result<(), BadToken> {
         let latest = match self {
             Self::At(at) => at,
@@ -201,7 +206,9 @@ impl Position {
         if !now.includes(latest) {
             return Err(BadToken::Malformed);
         }
-        if horizon >= self.from().xmin && horizon > 0 {
+        let from = self.from();
+        let missed = horizon >= from.xmax || from.xip.iter().any(|&xid| xid <= horizon);
+        if horizon > 0 && missed {
             return Err(BadToken::Expired);
         }
         Ok(())
@@ -466,8 +473,9 @@ pub async fn horizon(conn: &mut AsyncPgConnection) -> diesel::QueryResult<u64> {
         .map_err(|_| unexpected("user_events_horizon.xid in an unknown form"))
 }
 
-/// Deletes up to `limit` of the oldest events written before `before`, and
-/// moves the horizon past them; how many. One short transaction.
+/// Deletes up to `limit` of the oldest events written before `before` by
+/// transactions that ended before every transaction running now began, and
+/// moves the horizon to them; how many. One short transaction.
 pub async fn prune(
     conn: &mut AsyncPgConnection,
     before: DateTime<Utc>,
@@ -482,7 +490,8 @@ pub async fn prune(
         let pruned: Pruned = diesel::sql_query(
             "WITH oldest AS (SELECT seq FROM user_events ORDER BY seq LIMIT $1), \
              gone AS (DELETE FROM user_events e USING oldest o \
-                      WHERE e.seq = o.seq AND e.time < $2 RETURNING e.xid), \
+                      WHERE e.seq = o.seq AND e.time < $2 \
+                      AND e.xid < pg_snapshot_xmin(pg_current_snapshot()) RETURNING e.xid), \
              moved AS (UPDATE user_events_horizon \
                        SET xid = greatest(xid, (SELECT max(xid) FROM gone)) \
                        WHERE EXISTS (SELECT 1 FROM gone)) \
@@ -597,10 +606,14 @@ mod tests {
     #[test]
     fn a_position_past_the_horizon_or_from_the_future_is_refused() {
         let now = snapshot("2000:2010:");
-        let at = Position::At(snapshot("1000:1010:"));
+        let at = Position::At(snapshot("1000:1010:1005"));
         assert_eq!(at.check(&now, 0), Ok(()));
-        assert_eq!(at.check(&now, 999), Ok(()));
-        assert_eq!(at.check(&now, 1000), Err(BadToken::Expired));
+        assert_eq!(at.check(&now, 1004), Ok(()));
+        // 1005 was running: its pruned events were never read.
+        assert_eq!(at.check(&now, 1005), Err(BadToken::Expired));
+        assert_eq!(at.check(&now, 1010), Err(BadToken::Expired));
+        let idle = Position::At(snapshot("1000:1010:"));
+        assert_eq!(idle.check(&now, 1009), Ok(()));
         let future = Position::At(snapshot("3000:3000:"));
         assert_eq!(future.check(&now, 0), Err(BadToken::Malformed));
     }

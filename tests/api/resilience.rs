@@ -237,6 +237,7 @@ async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is
     config.data_dir = dir.clone();
     config.health_interval = Duration::from_millis(200);
     let app = spawn_with(config).await;
+    let (_, start) = crate::watch::watch(&mut app.users.clone(), Default::default()).await;
 
     // Creates on four callers, keeping every id the service acknowledged.
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
@@ -339,6 +340,19 @@ async fn a_killed_embedded_postgres_is_started_again_and_nothing_acknowledged_is
             .keys()
             .all(|code| ["Ok", "Unavailable"].contains(&code.as_str())),
         "only OK and UNAVAILABLE: {codes:?}"
+    );
+    // The change feed, resumed from before the kill, has every stored user
+    // once: the token outlived the Postgres that made it.
+    let (mut feed, _) =
+        crate::watch::watch(&mut app.users.clone(), crate::watch::from(&start)).await;
+    let created: Vec<String> = crate::watch::events(&mut feed, stored.len())
+        .await
+        .into_iter()
+        .map(|event| event.user.unwrap().id)
+        .collect();
+    assert_eq!(
+        created.iter().collect::<std::collections::HashSet<_>>(),
+        stored.iter().collect()
     );
     app.shutdown().await;
 }

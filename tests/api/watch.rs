@@ -22,7 +22,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Starts a watch and waits for its first response (which confirms it):
 /// the stream, and that response's token.
-async fn watch(
+pub async fn watch(
     users: &mut Users,
     request: WatchUsersRequest,
 ) -> (Streaming<WatchUsersResponse>, String) {
@@ -44,7 +44,7 @@ async fn watch(
     (stream, first.resume_token)
 }
 
-fn from(token: &str) -> WatchUsersRequest {
+pub fn from(token: &str) -> WatchUsersRequest {
     WatchUsersRequest {
         resume_token: token.to_owned(),
         ..Default::default()
@@ -52,7 +52,7 @@ fn from(token: &str) -> WatchUsersRequest {
 }
 
 /// The next `count` events of `stream`; fails if they do not come in time.
-async fn events(stream: &mut Streaming<WatchUsersResponse>, count: usize) -> Vec<UserEvent> {
+pub async fn events(stream: &mut Streaming<WatchUsersResponse>, count: usize) -> Vec<UserEvent> {
     let mut events = Vec::new();
     while events.len() < count {
         let response = tokio::time::timeout(PATIENCE, stream.message())
