@@ -169,11 +169,14 @@ fn mangle(bytes: &mut Vec<u8>, rng: &mut StdRng) {
     }
 }
 
-/// ExportUsers with raw bytes: every chunk read; the status at the end.
-async fn raw_export(
+/// A server-streaming call with raw bytes: every message read (or the
+/// first `most`: WatchUsers never ends by itself); the status at the end.
+async fn raw_stream(
     channel: &Channel,
     token: &str,
+    path: &'static str,
     message: Vec<u8>,
+    most: usize,
 ) -> Result<usize, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready()
@@ -186,13 +189,13 @@ async fn raw_export(
     let mut stream = grpc
         .server_streaming(
             request,
-            http::uri::PathAndQuery::from_static("/users.v1.UsersService/ExportUsers"),
+            http::uri::PathAndQuery::from_static(path),
             RawCodec,
         )
         .await?
         .into_inner();
     let mut chunks = 0;
-    while stream.message().await?.is_some() {
+    while chunks < most && stream.message().await?.is_some() {
         chunks += 1;
     }
     Ok(chunks)
@@ -256,10 +259,22 @@ async fn random_requests_never_break_the_server() {
         let size = bytes.len();
         let began = Instant::now();
         let outcome = match &call {
-            Call::ExportUsers(_) => {
-                raw_export(&channel, credentials.as_deref().unwrap_or(""), bytes)
-                    .await
-                    .map(|_| Vec::new())
+            Call::ExportUsers(_) | Call::WatchUsers(_) => {
+                // A watch: its first message says it started (or its status
+                // why not); the stream ends when it is dropped.
+                let most = match &call {
+                    Call::WatchUsers(_) => 1,
+                    _ => usize::MAX,
+                };
+                raw_stream(
+                    &channel,
+                    credentials.as_deref().unwrap_or(""),
+                    call.path(),
+                    bytes,
+                    most,
+                )
+                .await
+                .map(|_| Vec::new())
             }
             _ => raw_call(&channel, credentials.as_deref(), call.path(), bytes).await,
         };

@@ -339,6 +339,7 @@ pub enum Call {
     ListUsers(pb::ListUsersRequest),
     BatchUpsertUsers(pb::BatchUpsertUsersRequest),
     ExportUsers(pb::ExportUsersRequest),
+    WatchUsers(pb::WatchUsersRequest),
     CreateTenant(pb::CreateTenantRequest),
     GetTenant(pb::GetTenantRequest),
     UpdateTenant(pb::UpdateTenantRequest),
@@ -356,6 +357,7 @@ impl Call {
             Self::ListUsers(_) => "/users.v1.UsersService/ListUsers",
             Self::BatchUpsertUsers(_) => "/users.v1.UsersService/BatchUpsertUsers",
             Self::ExportUsers(_) => "/users.v1.UsersService/ExportUsers",
+            Self::WatchUsers(_) => "/users.v1.UsersService/WatchUsers",
             Self::CreateTenant(_) => "/users.v1.TenantsService/CreateTenant",
             Self::GetTenant(_) => "/users.v1.TenantsService/GetTenant",
             Self::UpdateTenant(_) => "/users.v1.TenantsService/UpdateTenant",
@@ -373,6 +375,7 @@ impl Call {
             Self::ListUsers(m) => m.encode_to_vec(),
             Self::BatchUpsertUsers(m) => m.encode_to_vec(),
             Self::ExportUsers(m) => m.encode_to_vec(),
+            Self::WatchUsers(m) => m.encode_to_vec(),
             Self::CreateTenant(m) => m.encode_to_vec(),
             Self::GetTenant(m) => m.encode_to_vec(),
             Self::UpdateTenant(m) => m.encode_to_vec(),
@@ -397,6 +400,7 @@ impl Call {
         match self {
             Self::ListUsers(m) => Some(&mut m.page_token),
             Self::ListTenants(m) => Some(&mut m.page_token),
+            Self::WatchUsers(m) => Some(&mut m.resume_token),
             _ => None,
         }
     }
@@ -430,6 +434,12 @@ pub fn call() -> BoxedStrategy<Call> {
             .prop_map(|users| Call::BatchUpsertUsers(pb::BatchUpsertUsersRequest { users, ..Default::default() })),
         1 => (option::of(user_filter()), text())
             .prop_map(|(filter, search)| Call::ExportUsers(pb::ExportUsersRequest { filter, search, ..Default::default() })),
+        1 => (
+            prop_oneof![2 => Just(String::new()), 1 => id()],
+            prop_oneof![2 => Just(String::new()), 1 => text()],
+            prop_oneof![2 => Just(Vec::new()), 1 => vec(-2..10i32, 0..10)],
+        )
+            .prop_map(|(tenant_id, resume_token, types)| Call::WatchUsers(pb::WatchUsersRequest { resume_token, tenant_id, types })),
         1 => (text(), text()).prop_map(|(name, reference)| Call::CreateTenant(pb::CreateTenantRequest {
             tenant: Some(pb::Tenant { name, reference, ..Default::default() }), ..Default::default() })),
         1 => id().prop_map(|id| Call::GetTenant(pb::GetTenantRequest { id, ..Default::default() })),
