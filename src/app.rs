@@ -126,6 +126,10 @@ impl Application {
             state.stream_stall_timeout = config.stream_stall_timeout;
             state.retention = retention(config)?;
             state.watch_heartbeat = config.watch_heartbeat;
+            state.hub = Arc::new(crate::grpc::watch::Hub::new(
+                metrics.watchers(),
+                config.max_watchers,
+            ));
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?

@@ -17,6 +17,7 @@
 //! | `--request-id-retention` | `REQUEST_ID_RETENTION` | `24h` |
 //! | `--event-retention` | `EVENT_RETENTION` | `7days` |
 //! | `--watch-heartbeat` | `WATCH_HEARTBEAT` | `10s` |
+//! | `--max-watchers` | `MAX_WATCHERS` | `1000` |
 //! | `--nats-url` | `NATS_URL` | none: no relay to NATS |
 //! | `--nats-stream` | `NATS_STREAM` | `USERS_EVENTS` |
 //! | `--nats-duplicate-window` | `NATS_DUPLICATE_WINDOW` | `2m` |
@@ -238,6 +239,11 @@ pub struct Config {
     #[arg(long, global = true, env = "WATCH_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub watch_heartbeat: Duration,
 
+    /// WatchUsers streams open at once on this replica (each caller at most
+    /// 100 of them); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, global = true, env = "MAX_WATCHERS", default_value_t = 1000)]
+    pub max_watchers: usize,
+
     /// NATS server to relay every change event to (JetStream, subject
     /// `users.v1.events.<tenant>.<user>.<type>`); no relay when unset.
     #[arg(long, global = true, env = "NATS_URL")]
@@ -383,6 +389,7 @@ impl Config {
             request_id_retention: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(7 * 24 * 3600),
             watch_heartbeat: Duration::from_secs(10),
+            max_watchers: 1000,
             nats_url: None,
             nats_stream: "USERS_EVENTS".to_owned(),
             nats_duplicate_window: Duration::from_secs(120),

@@ -452,7 +452,8 @@ impl UsersService for UsersApi {
             stall_timeout: self.state.stream_stall_timeout,
             deadline,
         };
-        let stream = watch::watch(&self.state, parsed, settings).await?;
+        let caller = authz::actor(&principal);
+        let stream = watch::watch(&self.state, caller.as_str(), parsed, settings).await?;
         Ok(Response::new(stream))
     }
 

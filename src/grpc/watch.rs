@@ -71,15 +71,70 @@ pub struct Hub {
     closed: watch::Sender<bool>,
     /// Watchers connected now (a metric).
     watchers: Gauge,
+    /// Watch streams open, per caller and in all.
+    open: Mutex<std::collections::HashMap<String, usize>>,
+    max_watchers: usize,
+}
+
+/// Watch streams one caller may have open at once.
+pub const MAX_WATCHERS_PER_CALLER: usize = 100;
+
+/// A watch stream's place among those open; given back when dropped.
+pub struct Slot {
+    hub: Arc<Hub>,
+    caller: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .hub
+            .open
+            .lock()
+            .expect("the hub's lock is never poisoned");
+        if let Some(count) = open.get_mut(&self.caller) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.caller);
+            }
+        }
+        self.hub.watchers.dec();
+    }
 }
 
 impl Hub {
-    pub fn new(watchers: Gauge) -> Self {
+    /// `max_watchers`: watch streams open at once, of all callers.
+    pub fn new(watchers: Gauge, max_watchers: usize) -> Self {
         Self {
             tail: Mutex::new((broadcast::Sender::new(BROADCAST_PAGES), None)),
             closed: watch::Sender::new(false),
             watchers,
+            open: Mutex::new(std::collections::HashMap::new()),
+            max_watchers,
         }
+    }
+
+    /// A place for one more watch stream of `caller`, if there is one: a
+    /// caller cannot take them all, nor all callers the process's memory.
+    pub fn admit(self: &Arc<Self>, caller: &str) -> Result<Slot, Error> {
+        let mut open = self.open.lock().expect("the hub's lock is never poisoned");
+        if self.watchers.get() >= self.max_watchers as i64 {
+            return Err(Error::TooBusy(
+                "too many watch streams are open on this replica (--max-watchers); retry later or elsewhere",
+            ));
+        }
+        let mine = open.entry(caller.to_owned()).or_default();
+        if *mine >= MAX_WATCHERS_PER_CALLER {
+            return Err(Error::TooBusy(
+                "this caller has 100 watch streams open already: close one first",
+            ));
+        }
+        *mine += 1;
+        self.watchers.inc();
+        Ok(Slot {
+            hub: Arc::clone(self),
+            caller: caller.to_owned(),
+        })
     }
 
     fn publish(&self, page: Page) {
@@ -306,13 +361,15 @@ pub struct WatchSettings {
     pub deadline: Option<Instant>,
 }
 
-/// Starts a watch: checks its start position now (so that a bad or
-/// expired token is the call's status), then streams.
+/// Starts a watch for `caller`: checks its start position now (so that a
+/// bad or expired token is the call's status), then streams.
 pub async fn watch(
     state: &AppState,
+    caller: &str,
     request: WatchRequest,
     settings: WatchSettings,
 ) -> Result<WatchStream, Error> {
+    let slot = state.hub.admit(caller)?;
     let now = state.db(async |conn| events::now(conn).await).await?;
     let start = match request.start {
         None => Position::At(now),
@@ -338,6 +395,7 @@ pub async fn watch(
         settings,
         tx,
         last_sent: Instant::now(),
+        _slot: slot,
     };
     tokio::spawn(watcher.run(start));
     Ok(Box::pin(ReceiverStream::new(rx)))
@@ -351,6 +409,7 @@ struct Watcher {
     settings: WatchSettings,
     tx: mpsc::Sender<Result<pb::WatchUsersResponse, Status>>,
     last_sent: Instant,
+    _slot: Slot,
 }
 
 /// Why a watch stream ended.
@@ -363,7 +422,6 @@ enum Ended {
 
 impl Watcher {
     async fn run(mut self, start: Position) {
-        self.hub.watchers.inc();
         let mut closed = self.hub.closed.subscribe();
         let deadline = self.settings.deadline;
         let outcome = tokio::select! {
@@ -376,7 +434,6 @@ impl Watcher {
         if let Ended::Status(status) = outcome {
             let _ = self.tx.try_send(Err(status));
         }
-        self.hub.watchers.dec();
     }
 
     /// Streams from `position` until the client goes or the feed fails.

@@ -701,3 +701,45 @@ async fn metrics_count_watchers_and_events() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn one_caller_cannot_take_every_watch_stream() {
+    let app = spawn_configured(|config| config.max_watchers = 102).await;
+    let mut admin = app.users.clone();
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(watch(&mut admin, WatchUsersRequest::default()).await.0);
+    }
+    let refused = admin
+        .watch_users(WatchUsersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Another caller still watches; past the replica's limit, nobody.
+    let default_tenant = app.default_tenant().await;
+    let viewer = app
+        .create_key(Role::Viewer, Some(default_tenant.parse().unwrap()), None)
+        .await;
+    let mut other = app.users_as(Some(&viewer));
+    let (_second, _) = watch(&mut other, WatchUsersRequest::default()).await;
+    let (_third, _) = watch(&mut other, WatchUsersRequest::default()).await;
+    let refused = other
+        .watch_users(WatchUsersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // A closed stream gives its place back.
+    open.pop();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while admin
+        .watch_users(WatchUsersRequest::default())
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place comes back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
