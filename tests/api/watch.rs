@@ -743,3 +743,41 @@ async fn one_caller_cannot_take_every_watch_stream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_stalled_watcher_holds_up_nobody_and_catches_up_from_the_table() {
+    let app = spawn_app().await;
+    let mut users = app.users.clone();
+    let (mut stalled, _) = watch(&mut users, WatchUsersRequest::default()).await;
+    let (mut reader, _) = watch(&mut users, WatchUsersRequest::default()).await;
+    // Far more than the stream's flow-control windows (a few MiB) and the
+    // hub's broadcast (16 pages, one page or more per call here) hold.
+    const CHANGES: usize = 12_000;
+    let padding = "x".repeat(200);
+    for from in (0..CHANGES).step_by(500) {
+        let users_of_batch = (from..from + 500)
+            .map(|i| User {
+                reference: format!("stall-{i}"),
+                first_name: padding.clone(),
+                ..Default::default()
+            })
+            .collect();
+        users
+            .batch_upsert_users(BatchUpsertUsersRequest {
+                users: users_of_batch,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // The reader gets everything while the other reads nothing.
+    let read = events(&mut reader, CHANGES).await;
+    assert_eq!(read.len(), CHANGES);
+    // Then the stalled one reads, and gets everything too, in the same
+    // order (one writer: one order), from the table.
+    let late = events(&mut stalled, CHANGES).await;
+    assert_eq!(
+        late.iter().map(|e| &e.event_id).collect::<Vec<_>>(),
+        read.iter().map(|e| &e.event_id).collect::<Vec<_>>()
+    );
+}
