@@ -340,3 +340,42 @@ async fn purging_a_user_deletes_its_messages_from_the_stream() {
     app.shutdown().await;
     crate::helpers::drop_database(&database);
 }
+
+#[tokio::test]
+async fn another_replica_takes_over_the_relay_when_the_relaying_one_stops() {
+    let nats = Nats::start();
+    let database = fresh_database().await;
+    // The first replica relays; the second waits for the lock.
+    let first = spawn_relaying(&database, &nats, None).await;
+    relay_started(&first).await;
+    let second = spawn_relaying(&database, &nats, Some(first.config.data_dir.clone())).await;
+    first
+        .users
+        .clone()
+        .batch_upsert_users(batch(0, 50, "First"))
+        .await
+        .unwrap();
+    let _ = wait_for(&nats, 50).await;
+    first.shutdown().await;
+    // Changes made through the second replica get relayed by it now.
+    second
+        .users
+        .clone()
+        .batch_upsert_users(batch(50, 50, "Second"))
+        .await
+        .unwrap();
+    let mut stream = wait_for(&nats, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = messages(&mut stream).await;
+    let ids: Vec<i64> = held
+        .iter()
+        .map(|(_, event)| event.event_id.parse().unwrap())
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!((ids.len(), unique.len()), (100, 100), "each event once");
+    assert_eq!(ids, unique, "in order");
+    second.shutdown().await;
+    crate::helpers::drop_database(&database);
+}
