@@ -33,6 +33,8 @@ pub use crate::store::database::EMBEDDED_DATABASE;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The shortest heartbeat of a watch stream: shorter would be a busy loop.
+const MIN_WATCH_HEARTBEAT: Duration = Duration::from_millis(100);
 /// How long the answers to abandoned calls get to go out at shutdown.
 const FLUSH_ANSWERS: Duration = Duration::from_millis(500);
 /// Longest wait at shutdown for Postgres to confirm the cancels of
@@ -125,6 +127,11 @@ impl Application {
             let mut state = AppState::new(pool, default_tenant, &metrics, clock);
             state.stream_stall_timeout = config.stream_stall_timeout;
             state.retention = retention(config)?;
+            if config.watch_heartbeat < MIN_WATCH_HEARTBEAT {
+                return Err(StartError::Config(
+                    "--watch-heartbeat must be at least 100ms".into(),
+                ));
+            }
             state.watch_heartbeat = config.watch_heartbeat;
             state.hub = Arc::new(crate::grpc::watch::Hub::new(
                 metrics.watchers(),
