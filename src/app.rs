@@ -136,6 +136,7 @@ impl Application {
             state.hub = Arc::new(crate::grpc::watch::Hub::new(
                 metrics.watchers(),
                 config.max_watchers,
+                state.exports.available_permits(),
             ));
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
@@ -229,9 +230,17 @@ impl Application {
             stop_probe.subscribe(),
         ));
 
+        // The feed's reader and the relay have a connection each of their
+        // own: they never wait for the pool, nor make a call wait.
+        let own_connection = || {
+            let mut settings = self.config.pool_settings();
+            settings.max_size = 1;
+            db::build_pool(self.database.config.clone(), &settings, None)
+                .map_err(StartError::Database)
+        };
         let metrics = Arc::clone(&self.metrics);
         let feed = tokio::spawn(Arc::clone(&self.state.hub).follow(
-            self.state.pool.clone(),
+            own_connection()?,
             self.database.config.clone(),
             self.state.committed.clone(),
             move |events| metrics.events_read(events),
@@ -239,8 +248,8 @@ impl Application {
         ));
 
         let relay = self.config.nats_url.clone().map(|url| {
-            tokio::spawn(crate::relay::run(
-                self.state.pool.clone(),
+            Ok::<_, StartError>(tokio::spawn(crate::relay::run(
+                own_connection()?,
                 self.database.config.clone(),
                 crate::relay::RelaySettings {
                     url,
@@ -250,8 +259,9 @@ impl Application {
                 self.state.committed.clone(),
                 Arc::clone(&self.metrics),
                 stop_probe.subscribe(),
-            ))
+            )))
         });
+        let relay = relay.transpose()?;
 
         let max_request = self.config.max_request_bytes;
         let users = UsersServiceServer::new(UsersApi::new(self.state.clone()))

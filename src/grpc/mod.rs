@@ -110,7 +110,7 @@ impl AppState {
             abandon: Arc::new(tokio::sync::watch::Sender::new(false)),
             retention: Retention::default(),
             committed,
-            hub: Arc::new(watch::Hub::new(metrics.watchers(), 1000)),
+            hub: Arc::new(watch::Hub::new(metrics.watchers(), 1000, exports)),
             watch_heartbeat: std::time::Duration::from_secs(10),
         }
     }

@@ -74,6 +74,9 @@ pub struct Hub {
     /// Watch streams open, per caller and in all.
     open: Mutex<std::collections::HashMap<String, usize>>,
     max_watchers: usize,
+    /// Watchers reading from the table at once take at most these pool
+    /// connections, so that calls still get theirs.
+    table_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Watch streams one caller may have open at once.
@@ -103,14 +106,16 @@ impl Drop for Slot {
 }
 
 impl Hub {
-    /// `max_watchers`: watch streams open at once, of all callers.
-    pub fn new(watchers: Gauge, max_watchers: usize) -> Self {
+    /// `max_watchers`: watch streams open at once, of all callers;
+    /// `table_reads`: pool connections watchers behind may read with.
+    pub fn new(watchers: Gauge, max_watchers: usize, table_reads: usize) -> Self {
         Self {
             tail: Mutex::new((broadcast::Sender::new(BROADCAST_PAGES), None)),
             closed: watch::Sender::new(false),
             watchers,
             open: Mutex::new(std::collections::HashMap::new()),
             max_watchers,
+            table_reads: Arc::new(tokio::sync::Semaphore::new(table_reads.max(1))),
         }
     }
 
@@ -520,12 +525,17 @@ impl Watcher {
                 _ => return Ok(false),
             };
             let filter = self.filter.clone();
+            let permit = Arc::clone(&self.hub.table_reads)
+                .acquire_owned()
+                .await
+                .map_err(|_| Ended::Gone)?;
             let page = db::run(&self.pool, async |conn| {
                 events::read(conn, &next, &filter, PAGE).await
             })
             .await
             .map_err(|e| Ended::Status(Error::Unavailable(e.into()).into()))?
             .map_err(|e| Ended::Status(Error::from(e).into()))?;
+            drop(permit);
             *position = page.end;
             let events: Vec<pb::UserEvent> =
                 page.events.into_iter().map(convert::user_event).collect();
