@@ -437,7 +437,10 @@ impl Watcher {
             () = until(deadline) => Ended::Status(Status::deadline_exceeded("deadline exceeded")),
         };
         if let Ended::Status(status) = outcome {
-            let _ = self.tx.try_send(Err(status));
+            // Behind the responses still queued; a client that takes none
+            // of them is gone anyway.
+            let _ =
+                tokio::time::timeout(self.settings.stall_timeout, self.tx.send(Err(status))).await;
         }
     }
 
