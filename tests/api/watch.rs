@@ -781,3 +781,26 @@ async fn a_stalled_watcher_holds_up_nobody_and_catches_up_from_the_table() {
         read.iter().map(|e| &e.event_id).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn a_watch_ends_unavailable_when_the_server_shuts_down() {
+    let app = spawn_app().await;
+    let (mut stream, _) = watch(&mut app.users.clone(), WatchUsersRequest::default()).await;
+    let began = tokio::time::Instant::now();
+    app.shutdown().await;
+    let ended = loop {
+        match tokio::time::timeout(PATIENCE, stream.message()).await {
+            Ok(Ok(Some(response))) => assert!(response.events.is_empty()),
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the stream did not end"),
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    // At once, not at the end of the shutdown grace.
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+}
