@@ -9,8 +9,10 @@
 //! Options: `--calls N` concurrent calls (64), `--connections M` HTTP/2
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
-//! `--keep` to keep the database, `--only get,create,update,safe,bulk,lists` to run
-//! some scenario groups. `BENCH_SERVER` is a server binary to run instead of
+//! `--keep` to keep the database, `--only get,create,update,safe,bulk,feed,lists` to
+//! run some scenario groups (`feed` is `watch` and `outbox`: the change feed's
+//! delivery latency and the cost of its triggers); `--watchers W` and
+//! `--feed-rate R` for the delivery run (16 WatchUsers streams, 2000 changes/s). `BENCH_SERVER` is a server binary to run instead of
 //! this build's (for A/B runs against another commit). `BENCH_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) is the server to use; each run
 //! creates and drops its own database there.
@@ -69,10 +71,16 @@ struct Options {
     /// Keep the database afterwards.
     #[arg(long)]
     keep: bool,
-    /// Scenario groups to run (lists, get, create, update, bulk); all when
-    /// not given.
+    /// Scenario groups to run (lists, get, create, update, safe, bulk,
+    /// feed; feed is watch and outbox, its two halves); all when not given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// WatchUsers streams of the change feed's delivery run.
+    #[arg(long, default_value_t = 16)]
+    watchers: usize,
+    /// Changes per second the writers of the delivery run make.
+    #[arg(long, default_value_t = 2000.0)]
+    feed_rate: f64,
     /// Passed by `cargo bench` to harness-less benchmarks.
     #[arg(long, hide = true)]
     bench: bool,
@@ -189,6 +197,8 @@ where
 struct Service {
     clients: Arc<Vec<UsersServiceClient<Channel>>>,
     auth: AsciiMetadataValue,
+    /// The server's address, for clients of their own (the feed's watchers).
+    endpoint: String,
 }
 
 impl Service {
@@ -331,6 +341,8 @@ struct Server {
     data_dir: PathBuf,
     /// Where the server serves `/metrics`.
     metrics: std::net::SocketAddr,
+    /// The bench database, as its backends name it in their process titles.
+    database: String,
 }
 
 impl Server {
@@ -365,19 +377,22 @@ impl Server {
             child,
             data_dir,
             metrics,
+            database: url::Url::parse(url)?
+                .path()
+                .trim_start_matches('/')
+                .to_owned(),
         })
+    }
+
+    /// The server's `/metrics` text.
+    async fn metrics_text(&self) -> Result<String, BoxError> {
+        fetch_metrics(self.metrics).await
     }
 
     /// Per kind of shared statement: calls served and statements run, from
     /// the server's `users_service_db_batch_items` histogram.
     async fn batches(&self) -> Result<Vec<(String, f64, f64)>, BoxError> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
+        let text = self.metrics_text().await?;
         let value = |name: &str, batch: &str| {
             text.lines()
                 .find(|l| l.starts_with(name) && l.contains(&format!("batch=\"{batch}\"")))
@@ -408,6 +423,18 @@ impl Server {
     }
 }
 
+/// The `/metrics` text served at `at`.
+async fn fetch_metrics(at: std::net::SocketAddr) -> Result<String, BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(at).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
 async fn wait_ready(
     server: &mut Server,
     port: u16,
@@ -428,9 +455,10 @@ async fn wait_ready(
         }
         let ready = async {
             let token = std::fs::read_to_string(&key).ok()?;
+            let endpoint = format!("http://127.0.0.1:{port}");
             let mut clients = Vec::new();
             for _ in 0..options.connections {
-                let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                let channel = Channel::from_shared(endpoint.clone())
                     .ok()?
                     .connect()
                     .await
@@ -441,6 +469,7 @@ async fn wait_ready(
             Some(Service {
                 clients: Arc::new(clients),
                 auth,
+                endpoint,
             })
         };
         if let Some(service) = ready.await {
@@ -456,6 +485,13 @@ async fn wait_ready(
 /// tenant id. The rows obey the service's rules: unique references and
 /// emails, E.164 phones, canonical locale and time zone, an object as custom
 /// data, distinct creation times.
+///
+/// Loads without change events: the feed's triggers would write an event
+/// per user (the 1M insert took 35 s with them instead of 18 s), and the
+/// server's feed reader would then read and convert them all while the list
+/// scenarios run. `session_replication_role = replica` (the bench connects
+/// as superuser) skips every trigger, the tenant's foreign key check
+/// included, for this connection only.
 async fn load_tenant(db: &PgClient, name: &str, count: i64) -> Result<Uuid, BoxError> {
     let tenant = Uuid::now_v7();
     db.execute(
@@ -463,7 +499,8 @@ async fn load_tenant(db: &PgClient, name: &str, count: i64) -> Result<Uuid, BoxE
         &[&tenant, &name],
     )
     .await?;
-    db.batch_execute("SET synchronous_commit = off").await?;
+    db.batch_execute("SET synchronous_commit = off; SET session_replication_role = replica")
+        .await?;
     db.execute(
         "INSERT INTO users (tenant_id, id, reference, email, phone, first_name, last_name, \
            locale, timezone, is_opted_in, active, custom_data, avatar_url, created_at, updated_at) \
@@ -480,7 +517,8 @@ async fn load_tenant(db: &PgClient, name: &str, count: i64) -> Result<Uuid, BoxE
     )
     .await?;
     // Steady state: statistics and the visibility map, as autovacuum leaves them.
-    db.batch_execute("SET synchronous_commit = on").await?;
+    db.batch_execute("SET synchronous_commit = on; RESET session_replication_role")
+        .await?;
     db.batch_execute("VACUUM ANALYZE users").await?;
     Ok(tenant)
 }
@@ -546,6 +584,9 @@ fn ms(d: Duration) -> String {
 }
 
 fn print_table(rows: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
     println!("\n| scenario | side | calls/s | users/s | p50 | p99 | max | errors | service/raw |");
     println!("|---|---|---:|---:|---:|---:|---:|---|---:|");
     for row in rows {
@@ -744,11 +785,26 @@ async fn run(
     } else {
         None
     };
-    // Lists at 1M; the rows of the write scenarios go first.
+    let feed = if ["feed", "watch", "outbox"].iter().any(|g| options.runs(g)) {
+        Some(feed(&bench, server).await?)
+    } else {
+        None
+    };
+    // Lists at 1M; the rows of the write scenarios go first, without
+    // events either (a purge event per user, and their earlier events
+    // erased), as in `load_tenant`.
     if !options.quick && options.runs("lists") {
         bench
             .db
+            .batch_execute("SET session_replication_role = replica")
+            .await?;
+        bench
+            .db
             .execute("DELETE FROM users WHERE tenant_id = $1", &[&bench.writes])
+            .await?;
+        bench
+            .db
+            .batch_execute("RESET session_replication_role")
             .await?;
         eprintln!("loading 1M users");
         let started = Instant::now();
@@ -762,7 +818,7 @@ async fn run(
         )
         .await?;
     }
-    report(&rows, notes, server, calls, bulk_speedup).await
+    report(&rows, notes, server, calls, bulk_speedup, feed).await
 }
 
 /// GetUser of a random user against the raw lookup, A B A B: a single pair
@@ -1055,6 +1111,7 @@ async fn report(
     server: &Server,
     calls: usize,
     bulk_speedup: Option<(usize, f64)>,
+    feed: Option<Feed>,
 ) -> Result<(), BoxError> {
     let peak = server.peak_rss_kib();
     for (batch, items, statements) in server.batches().await? {
@@ -1076,7 +1133,7 @@ async fn report(
 
     // Targets.
     let rate = |name: &str| rows.iter().find(|r| r.scenario.starts_with(name));
-    let mut targets: Vec<(String, Option<bool>, String)> = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
     let ratio_of = |row: Option<&Row>| {
         row.and_then(|r| {
             r.ratio
@@ -1135,6 +1192,13 @@ async fn report(
         peak_mib.map(|m| m <= 64.0),
         fmt_opt(peak_mib, " MiB"),
     ));
+    if let Some(feed) = feed {
+        println!();
+        for line in &feed.lines {
+            println!("{line}");
+        }
+        targets.extend(feed.targets);
+    }
     println!("\n| target | measured | result |\n|---|---:|---|");
     for (target, pass, measured) in targets {
         let result = match pass {
@@ -1386,4 +1450,882 @@ async fn list_scenarios(
         });
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- change feed
+
+/// A row of the report's list of targets: what, passed (`None`: not
+/// measured), the measured value.
+type Target = (String, Option<bool>, String);
+
+/// What the feed group measured: its tables and notes, printed with the
+/// report, and its targets.
+#[derive(Default)]
+struct Feed {
+    lines: Vec<String>,
+    targets: Vec<Target>,
+}
+
+/// The change feed: delivery latency of WatchUsers under a steady stream
+/// of changes, then what the outbox triggers cost the writes (A/B).
+async fn feed(bench: &Bench<'_>, server: &Server) -> Result<Feed, BoxError> {
+    let mut feed = Feed::default();
+    let options = bench.options;
+    if options.runs("feed") || options.runs("watch") {
+        delivery(bench, server, &mut feed).await?;
+    }
+    if options.runs("feed") || options.runs("outbox") {
+        outbox_cost(bench, server, &mut feed).await?;
+    }
+    Ok(feed)
+}
+
+/// One event as a watcher received it; times in microseconds since the
+/// epoch, by the machine's clock (the server's `commit_time` too).
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    event_id: i64,
+    user: Uuid,
+    /// The event's `commit_time`: the user's `updated_at`, taken by the
+    /// server just before the change's statement.
+    commit: i64,
+    /// When the response that held it arrived.
+    received: i64,
+}
+
+/// A change a writer saw succeed: the user, its `updated_at` (the
+/// event's `commit_time`), and when the call returned.
+type Change = (Uuid, i64, i64);
+
+fn epoch_micros(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn timestamp_micros(at: Option<&prost_types::Timestamp>) -> i64 {
+    at.map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
+}
+
+/// Reads a watch stream until `stop`, counting its events into `count`.
+async fn collect(
+    mut stream: tonic::Streaming<pb::WatchUsersResponse>,
+    count: Arc<AtomicU64>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Delivery>, String> {
+    let mut deliveries = Vec::new();
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(code)?,
+            _ = stop.wait_for(|stop| *stop) => return Ok(deliveries),
+        };
+        let received = epoch_micros(std::time::SystemTime::now());
+        let Some(response) = message else {
+            return Err("the watch ended".into());
+        };
+        count.fetch_add(response.events.len() as u64, Ordering::Relaxed);
+        for event in response.events {
+            let user = event.user.as_ref().map_or("", |u| u.id.as_str());
+            deliveries.push(Delivery {
+                event_id: event
+                    .event_id
+                    .parse()
+                    .map_err(|_| "event_id_not_a_number")?,
+                user: Uuid::parse_str(user).map_err(|_| "event_without_user")?,
+                commit: timestamp_micros(event.commit_time.as_ref()),
+                received,
+            });
+        }
+    }
+}
+
+/// Calls `call(worker, k)` for k = 0, 1, 2, ... at `rate` calls per second
+/// for `run`, from `workers` tasks: call k is due k / rate after the start
+/// and begins then, or as soon as a worker is free after that. Returns the
+/// calls, what the successful ones returned, and how far behind its due
+/// time the latest call began.
+async fn paced<F, Fut, T>(
+    workers: usize,
+    rate: f64,
+    run: Duration,
+    call: F,
+) -> (Sample, Vec<T>, Duration)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, String>> + Send,
+    T: Send + 'static,
+{
+    let call = Arc::new(call);
+    let next = Arc::new(AtomicU64::new(0));
+    let calls = (rate * run.as_secs_f64()) as u64;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|worker| {
+            let (call, next) = (Arc::clone(&call), Arc::clone(&next));
+            tokio::spawn(async move {
+                let (mut sample, mut outputs, mut behind) =
+                    (Sample::default(), Vec::new(), Duration::ZERO);
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= calls {
+                        return (sample, outputs, behind);
+                    }
+                    let due = started + Duration::from_secs_f64(k as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    let start = Instant::now();
+                    behind = behind.max(start.saturating_duration_since(due));
+                    let result = call(worker, k).await;
+                    sample.latencies.push(start.elapsed());
+                    match result {
+                        Ok(output) => outputs.push(output),
+                        Err(code) => *sample.errors.entry(code).or_default() += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut total, mut outputs, mut behind) = (Sample::default(), Vec::new(), Duration::ZERO);
+    for task in tasks {
+        let (sample, more, late) = task.await.expect("writer panicked");
+        total.merge(sample);
+        outputs.extend(more);
+        behind = behind.max(late);
+    }
+    total.elapsed = started.elapsed();
+    total.per_call = 1;
+    (total, outputs, behind)
+}
+
+/// The value at quantile `q` of sorted values.
+fn quantile_of(sorted: &[f64], q: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    sorted[((last as f64) * q).round() as usize]
+}
+
+/// Delivery latency: `--watchers` WatchUsers streams of every tenant (the
+/// admin key) while writers make `--feed-rate` changes per second for the
+/// run's duration, half CreateUser and half UpdateUser (of `firstName`, a
+/// random user of the 10k tenant), paced. Per event and watcher: the time
+/// it arrived minus its `commit_time`, and minus the time the writer's call
+/// returned; and whether each watcher got every event once. Before the
+/// run: at least 10,000 events, analyzed, and one change every watcher has
+/// received.
+async fn delivery(bench: &Bench<'_>, server: &Server, out: &mut Feed) -> Result<(), BoxError> {
+    let (service, options) = (bench.service, bench.options);
+    let (watchers, rate) = (options.watchers, options.feed_rate);
+    eprintln!("WatchUsers: {watchers} watchers, {rate} changes/s");
+    seed_events(bench).await?;
+    // The run starts with the server's feed reader at the end of the
+    // table: events of the earlier scenarios it has not read yet (a bulk
+    // load writes hundreds of thousands) would be read in the run.
+    let caught_up = Instant::now();
+    let backlog = hub_backlog(server, &bench.db).await?;
+    let mut left = backlog;
+    while left > 0 && caught_up.elapsed() < HUB_CATCH_UP {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = hub_backlog(server, &bench.db).await?;
+    }
+    let caught_up = caught_up.elapsed();
+    // Each watcher on a connection of its own, as separate consumers would
+    // be; every watch is confirmed (its first response, without events)
+    // before the first change.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (mut tasks, mut counts) = (Vec::new(), Vec::new());
+    for _ in 0..watchers {
+        let channel = Channel::from_shared(service.endpoint.clone())?
+            .connect()
+            .await?;
+        let mut stream = UsersServiceClient::new(channel)
+            .watch_users(service.request(pb::WatchUsersRequest::default()))
+            .await?
+            .into_inner();
+        let first = stream.message().await?.ok_or("a watch ended at once")?;
+        if !first.events.is_empty() {
+            return Err("the first response of a watch has events".into());
+        }
+        let count = Arc::new(AtomicU64::new(0));
+        counts.push(Arc::clone(&count));
+        tasks.push(tokio::spawn(collect(stream, count, stopped.clone())));
+    }
+    // The watches are established before the measured changes: one change,
+    // and every watcher has it. A watch opened while changes already flow
+    // first catches up from the table, on a quarter of the server's pool,
+    // which the writers keep busy: a start, not the steady delivery this
+    // run measures.
+    let warm = Instant::now();
+    let request = service.request(pb::CreateUserRequest {
+        user: Some(pb::User {
+            reference: format!("f{}-warm-up", std::process::id()),
+            email: format!("f{}-warm-up@bench.example", std::process::id()),
+            first_name: "Ada".into(),
+            tenant_id: bench.writes.to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    service.client(0).create_user(request).await?;
+    while counts.iter().any(|c| c.load(Ordering::Relaxed) == 0) {
+        if warm.elapsed() > Duration::from_secs(10) {
+            return Err("a watcher had no event 10 s after a change".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let established = warm.elapsed();
+    let base: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let before: i64 = bench
+        .db
+        .query_one("SELECT coalesce(max(seq), 0) FROM user_events", &[])
+        .await?
+        .get(0);
+
+    // Callers waiting for one of the server's database connections (the
+    // writes, and watchers reading from the table; the feed's reader has a
+    // connection of its own): sampled every 20 ms while the writers run.
+    let (stop_sampling, mut sampling) = tokio::sync::watch::channel(false);
+    let waiting = {
+        let at = server.metrics;
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                if let Ok(text) = fetch_metrics(at).await {
+                    let line = text.lines().find(|l| {
+                        l.starts_with("users_service_db_pool_connections")
+                            && l.contains("state=\"waiting\"")
+                    });
+                    if let Some(n) = line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()) {
+                        samples.push(n);
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = sampling.wait_for(|stop| *stop) => return samples,
+                }
+            }
+        })
+    };
+    let scans = event_scans(&bench.db).await?;
+    let cpu = Cpu::now(server);
+    let (writes, changes, behind): (Sample, Vec<Change>, Duration) = {
+        let (service, pick, tenant) = (service.clone(), Arc::clone(&bench.pick), bench.writes);
+        let prefix = format!("f{}", std::process::id());
+        paced(bench.calls, rate, bench.run, move |w, k| {
+            let (service, id, prefix) = (service.clone(), pick(k), prefix.clone());
+            async move {
+                let user = if k % 2 == 0 {
+                    let user = pb::User {
+                        reference: format!("{prefix}-{k}"),
+                        email: format!("{prefix}-{k}@bench.example"),
+                        first_name: "Ada".into(),
+                        last_name: "Lovelace".into(),
+                        tenant_id: tenant.to_string(),
+                        ..Default::default()
+                    };
+                    let request = service.request(pb::CreateUserRequest {
+                        user: Some(user),
+                        ..Default::default()
+                    });
+                    let response = service.client(w).create_user(request).await;
+                    response.map_err(code)?.into_inner().user
+                } else {
+                    // A name no user has had: every update is a change.
+                    let request = service.request(pb::UpdateUserRequest {
+                        id: id.to_string(),
+                        user: Some(pb::UserUpdate {
+                            first_name: Some(format!("{prefix}-{k}")),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                    let response = service.client(w).update_user(request).await;
+                    response.map_err(code)?.into_inner().user
+                };
+                let returned = epoch_micros(std::time::SystemTime::now());
+                let user = user.ok_or("no_user")?;
+                let id = Uuid::parse_str(&user.id).map_err(|_| "bad_id")?;
+                Ok((id, timestamp_micros(user.updated_at.as_ref()), returned))
+            }
+        })
+        .await
+    };
+    let used = Cpu::now(server).since(cpu);
+    stop_sampling.send_replace(true);
+    let mut waiting = waiting.await?;
+    waiting.sort_by(f64::total_cmp);
+
+    // Every event written since `before` (the writers' only), once each
+    // watcher has as many or 10 s have passed; then half a second more
+    // for any event sent twice.
+    let expected: std::collections::HashSet<i64> = bench
+        .db
+        .query("SELECT seq FROM user_events WHERE seq > $1", &[&before])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(10)
+        && counts
+            .iter()
+            .zip(&base)
+            .any(|(count, base)| count.load(Ordering::Relaxed) - base < expected.len() as u64)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained = waited.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send_replace(true);
+    let mut received = Vec::with_capacity(watchers);
+    for task in tasks {
+        received.push(task.await?.map_err(|e| format!("a watcher failed: {e}"))?);
+    }
+    // Backends report their table statistics at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let scans: Vec<String> = event_scans(&bench.db)
+        .await?
+        .into_iter()
+        .map(|(index, count, rows)| {
+            let (count0, rows0) = scans
+                .iter()
+                .find(|(i, ..)| *i == index)
+                .map_or((0, 0), |s| (s.1, s.2));
+            format!("{index} {} scans, {} rows", count - count0, rows - rows0)
+        })
+        .collect();
+
+    let returned: std::collections::HashMap<(Uuid, i64), i64> = changes
+        .iter()
+        .map(|&(user, at, returned)| ((user, at), returned))
+        .collect();
+    let (mut since_commit, mut since_return) = (Vec::new(), Vec::new());
+    let (mut missing, mut duplicates, mut unexpected, mut unmatched) = (0, 0, 0, 0);
+    // p99 since commit per second of the run, by commit time.
+    let first_commit = received
+        .iter()
+        .flatten()
+        .filter(|d| d.event_id > before)
+        .map(|d| d.commit)
+        .min()
+        .unwrap_or(0);
+    let mut seconds: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for deliveries in &received {
+        let mut seen = std::collections::HashSet::with_capacity(deliveries.len());
+        for d in deliveries {
+            if !seen.insert(d.event_id) {
+                duplicates += 1;
+                continue;
+            }
+            // The warm-up's change.
+            if d.event_id <= before {
+                continue;
+            }
+            if !expected.contains(&d.event_id) {
+                unexpected += 1;
+                continue;
+            }
+            let latency = (d.received - d.commit) as f64 / 1e3;
+            since_commit.push(latency);
+            seconds
+                .entry((d.commit - first_commit) / 1_000_000)
+                .or_default()
+                .push(latency);
+            if let Some(&at) = returned.get(&(d.user, d.commit)) {
+                since_return.push((d.received - at) as f64 / 1e3);
+            }
+        }
+        missing += expected.iter().filter(|seq| !seen.contains(seq)).count();
+        // Every change a writer saw succeed is one of the events it got.
+        let got: std::collections::HashSet<(Uuid, i64)> =
+            deliveries.iter().map(|d| (d.user, d.commit)).collect();
+        unmatched += returned.keys().filter(|key| !got.contains(key)).count();
+    }
+    since_commit.sort_by(f64::total_cmp);
+    since_return.sort_by(f64::total_cmp);
+    // The writes' own share: from commit_time to the writer's answer.
+    let mut write_part: Vec<f64> = changes
+        .iter()
+        .map(|&(_, at, returned)| (returned - at) as f64 / 1e3)
+        .collect();
+    write_part.sort_by(f64::total_cmp);
+    let per_second: Vec<String> = seconds
+        .into_values()
+        .map(|mut latencies| {
+            latencies.sort_by(f64::total_cmp);
+            format!("{:.1}", quantile_of(&latencies, 0.99))
+        })
+        .collect();
+
+    let wall = writes.elapsed.as_secs_f64();
+    out.lines.extend([
+        format!(
+            "Change feed delivery: {watchers} WatchUsers streams (admin key, every tenant, one HTTP/2 \
+             connection each), writers at {rate} changes/s for {wall:.1} s ({} workers, half CreateUser, \
+             half UpdateUser)",
+            bench.calls
+        ),
+        String::new(),
+        "| measure | value |".into(),
+        "|---|---|".into(),
+        format!(
+            "| writes | {} calls, {:.0}/s, p50 {}, p99 {}, max {}, errors {} |",
+            writes.latencies.len(),
+            writes.latencies.len() as f64 / wall,
+            ms(writes.quantile(0.5)),
+            ms(writes.quantile(0.99)),
+            ms(writes.quantile(1.0)),
+            writes.errors()
+        ),
+        format!(
+            "| events the feed reader had not read when the run began; read in | {backlog}; {:.1} s{} |",
+            caught_up.as_secs_f64(),
+            if left > 0 {
+                format!(" ({left} still unread, the run began anyway)")
+            } else {
+                String::new()
+            }
+        ),
+        format!(
+            "| warm-up: one change, until every watcher had it | {} |",
+            ms(established)
+        ),
+        format!(
+            "| latest write behind its schedule | {} |",
+            ms(behind)
+        ),
+        format!(
+            "| events written | {} ({} changes confirmed to writers) |",
+            expected.len(),
+            changes.len()
+        ),
+        format!(
+            "| deliveries (events x watchers) | {} of {} |",
+            since_commit.len(),
+            expected.len() * watchers
+        ),
+        format!(
+            "| missing, duplicates, not written by the writers, confirmed changes without their event | \
+             {missing}, {duplicates}, {unexpected}, {unmatched} |"
+        ),
+        format!(
+            "| last event delivered | {:.2} s after the last write returned |",
+            drained.as_secs_f64()
+        ),
+        format!(
+            "| receipt - commit_time: p50, p99, p99.9, max (min) | {:.2}, {:.2}, {:.2}, {:.2} ms ({:.2} ms) |",
+            quantile_of(&since_commit, 0.5),
+            quantile_of(&since_commit, 0.99),
+            quantile_of(&since_commit, 0.999),
+            quantile_of(&since_commit, 1.0),
+            quantile_of(&since_commit, 0.0),
+        ),
+        format!(
+            "| receipt - writer's call returned: p50, p99, max (min; share before the return) | \
+             {:.2}, {:.2}, {:.2} ms ({:.2} ms; {:.1}%) |",
+            quantile_of(&since_return, 0.5),
+            quantile_of(&since_return, 0.99),
+            quantile_of(&since_return, 1.0),
+            quantile_of(&since_return, 0.0),
+            100.0 * since_return.iter().filter(|&&l| l < 0.0).count() as f64
+                / since_return.len().max(1) as f64,
+        ),
+        format!(
+            "| writer's call returned - commit_time: p50, p99, max | {:.2}, {:.2}, {:.2} ms |",
+            quantile_of(&write_part, 0.5),
+            quantile_of(&write_part, 0.99),
+            quantile_of(&write_part, 1.0),
+        ),
+        format!(
+            "| receipt - commit_time: p99 per second of the run | {} ms |",
+            per_second.join(", ")
+        ),
+        format!(
+            "| callers waiting for a database connection (samples every 20 ms): mean, p50, p90, max | \
+             {:.1}, {}, {}, {} |",
+            waiting.iter().sum::<f64>() / waiting.len().max(1) as f64,
+            quantile_of(&waiting, 0.5),
+            quantile_of(&waiting, 0.9),
+            quantile_of(&waiting, 1.0),
+        ),
+        format!(
+            "| user_events index scans during the run, and rows they read | {} |",
+            scans.join("; ")
+        ),
+        format!(
+            "| CPU during the writes (of {} cores) | {} |",
+            cores(),
+            used.share(writes.elapsed)
+        ),
+        String::new(),
+    ]);
+    let p99 = quantile_of(&since_commit, 0.99);
+    out.targets.push((
+        format!("feed: p99 receipt - commit_time <= 50 ms ({watchers} watchers, {rate} changes/s)"),
+        (!since_commit.is_empty()).then_some(p99 <= 50.0),
+        format!("{p99:.2} ms"),
+    ));
+    out.targets.push((
+        "feed: every watcher got every event exactly once".into(),
+        Some(!expected.is_empty() && missing + duplicates + unexpected + unmatched == 0),
+        format!(
+            "{watchers} x {} events: {missing} missing, {duplicates} duplicates",
+            expected.len()
+        ),
+    ));
+    Ok(())
+}
+
+/// Statistics of `user_events`, as autovacuum keeps them. Without any (a
+/// table never analyzed, as in a fresh bench database), Postgres reads the
+/// feed's newest events by walking the whole table in `seq` order, a cost
+/// that grows with every event (BENCHMARKS.md, "Change feed").
+async fn analyze_events(db: &PgClient) -> Result<(), BoxError> {
+    db.batch_execute("ANALYZE user_events").await?;
+    Ok(())
+}
+
+/// Events of the feed kept in service are many and have statistics: the
+/// delivery run starts from at least 10,000 (written by BatchUpsertUsers
+/// when the earlier scenarios wrote fewer), analyzed.
+async fn seed_events(bench: &Bench<'_>) -> Result<(), BoxError> {
+    let events: i64 = bench
+        .db
+        .query_one("SELECT count(*) FROM user_events", &[])
+        .await?
+        .get(0);
+    let prefix = format!("seed{}", std::process::id());
+    let missing = u64::try_from(10_000 - events).unwrap_or(0);
+    for n in 0..missing.div_ceil(BATCH as u64) {
+        let users = (0..BATCH)
+            .map(|i| pb::User {
+                reference: format!("{prefix}-{n}-{i}"),
+                email: format!("{prefix}-{n}-{i}@bench.example"),
+                first_name: "Ada".into(),
+                tenant_id: bench.writes.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let request = bench.service.request(pb::BatchUpsertUsersRequest {
+            users,
+            ..Default::default()
+        });
+        bench.service.client(0).batch_upsert_users(request).await?;
+    }
+    analyze_events(&bench.db).await
+}
+
+/// Longest wait for the server's feed reader to read what the earlier
+/// scenarios wrote before the delivery run.
+const HUB_CATCH_UP: Duration = Duration::from_secs(300);
+
+/// Events in `user_events` the server's feed reader has not read: the table
+/// (every event of a bench database is written while this server runs: the
+/// loads write none) less `users_service_events_total`.
+async fn hub_backlog(server: &Server, db: &PgClient) -> Result<i64, BoxError> {
+    let text = server.metrics_text().await?;
+    let read = text
+        .lines()
+        .find(|l| l.starts_with("users_service_events_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .ok_or("no users_service_events_total in /metrics")?;
+    let written: i64 = db
+        .query_one("SELECT count(*) FROM user_events", &[])
+        .await?
+        .get(0);
+    Ok(written - read as i64)
+}
+
+/// Per index of `user_events`: scans and index entries read so far
+/// (`pg_stat_user_indexes`).
+async fn event_scans(db: &PgClient) -> Result<Vec<(String, i64, i64)>, BoxError> {
+    Ok(db
+        .query(
+            "SELECT indexrelname::text, idx_scan, idx_tup_read FROM pg_stat_user_indexes \
+             WHERE relname = 'user_events' ORDER BY indexrelname",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
+/// Entries of `user_events_pkey` read so far: the feed's reads walk it
+/// when Postgres expects many new events (BENCHMARKS.md, "Change feed").
+async fn pkey_entries(db: &PgClient) -> Result<i64, BoxError> {
+    Ok(event_scans(db)
+        .await?
+        .into_iter()
+        .find(|(index, ..)| index == "user_events_pkey")
+        .map_or(0, |(_, _, rows)| rows))
+}
+
+/// Turns the feed's three triggers on `users` on or off.
+async fn feed_triggers(db: &PgClient, on: bool) -> Result<(), BoxError> {
+    let verb = if on { "ENABLE" } else { "DISABLE" };
+    db.batch_execute(&format!(
+        "ALTER TABLE users {verb} TRIGGER user_events_insert, {verb} TRIGGER user_events_update, \
+         {verb} TRIGGER user_events_delete"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// What the outbox costs the writes: CreateUser at 1 and 16 calls and at
+/// `--calls`, and BatchUpsertUsers of 1000 users at min(calls, 2 x pool),
+/// with the feed's triggers on (A) and off (B), A B A B (at least three
+/// pairs, five in a full run), median of the per-pair ratios;
+/// `user_events` analyzed before each pair, and each run begins once the
+/// server's feed reader has read every event before it. The reader looks
+/// at the table in both: after every batch of writes, and every 100 ms.
+async fn outbox_cost(bench: &Bench<'_>, server: &Server, out: &mut Feed) -> Result<(), BoxError> {
+    let (service, run, writes, db) = (bench.service, bench.run, bench.writes, &bench.db);
+    // More pairs than the other A/B scenarios: the cost is about as large as
+    // the spread of one pair.
+    let pairs = if bench.options.quick { 3 } else { 5 };
+    let run_id = std::process::id();
+    let mut levels = vec![1, 16, bench.calls];
+    levels.sort_unstable();
+    levels.dedup();
+    let bulk_calls = bench.calls.min(bench.options.pool() * 2);
+    seed_events(bench).await?;
+    out.lines.extend([
+        format!(
+            "What the outbox costs: triggers on (A) vs off (B), A B x{pairs}, {:.1} s per run",
+            run.as_secs_f64()
+        ),
+        String::new(),
+        "| scenario | calls | A users/s per pair | B users/s per pair | A / B, median | A p50 | B p50 | \
+         CPU per user, A / B: server, Postgres, bench | other processes, A / B | \
+         user_events_pkey entries read per user, A / B | feed reader behind after A, at most |"
+            .into(),
+        "|---|---:|---|---|---:|---:|---:|---|---|---|---|".into(),
+    ]);
+    let cases = levels
+        .iter()
+        .map(|&calls| (false, calls))
+        .chain([(true, bulk_calls)]);
+    for (bulk, calls) in cases {
+        let name = if bulk {
+            "BatchUpsertUsers x1000"
+        } else {
+            "CreateUser"
+        };
+        eprintln!("{name}, {calls} calls: feed triggers on and off");
+        let (mut on, mut off) = (Sample::default(), Sample::default());
+        let (mut on_rates, mut off_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut on_cpu, mut off_cpu) = (Cpu::default(), Cpu::default());
+        let (mut on_walked, mut off_walked) = (0, 0);
+        // The most events the feed's reader had still to read when an A
+        // run ended, and how long it took.
+        let mut lag = (0, Duration::ZERO);
+        for pair in 0..pairs {
+            analyze_events(db).await?;
+            let mut sides = Vec::new();
+            for side in ["a", "b"] {
+                if side == "b" {
+                    feed_triggers(db, false).await?;
+                }
+                let prefix = format!("o{side}{run_id}-{calls}-{pair}");
+                let walked = pkey_entries(db).await?;
+                let cpu = Cpu::now(server);
+                let sample = if bulk {
+                    bulk_upserts(service, calls, run, prefix, writes).await
+                } else {
+                    create_users(service, calls, run, prefix, writes).await
+                };
+                let cpu = Cpu::now(server).since(cpu);
+                // The next run starts with the feed's reader at the end of
+                // the table, so that it does not pay for this one's events.
+                let behind = hub_backlog(server, db).await?;
+                let waited = Instant::now();
+                while hub_backlog(server, db).await? > 0 && waited.elapsed() < HUB_CATCH_UP {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                if side == "a" {
+                    lag = lag.max((behind, waited.elapsed()));
+                }
+                // Backends report their table statistics at most once a second.
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                let walked = pkey_entries(db).await? - walked;
+                sides.push((sample, cpu, walked));
+                if side == "b" {
+                    feed_triggers(db, true).await?;
+                }
+            }
+            let [(a, a_cpu, a_walked), (b, b_cpu, b_walked)]: [(Sample, Cpu, i64); 2] =
+                sides.try_into().map_err(|_| "two sides")?;
+            on_walked += a_walked;
+            off_walked += b_walked;
+            let users = |s: &Sample| s.rate() * s.per_call as f64;
+            ratios.push(users(&a) / users(&b));
+            on_rates.push(format!("{:.0}", users(&a)));
+            off_rates.push(format!("{:.0}", users(&b)));
+            on_cpu.add(a_cpu);
+            off_cpu.add(b_cpu);
+            on.merge(a);
+            off.merge(b);
+        }
+        let ratio = median(ratios);
+        let users = |s: &Sample| (s.latencies.len() as u64 * s.per_call) as f64;
+        let (a, b) = (on_cpu.per_call(users(&on)), off_cpu.per_call(users(&off)));
+        let others = |cpu: Cpu, s: &Sample| {
+            100.0 * cpu.others() as f64 / TICKS_PER_SECOND / s.elapsed.as_secs_f64()
+        };
+        out.lines.push(format!(
+            "| {name} | {calls} | {} | {} | {ratio:.3}x | {} | {} | {:.1} / {:.1}, {:.1} / {:.1}, {:.1} / {:.1} µs | \
+             {:.0}% / {:.0}% of one core | {:.1} / {:.1} | {} events, read in {:.1} s |",
+            on_rates.join(", "),
+            off_rates.join(", "),
+            ms(on.quantile(0.5)),
+            ms(off.quantile(0.5)),
+            a.0,
+            b.0,
+            a.1,
+            b.1,
+            a.2,
+            b.2,
+            others(on_cpu, &on),
+            others(off_cpu, &off),
+            on_walked as f64 / users(&on).max(1.0),
+            off_walked as f64 / users(&off).max(1.0),
+            lag.0,
+            lag.1.as_secs_f64(),
+        ));
+        if !on.errors.is_empty() || !off.errors.is_empty() {
+            out.lines.push(format!(
+                "| errors | | {} | {} | | | | | | | |",
+                on.errors(),
+                off.errors()
+            ));
+        }
+        if bulk {
+            let rate = on.rate() * BATCH as f64;
+            out.targets.push((
+                format!("feed: BatchUpsertUsers with the feed >= 20,000 users/s ({calls} calls)"),
+                Some(rate >= 20_000.0),
+                format!("{rate:.0} users/s ({ratio:.3}x without)"),
+            ));
+        } else {
+            out.targets.push((
+                format!(
+                    "feed: CreateUser with the feed >= 0.85x without, {calls} calls (median of A/B pairs)"
+                ),
+                Some(ratio >= 0.85),
+                format!("{ratio:.3}x"),
+            ));
+        }
+    }
+    out.lines.push(String::new());
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// CPU time used so far, in clock ticks (USER_HZ, 100 a second on Linux):
+/// the server's, this process's (the bench's clients), and that of the
+/// Postgres backends connected to the bench database (by their process
+/// titles; not the WAL writer's or the checkpointer's, and not a backend
+/// that exited in between); and the whole machine's, so that the work of
+/// other processes shows.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    server: u64,
+    client: u64,
+    postgres: u64,
+    machine: u64,
+}
+
+/// USER_HZ: the unit of /proc's CPU times.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl Cpu {
+    fn now(server: &Server) -> Self {
+        let ticks = |pid: &str| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            // After the name: state, ..., utime (the 12th), stime (the 13th).
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let used =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some((name, used))
+        };
+        let backend = format!(" {} ", server.database);
+        let postgres = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid = entry.file_name().into_string().ok()?;
+                let (name, used) = ticks(&pid)?;
+                let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+                (name == "postgres" && title.contains(&backend)).then_some(used)
+            })
+            .sum();
+        // /proc/stat's first line: cpu user nice system idle iowait irq
+        // softirq steal ...; busy is all but idle and iowait.
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<u64> = stat
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .take(8)
+                    .map(|f| f.parse().ok())
+                    .collect::<Option<_>>()?;
+                Some(fields.iter().sum::<u64>() - fields.get(3)? - fields.get(4)?)
+            })
+            .unwrap_or(0);
+        Self {
+            server: ticks(&server.child.id().to_string()).map_or(0, |t| t.1),
+            client: ticks("self").map_or(0, |t| t.1),
+            postgres,
+            machine,
+        }
+    }
+
+    /// What other processes used: the machine's less the bench's, the
+    /// server's and its backends'.
+    fn others(self) -> u64 {
+        self.machine
+            .saturating_sub(self.server + self.client + self.postgres)
+    }
+
+    fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            server: self.server.saturating_sub(earlier.server),
+            client: self.client.saturating_sub(earlier.client),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            machine: self.machine.saturating_sub(earlier.machine),
+        }
+    }
+
+    fn add(&mut self, more: Cpu) {
+        self.server += more.server;
+        self.client += more.client;
+        self.postgres += more.postgres;
+        self.machine += more.machine;
+    }
+
+    /// Microseconds per item: server, Postgres, bench.
+    fn per_call(self, items: f64) -> (f64, f64, f64) {
+        let us = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / items.max(1.0);
+        (us(self.server), us(self.postgres), us(self.client))
+    }
+
+    /// Each side's share of one core over `wall`.
+    fn share(self, wall: Duration) -> String {
+        let pct = |ticks: u64| 100.0 * ticks as f64 / TICKS_PER_SECOND / wall.as_secs_f64();
+        format!(
+            "server {:.0}%, Postgres {:.0}%, bench {:.0}%, other processes {:.0}% of one core",
+            pct(self.server),
+            pct(self.postgres),
+            pct(self.client),
+            pct(self.others())
+        )
+    }
 }
