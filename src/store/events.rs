@@ -18,6 +18,13 @@
 //!
 //! When the events between `F` and `T` are more than a page,
 //! [`Position::Within`] names the rest of them: those with a larger `seq`.
+//!
+//! A position also carries the largest `seq` its snapshot sees
+//! ([`Snapshot::seq`]), so that a read never walks the events before it:
+//! `seq` is drawn after the transaction's xid, from a sequence without a
+//! cache, so every event of a transaction that began after `F` has a larger
+//! `seq` than every event `F` sees. Only the few transactions that were
+//! running at `F` can have smaller ones, and those are found by their xid.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
@@ -62,6 +69,11 @@ pub struct Snapshot {
     pub xmax: u64,
     /// Sorted, each in `xmin..xmax`.
     pub xip: Vec<u64>,
+    /// The largest event `seq` the snapshot sees, when known (`None` in
+    /// the tokens of earlier versions): every event it sees has at most
+    /// this one, and every event of a transaction at or past `xmax` a
+    /// larger one.
+    pub seq: Option<i64>,
 }
 
 impl Snapshot {
@@ -77,12 +89,18 @@ impl Snapshot {
                 .map(|xid| xid.parse().ok())
                 .collect::<Option<Vec<u64>>>()?,
         };
-        let snapshot = Self { xmin, xmax, xip };
+        let snapshot = Self {
+            xmin,
+            xmax,
+            xip,
+            seq: None,
+        };
         (parts.next().is_none() && snapshot.is_valid()).then_some(snapshot)
     }
 
     fn is_valid(&self) -> bool {
         self.xmin <= self.xmax
+            && self.seq.is_none_or(|seq| seq >= 0)
             && self.xip.len() <= MAX_RUNNING
             && self.xip.windows(2).all(|pair| pair[0] < pair[1])
             && self
@@ -240,6 +258,8 @@ struct TokenSnapshot {
     /// Each running xid less the one before (the first: less `xmin`).
     #[prost(uint64, repeated, tag = "3")]
     running: Vec<u64>,
+    #[prost(int64, optional, tag = "4")]
+    seq: Option<i64>,
 }
 
 impl From<&Snapshot> for TokenSnapshot {
@@ -257,6 +277,7 @@ impl From<&Snapshot> for TokenSnapshot {
                     delta
                 })
                 .collect(),
+            seq: snapshot.seq,
         }
     }
 }
@@ -279,6 +300,7 @@ impl TokenSnapshot {
             xmin: self.xmin,
             xmax: self.xmin.checked_add(self.span)?,
             xip,
+            seq: self.seq,
         };
         snapshot.is_valid().then_some(snapshot)
     }
@@ -332,6 +354,8 @@ struct EventRow {
     #[diesel(sql_type = Nullable<Text>)]
     snapshot: Option<String>,
     #[diesel(sql_type = Nullable<BigInt>)]
+    last_seq: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
     seq: Option<i64>,
     #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
     tenant_id: Option<Uuid>,
@@ -351,14 +375,29 @@ struct EventRow {
     state: Option<serde_json::Value>,
 }
 
-/// The columns of an event, and the name of its actor's key.
+/// The columns of an event, and the name of its actor's key, for the
+/// reader's filter. The caller adds the position's conditions.
 const EVENT: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, e.actor, \
      k.name AS key_name, e.time, e.state \
      FROM user_events e \
      LEFT JOIN api_keys k ON e.actor LIKE 'key:%' AND k.id = substr(e.actor, 5) \
-     WHERE (e.xid >= $1::text::xid8 OR e.xid = ANY($2::text[]::xid8[])) \
-     AND ($3::uuid IS NULL OR e.tenant_id = $3) \
+     WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
      AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
+
+/// The events `from` does not see, in `seq` order, in two parts that each
+/// have an index: those of transactions that began after it (`$1` its
+/// `xmax`), which are past its largest `seq` (`$6`), and those of the
+/// transactions it lists as running (`$2`), whichever `seq` they drew.
+/// `{to}` is the condition on the reading snapshot, `{after}` on `seq`.
+fn unseen(to: &str, after: &str) -> String {
+    format!(
+        "({EVENT} AND e.seq > $6 {after} AND e.xid >= $1::text::xid8 {to} \
+         ORDER BY e.seq LIMIT $5) \
+         UNION ALL \
+         ({EVENT} AND e.xid = ANY($2::text[]::xid8[]) {after} {to} \
+         ORDER BY e.seq LIMIT $5)"
+    )
+}
 
 /// Up to `limit` events of `filter` after `position`, in order.
 ///
@@ -375,14 +414,22 @@ pub async fn read(
     let xip: Vec<String> = from.xip.iter().map(u64::to_string).collect();
     let query = match position {
         Position::At(_) => diesel::sql_query(format!(
-            "SELECT s.snapshot, e.* FROM (SELECT pg_current_snapshot()::text AS snapshot) s \
-             LEFT JOIN LATERAL ({EVENT} ORDER BY e.seq LIMIT $5) e ON true"
+            "SELECT s.snapshot, s.last_seq, e.* FROM \
+             (SELECT pg_current_snapshot()::text AS snapshot, \
+             (SELECT max(seq) FROM user_events) AS last_seq) s \
+             LEFT JOIN LATERAL (SELECT * FROM ({unseen}) u ORDER BY u.seq LIMIT $5) e ON true",
+            unseen = unseen("", "")
         ))
         .into_boxed(),
+        // `$7` is `to`'s `xmax`, `$8` the snapshot, `$9` its largest `seq`,
+        // `$10` the last event read.
         Position::Within { .. } => diesel::sql_query(format!(
-            "SELECT NULL::text AS snapshot, e.* FROM ({EVENT} \
-             AND e.xid < $6::text::xid8 AND pg_visible_in_snapshot(e.xid, $7::text::pg_snapshot) \
-             AND e.seq > $8 ORDER BY e.seq LIMIT $5) e"
+            "SELECT NULL::text AS snapshot, NULL::int8 AS last_seq, e.* FROM ({unseen}) e \
+             ORDER BY e.seq LIMIT $5",
+            unseen = unseen(
+                "AND e.xid < $7::text::xid8 AND pg_visible_in_snapshot(e.xid, $8::text::pg_snapshot)",
+                "AND e.seq > $10 AND e.seq <= $9"
+            )
         ))
         .into_boxed(),
     };
@@ -391,20 +438,24 @@ pub async fn read(
         .bind::<Array<Text>, _>(xip)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(filter.tenant)
         .bind::<Array<SmallInt>, _>(filter.kinds.clone())
-        .bind::<BigInt, _>(limit);
+        .bind::<BigInt, _>(limit)
+        .bind::<BigInt, _>(from.seq.unwrap_or(0));
     let (rows, to) = match position {
         Position::At(_) => {
             let rows: Vec<EventRow> = query.load(conn).await?;
-            let to = <[EventRow]>::first(&rows)
+            let first = <[EventRow]>::first(&rows);
+            let mut to = first
                 .and_then(|row| row.snapshot.as_deref())
                 .and_then(Snapshot::parse)
                 .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))?;
+            to.seq = Some(first.and_then(|row| row.last_seq).unwrap_or(0));
             (rows, to)
         }
         Position::Within { to, after, .. } => {
             let rows: Vec<EventRow> = query
                 .bind::<Text, _>(to.xmax.to_string())
                 .bind::<Text, _>(to.to_text())
+                .bind::<BigInt, _>(to.seq.unwrap_or(i64::MAX))
                 .bind::<BigInt, _>(*after)
                 .load(conn)
                 .await?;
@@ -452,14 +503,27 @@ struct Text1 {
     value: String,
 }
 
+#[derive(QueryableByName)]
+struct Now {
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    last_seq: Option<i64>,
+}
+
 /// The current snapshot: a position right after every event committed now.
 pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> {
-    let row: Text1 = diesel::sql_query("SELECT pg_current_snapshot()::text AS value")
-        .get_results(conn)
-        .await
-        .and_then(db::single)?;
-    Snapshot::parse(&row.value)
-        .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))
+    let row: Now = diesel::sql_query(
+        "SELECT pg_current_snapshot()::text AS snapshot, \
+         (SELECT max(seq) FROM user_events) AS last_seq",
+    )
+    .get_results(conn)
+    .await
+    .and_then(db::single)?;
+    let mut snapshot = Snapshot::parse(&row.snapshot)
+        .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))?;
+    snapshot.seq = Some(row.last_seq.unwrap_or(0));
+    Ok(snapshot)
 }
 
 /// The transaction below which events may have been pruned.
@@ -552,7 +616,8 @@ mod tests {
             Snapshot {
                 xmin: 10,
                 xmax: 20,
-                xip: vec![12, 15]
+                xip: vec![12, 15],
+                seq: None,
             }
         );
         assert_eq!(snapshot("778:778:").xip, Vec::<u64>::new());
@@ -577,7 +642,10 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_refuse_what_they_cannot_hold() {
         let from = snapshot("1000:1010:1002,1007");
-        let to = snapshot("1007:1030:1007,1021");
+        let to = Snapshot {
+            seq: Some(4711),
+            ..snapshot("1007:1030:1007,1021")
+        };
         for position in [
             Position::At(from.clone()),
             Position::Within {
