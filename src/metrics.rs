@@ -196,7 +196,7 @@ impl Metrics {
         );
         registry.register(
             "users_service_relay_lag_events",
-            "Change events committed but not yet acknowledged by NATS JetStream (as of the relay's last page)",
+            "About how many change events committed that NATS JetStream has not acknowledged (on the replica that relays or tries to; 0 on the others)",
             relay_lag_events.clone(),
         );
         registry.register(

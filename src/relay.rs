@@ -105,6 +105,15 @@ pub async fn run(
             tracing::warn!(%error, "relay to NATS stopped; trying again");
             failing = Some(error);
         }
+        // The lag grows while the relay cannot relay.
+        if let Ok(Ok(Some(stored))) = db::run(&pool, async |conn| {
+            events::relay_position(conn, &settings.stream).await
+        })
+        .await
+            && let Ok(position) = Position::decode(&stored)
+        {
+            show_lag(&pool, &position, &metrics).await;
+        }
         tokio::select! {
             () = tokio::time::sleep(BACK_OFF) => {}
             _ = stop.wait_for(|stop| *stop) => return,
@@ -128,19 +137,19 @@ async fn relay(
         .await
         .map_err(|e| format!("cannot connect to Postgres for the relay's lock: {e}"))?;
     let lock_driver = tokio::spawn(connection);
-    let held = loop {
+    loop {
         let held: bool = lock
             .query_one("SELECT pg_try_advisory_lock($1)", &[&RELAY_LOCK])
             .await
             .map_err(|e| format!("cannot take the relay's lock: {e}"))?
             .get(0);
         if held {
-            break held;
+            break;
         }
-        // Another replica relays; look again later.
+        // Another replica relays (and shows the lag); look again later.
+        metrics.relay_lag(0, 0.0);
         tokio::time::sleep(BACK_OFF).await;
-    };
-    debug_assert!(held);
+    }
     let nats = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
@@ -209,7 +218,6 @@ async fn relay(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
         let full = page.events.len() as i64 >= PAGE;
-        let last_time = page.events.last().map(|event| event.time);
         let published = !page.events.is_empty();
         if published {
             let skip = if resumed {
@@ -231,18 +239,27 @@ async fn relay(
             .map_err(|e| e.to_string())?;
             stored_at = Instant::now();
         }
-        match (full, last_time) {
-            (true, Some(time)) => {
-                let behind = (chrono::Utc::now() - time).num_milliseconds().max(0) as f64 / 1e3;
-                metrics.relay_lag(PAGE, behind);
-                continue;
-            }
-            _ => metrics.relay_lag(0, 0.0),
+        if full {
+            show_lag(pool, &position, metrics).await;
+            continue;
         }
+        metrics.relay_lag(0, 0.0);
         tokio::select! {
             _ = commits.changed() => {}
             () = tokio::time::sleep(POLL) => {}
         }
+    }
+}
+
+/// Sets the lag metrics to the events committed after `position`.
+async fn show_lag(pool: &DbPool, position: &Position, metrics: &Metrics) {
+    if let Ok(Ok((behind, oldest))) =
+        db::run(pool, async |conn| events::backlog(conn, position).await).await
+    {
+        let waited = oldest.map_or(0.0, |time| {
+            (chrono::Utc::now() - time).num_milliseconds().max(0) as f64 / 1e3
+        });
+        metrics.relay_lag(behind, waited);
     }
 }
 

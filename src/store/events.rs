@@ -162,6 +162,15 @@ impl Position {
         }
     }
 
+    /// The `seq` up to which this position has read about everything:
+    /// events past it are (nearly all) still to read.
+    fn read_up_to(&self) -> i64 {
+        match self {
+            Self::At(at) => at.seq.unwrap_or(0),
+            Self::Within { from, after, .. } => (*after).max(from.seq.unwrap_or(0)),
+        }
+    }
+
     /// The position as clients carry it: opaque, URL-safe.
     pub fn encode(&self) -> String {
         let token = match self {
@@ -569,6 +578,32 @@ pub async fn prune(
         Ok(usize::try_from(pruned.count).unwrap_or(0))
     })
     .await
+}
+
+#[derive(QueryableByName)]
+struct Backlog {
+    #[diesel(sql_type = BigInt)]
+    events: i64,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    oldest: Option<DateTime<Utc>>,
+}
+
+/// How far the events committed now are past `position`: about how many
+/// there are (by `seq`), and the time of the oldest (`None`: there are
+/// none).
+pub async fn backlog(
+    conn: &mut AsyncPgConnection,
+    position: &Position,
+) -> diesel::QueryResult<(i64, Option<DateTime<Utc>>)> {
+    let row: Backlog = diesel::sql_query(
+        "SELECT greatest(coalesce((SELECT max(seq) FROM user_events), 0) - $1, 0) AS events, \
+         (SELECT time FROM user_events WHERE seq > $1 ORDER BY seq LIMIT 1) AS oldest",
+    )
+    .bind::<BigInt, _>(position.read_up_to())
+    .get_results(conn)
+    .await
+    .and_then(db::single)?;
+    Ok((row.events, row.oldest))
 }
 
 /// The position a relay stored for `stream`.

@@ -148,9 +148,42 @@ async fn relay_started(app: &TestApp) {
     panic!("the relay did not start");
 }
 
+/// The relay's lag metrics: events, seconds.
+async fn relay_lag(app: &TestApp) -> (i64, f64) {
+    let scraped = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
+    let value = |name: &str| {
+        scraped
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing: {scraped}"))
+            .to_owned()
+    };
+    (
+        value("users_service_relay_lag_events").parse().unwrap(),
+        value("users_service_relay_lag_seconds").parse().unwrap(),
+    )
+}
+
+/// Waits until the relay's lag metrics satisfy `wanted`.
+async fn lag_until(app: &TestApp, what: &str, wanted: impl Fn((i64, f64)) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag = relay_lag(app).await;
+        if wanted(lag) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: the lag stayed at {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn spawn_relaying(database: &str, nats: &Nats, data_dir: Option<PathBuf>) -> TestApp {
     let mut config = test_config(Some(server().url(database)));
     config.nats_url = Some(nats.url());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
@@ -188,6 +221,11 @@ async fn every_event_reaches_jetstream_once_in_order_across_restarts_of_nats_and
                 nats.stop();
             }
             if made == 3_500 {
+                // Meanwhile the lag shows: 500 changes, waiting for over a second.
+                lag_until(&app, "NATS away", |(events, seconds)| {
+                    events >= 500 && seconds >= 1.0
+                })
+                .await;
                 nats.restart();
             }
             if made == 6_000 {
@@ -211,6 +249,7 @@ async fn every_event_reaches_jetstream_once_in_order_across_restarts_of_nats_and
     }
 
     let mut stream = wait_for(&nats, 10_000).await;
+    lag_until(&app, "caught up", |lag| lag == (0, 0.0)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let held = messages(&mut stream).await;
     assert_eq!(held.len(), 10_000, "each event once");
