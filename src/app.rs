@@ -124,7 +124,8 @@ impl Application {
             let default_tenant = tenants::default_id(&mut conn)
                 .await
                 .map_err(|e| StartError::Database(e.into()))?;
-            let mut state = AppState::new(pool, default_tenant, &metrics, clock);
+            let mut state =
+                AppState::new(pool, default_tenant, &metrics, clock, config.max_watchers);
             state.stream_stall_timeout = config.stream_stall_timeout;
             state.retention = retention(config)?;
             if config.watch_heartbeat < MIN_WATCH_HEARTBEAT {
@@ -133,11 +134,6 @@ impl Application {
                 ));
             }
             state.watch_heartbeat = config.watch_heartbeat;
-            state.hub = Arc::new(crate::grpc::watch::Hub::new(
-                metrics.watchers(),
-                config.max_watchers,
-                state.exports.available_permits(),
-            ));
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?

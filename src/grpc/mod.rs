@@ -85,8 +85,15 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// `clock` is where handlers read the time from (tests control it).
-    pub fn new(pool: DbPool, default_tenant: Uuid, metrics: &Metrics, clock: Clock) -> Self {
+    /// `clock` is where handlers read the time from (tests control it);
+    /// `max_watchers` bounds the WatchUsers streams.
+    pub fn new(
+        pool: DbPool,
+        default_tenant: Uuid,
+        metrics: &Metrics,
+        clock: Clock,
+        max_watchers: usize,
+    ) -> Self {
         let exports = (pool.status().max_size / 4).max(1);
         let committed = crate::store::events::Committed::default();
         Self {
@@ -110,7 +117,7 @@ impl AppState {
             abandon: Arc::new(tokio::sync::watch::Sender::new(false)),
             retention: Retention::default(),
             committed,
-            hub: Arc::new(watch::Hub::new(metrics.watchers(), 1000, exports)),
+            hub: Arc::new(watch::Hub::new(metrics.watchers(), max_watchers, exports)),
             watch_heartbeat: std::time::Duration::from_secs(10),
         }
     }

@@ -3,15 +3,18 @@
 //!
 //! The hub reads each new page of events once, right after a local write
 //! commits, converts it once, and hands it to every live watcher through a
-//! bounded broadcast. Other replicas learn of it by one `NOTIFY
-//! user_events` per page the hub read after a local commit (sent by the
-//! hub, not by the writers, whose commits would otherwise all queue for
-//! the lock NOTIFY takes at commit); every hub `LISTEN`s on a connection of
-//! its own, and looks at least every [`POLL`] for changes nobody told it
-//! of (an operator's SQL, a notification lost while reconnecting). A watcher that falls behind (a slow client,
-//! or one that resumes from an old token) reads from the table instead, at
-//! its own pace, until it reaches the hub's position, and then joins it
-//! again: memory stays bounded, and nobody waits for anybody.
+//! bounded broadcast. Other replicas learn of new events by a `NOTIFY
+//! user_events`, which the hub sends after it read a local commit's events,
+//! at most once per [`NOTIFY_GAP`] (the hub, not the writers: their
+//! commits would otherwise all queue for the lock NOTIFY takes at commit).
+//! Every hub `LISTEN`s on a connection of its own, and looks at least every
+//! [`POLL`] for changes nobody told it of (an operator's SQL, a
+//! notification lost while reconnecting).
+//!
+//! A watcher that falls behind (a slow client, or one that resumes from an
+//! old token) reads from the table instead, at its own pace, until it
+//! reaches the hub's position, and then joins it again: memory stays
+//! bounded, and nobody waits for anybody.
 
 use std::{
     pin::Pin,
@@ -42,6 +45,9 @@ pub const POLL: Duration = Duration::from_millis(100);
 /// The shortest time between two reads of the hub: commits that arrive
 /// together are read together.
 const MIN_GAP: Duration = Duration::from_millis(2);
+/// The shortest time between two notifications to other replicas: a busy
+/// replica tells them once per this, however many commits it read.
+const NOTIFY_GAP: Duration = Duration::from_millis(10);
 /// Events per page the hub reads, and per response of a watcher.
 const PAGE: i64 = 500;
 /// Pages the broadcast holds for watchers that are a little behind; one
@@ -173,13 +179,18 @@ impl Hub {
         let mut at: Option<Position> = None;
         let mut failing = false;
         let mut local = false;
+        // Events read after a local commit that the others were not told of.
+        let mut owed = false;
+        let mut told = Instant::now() - NOTIFY_GAP;
         loop {
             let started = Instant::now();
-            let read = self.read_all(&pool, &mut at, &written).await;
-            let read = match read {
-                Ok(events) if local && events > 0 => tell_others(&pool, &me).await.map(|()| events),
-                read => read,
-            };
+            let mut read = self.read_all(&pool, &mut at, &written).await;
+            owed |= local && matches!(read, Ok(events) if events > 0);
+            if owed && read.is_ok() && told.elapsed() >= NOTIFY_GAP {
+                read = tell_others(&pool, &me).await.map(|()| 0);
+                told = Instant::now();
+                owed = read.is_err();
+            }
             match read {
                 Ok(_) if failing => {
                     tracing::info!("change feed reads again");
@@ -197,6 +208,7 @@ impl Hub {
                 _ = commits.changed() => true,
                 _ = others.changed() => false,
                 () = tokio::time::sleep(POLL) => false,
+                () = tokio::time::sleep_until(told + NOTIFY_GAP), if owed => false,
                 _ = stop.wait_for(|stop| *stop) => break,
             };
             tokio::time::sleep_until(started + MIN_GAP).await;
