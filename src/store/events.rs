@@ -20,11 +20,11 @@
 //! [`Position::Within`] names the rest of them: those with a larger `seq`.
 //!
 //! A position also carries the largest `seq` its snapshot sees
-//! ([`Snapshot::seq`]), so that a read never walks the events before it:
-//! `seq` is drawn after the transaction's xid, from a sequence without a
-//! cache, so every event of a transaction that began after `F` has a larger
-//! `seq` than every event `F` sees. Only the few transactions that were
-//! running at `F` can have smaller ones, and those are found by their xid.
+//! ([`Snapshot::seq`]), so that a read never walks the events before it.
+//! The events written since are past it in `seq`; the few that drew a
+//! smaller one (their transactions were running at `F`) are found by their
+//! xid instead, among the transactions that ended since `F` (see
+//! [`read`]).
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
@@ -70,9 +70,8 @@ pub struct Snapshot {
     /// Sorted, each in `xmin..xmax`.
     pub xip: Vec<u64>,
     /// The largest event `seq` the snapshot sees, when known (`None` in
-    /// the tokens of earlier versions): every event it sees has at most
-    /// this one, and every event of a transaction at or past `xmax` a
-    /// larger one.
+    /// the tokens of earlier versions): where the events it does not see
+    /// begin, but for those of the transactions running when it was taken.
     pub seq: Option<i64>,
 }
 
@@ -393,19 +392,32 @@ const EVENT: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, e.
      WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
      AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
 
-/// The events `from` does not see, in `seq` order, in two parts that each
-/// have an index: those of transactions that began after it (`$1` its
-/// `xmax`), which are past its largest `seq` (`$6`), and those of the
-/// transactions it lists as running (`$2`), whichever `seq` they drew.
-/// `{to}` is the condition on the reading snapshot, `{after}` on `seq`.
-fn unseen(to: &str, after: &str) -> String {
-    format!(
-        "({EVENT} AND e.seq > $6 {after} AND e.xid >= $1::text::xid8 {to} \
-         ORDER BY e.seq LIMIT $5) \
+/// The events `from` does not see, in three parts that each have an index
+/// (`$1` is `from`'s `xmax`, `$2` its running transactions, `$6` its largest
+/// `seq`), each also under `cond`:
+///
+/// - those of transactions at or past its `xmax` with a larger `seq`: the
+///   events written since, by `seq` (a range of the primary key);
+/// - those of the transactions it lists as running, whatever `seq` they
+///   drew (by xid);
+/// - those of transactions at or past its `xmax` with a smaller `seq`: a
+///   transaction is only listed as running once a later one has ended, so
+///   one that took its xid (and then its `seq`) before the snapshot but
+///   was still the latest to have begun is past `xmax` (by xid, among the
+///   transactions between `xmax` and `below`; `None`: no such part).
+fn unseen(cond: &str, stragglers_below: Option<&str>) -> String {
+    let mut parts = format!(
+        "({EVENT} AND e.seq > $6 AND e.xid >= $1::text::xid8 {cond} ORDER BY e.seq LIMIT $5) \
          UNION ALL \
-         ({EVENT} AND e.xid = ANY($2::text[]::xid8[]) {after} {to} \
-         ORDER BY e.seq LIMIT $5)"
-    )
+         ({EVENT} AND e.xid = ANY($2::text[]::xid8[]) {cond} ORDER BY e.seq LIMIT $5)"
+    );
+    if let Some(below) = stragglers_below {
+        parts.push_str(&format!(
+            " UNION ALL ({EVENT} AND e.seq <= $6 AND e.xid >= $1::text::xid8 \
+             AND e.xid < {below} {cond})"
+        ));
+    }
+    parts
 }
 
 /// Up to `limit` events of `filter` after `position`, in order.
@@ -427,20 +439,24 @@ pub async fn read(
              (SELECT pg_current_snapshot()::text AS snapshot, \
              (SELECT max(seq) FROM user_events) AS last_seq) s \
              LEFT JOIN LATERAL (SELECT * FROM ({unseen}) u ORDER BY u.seq LIMIT $5) e ON true",
-            unseen = unseen("", "")
+            unseen = unseen("", Some("pg_snapshot_xmax(pg_current_snapshot())"))
         ))
         .into_boxed(),
         // `$7` is `to`'s `xmax`, `$8` the snapshot, `$9` its largest `seq`,
         // `$10` the last event read.
-        Position::Within { .. } => diesel::sql_query(format!(
-            "SELECT NULL::text AS snapshot, NULL::int8 AS last_seq, e.* FROM ({unseen}) e \
-             ORDER BY e.seq LIMIT $5",
-            unseen = unseen(
-                "AND e.xid < $7::text::xid8 AND pg_visible_in_snapshot(e.xid, $8::text::pg_snapshot)",
-                "AND e.seq > $10 AND e.seq <= $9"
-            )
-        ))
-        .into_boxed(),
+        Position::Within { after, .. } => {
+            let stragglers = *after < from.seq.unwrap_or(0);
+            diesel::sql_query(format!(
+                "SELECT NULL::text AS snapshot, NULL::int8 AS last_seq, e.* FROM ({unseen}) e \
+                 ORDER BY e.seq LIMIT $5",
+                unseen = unseen(
+                    "AND e.seq > $10 AND e.seq <= $9 AND e.xid < $7::text::xid8 \
+                     AND pg_visible_in_snapshot(e.xid, $8::text::pg_snapshot)",
+                    stragglers.then_some("$7::text::xid8"),
+                )
+            ))
+            .into_boxed()
+        }
     };
     let query = query
         .bind::<Text, _>(from.xmax.to_string())

@@ -335,6 +335,64 @@ async fn transactions_that_commit_out_of_order_are_all_delivered_in_commit_order
 }
 
 #[tokio::test]
+async fn a_transaction_that_drew_its_seq_before_an_earlier_one_committed_is_delivered() {
+    // Postgres lists a transaction as running in a snapshot only once a
+    // later one has ended: B below, the latest to begin, is past the
+    // snapshot's xmax while its event's seq is below A's.
+    let app = spawn_app().await;
+    let mut users = app.users.clone();
+    let first = create(&mut users, user("first@example.com"), "")
+        .await
+        .unwrap();
+    let second = create(&mut users, user("second@example.com"), "")
+        .await
+        .unwrap();
+    let (mut stream, _) = watch(&mut users, WatchUsersRequest::default()).await;
+    // Let the feed's reader settle after the creates.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let connect = async || {
+        let (client, connection) = app.db_config.connect(NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let (a, b) = (connect().await, connect().await);
+    // A takes its xid first, B the next one and the next seq.
+    a.batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    b.batch_execute("BEGIN").await.unwrap();
+    b.execute(
+        "UPDATE users SET first_name = 'B' WHERE id::text = $1",
+        &[&first.id],
+    )
+    .await
+    .unwrap();
+    a.execute(
+        "UPDATE users SET first_name = 'A' WHERE id::text = $1",
+        &[&second.id],
+    )
+    .await
+    .unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    let got_a = events(&mut stream, 1).await;
+    assert_eq!(got_a[0].user.as_ref().unwrap().id, second.id);
+    // The reader has read past A's seq; B commits now, and is delivered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.batch_execute("COMMIT").await.unwrap();
+    let got_b = events(&mut stream, 1).await;
+    assert_eq!(got_b[0].user.as_ref().unwrap().id, first.id);
+    assert_eq!(got_b[0].user.as_ref().unwrap().first_name, "B");
+    assert!(
+        got_b[0].event_id.parse::<i64>().unwrap() < got_a[0].event_id.parse::<i64>().unwrap(),
+        "B drew the smaller seq"
+    );
+    // And so does a watcher that resumes from before either.
+    let (mut again, _) = watch(&mut users, from(&got_a[0].resume_token)).await;
+    assert_eq!(events(&mut again, 1).await[0].event_id, got_b[0].event_id);
+}
+
+#[tokio::test]
 async fn a_watcher_resumes_right_after_its_token_on_another_replica_and_after_a_restart() {
     let name = crate::helpers::fresh_database().await;
     let config = test_config(Some(crate::helpers::server().url(&name)));
