@@ -44,7 +44,7 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchUsersResponse, 
 pub const POLL: Duration = Duration::from_millis(100);
 /// The shortest time between two reads of the hub: commits that arrive
 /// together are read together.
-const MIN_GAP: Duration = Duration::from_millis(2);
+const MIN_GAP: Duration = Duration::from_millis(5);
 /// The shortest time between two notifications to other replicas: a busy
 /// replica tells them once per this, however many commits it read.
 const NOTIFY_GAP: Duration = Duration::from_millis(10);
