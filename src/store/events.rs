@@ -538,16 +538,26 @@ struct Now {
 
 /// The current snapshot: a position right after every event committed now.
 pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> {
-    let row: Now = diesel::sql_query(
-        "SELECT pg_current_snapshot()::text AS snapshot, \
-         (SELECT max(seq) FROM user_events) AS last_seq",
-    )
+    let row: Now = diesel::sql_query(format!(
+        "SELECT {SNAPSHOT} AS snapshot, {LAST_SEQ} AS last_seq"
+    ))
     .get_results(conn)
     .await
     .and_then(db::single)?;
-    let mut snapshot = Snapshot::parse(&row.snapshot)
+    snapshot_of(&row.snapshot, row.last_seq)
+}
+
+/// A statement's snapshot, as text: with [`LAST_SEQ`], a position right
+/// after every event the statement sees (see [`snapshot_of`]).
+pub const SNAPSHOT: &str = "pg_current_snapshot()::text";
+/// The largest event `seq` a statement sees.
+pub const LAST_SEQ: &str = "(SELECT max(seq) FROM user_events)";
+
+/// The position of a statement that selected [`SNAPSHOT`] and [`LAST_SEQ`].
+pub fn snapshot_of(snapshot: &str, last_seq: Option<i64>) -> diesel::QueryResult<Snapshot> {
+    let mut snapshot = Snapshot::parse(snapshot)
         .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))?;
-    snapshot.seq = Some(row.last_seq.unwrap_or(0));
+    snapshot.seq = Some(last_seq.unwrap_or(0));
     Ok(snapshot)
 }
 

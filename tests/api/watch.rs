@@ -449,6 +449,13 @@ async fn a_watcher_resumes_right_after_its_token_on_another_replica_and_after_a_
 
 #[tokio::test]
 async fn listing_then_watching_from_the_watch_token_misses_nothing_and_repeats_nothing() {
+    // With a count (page and count in one transaction), and without (the
+    // page alone, one statement).
+    list_then_watch(false).await;
+    list_then_watch(true).await;
+}
+
+async fn list_then_watch(skip_total_count: bool) {
     let app = spawn_app().await;
     let mut users = app.users.clone();
     // Writers run all along.
@@ -471,16 +478,20 @@ async fn listing_then_watching_from_the_watch_token_misses_nothing_and_repeats_n
     let page = users
         .list_users(ListUsersRequest {
             limit: Some(1000),
+            skip_total_count,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        page.total_count,
-        Some(page.data.len() as i64),
-        "one snapshot"
-    );
+    assert!(!page.data.is_empty());
+    if !skip_total_count {
+        assert_eq!(
+            page.total_count,
+            Some(page.data.len() as i64),
+            "one snapshot"
+        );
+    }
     let listed: HashSet<String> = page.data.into_iter().map(|u| u.id).collect();
     let (mut stream, _) = watch(&mut users, from(&page.watch_token)).await;
     let written = writer.await.unwrap();

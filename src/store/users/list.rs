@@ -1,6 +1,7 @@
 //! Lists of users: filters, ordering, keyset pages and counts.
 
 use chrono::{DateTime, Utc};
+use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::{
     BoolExpressionMethods, ExpressionMethods, PgJsonbExpressionMethods, PgTextExpressionMethods,
     QueryDsl, SelectableHelper, pg::Pg,
@@ -54,70 +55,94 @@ pub async fn list(
     conn: &mut AsyncPgConnection,
     query: &ListQuery,
 ) -> diesel::QueryResult<Result<(Page<UserRow>, Snapshot), CursorMismatch>> {
+    let terms = query.terms();
+    let after = |values| keyset_condition(&terms, values);
+    if query
+        .after
+        .as_ref()
+        .is_some_and(|values| after(values).is_none())
+    {
+        return Ok(Err(CursorMismatch));
+    }
+    let rows_query = || {
+        let mut rows = filtered(&query.conditions);
+        if let Some(after) = query.after.as_ref().and_then(|values| after(values)) {
+            rows = rows.filter(after);
+        }
+        // One row more than asked tells whether another page follows.
+        rows.order(OrderBy(terms.clone()))
+            .limit(query.limit + 1)
+            .offset(query.offset)
+    };
+    if !query.count_total {
+        // One statement: the page, and the snapshot it was read at in each
+        // row. An empty page has no row to carry it, and is read again
+        // below.
+        let rows: Vec<(UserRow, String, Option<i64>)> = rows_query()
+            .select((
+                UserRow::as_select(),
+                diesel::dsl::sql::<Text>(events::SNAPSHOT),
+                diesel::dsl::sql::<Nullable<BigInt>>(events::LAST_SEQ),
+            ))
+            .load(conn)
+            .await?;
+        if let Some((_, snapshot, seq)) = <[_]>::first(&rows) {
+            let snapshot = events::snapshot_of(snapshot, *seq)?;
+            let rows = rows.into_iter().map(|(row, ..)| row).collect();
+            return Ok(Ok((page_of(rows, query, &terms, None), snapshot)));
+        }
+    }
+    // The count, the page and the snapshot in one transaction, so that
+    // they agree.
     conn.build_transaction()
         .repeatable_read()
         .read_only()
         .run(async |conn| {
             let snapshot = events::now(conn).await?;
-            Ok(page(conn, query).await?.map(|page| (page, snapshot)))
+            let total = match (query.count_total, query.count_limit) {
+                (false, _) => None,
+                (true, None) => Some(
+                    filtered(&query.conditions)
+                        .count()
+                        .get_results::<i64>(conn)
+                        .await
+                        .and_then(db::single)?,
+                ),
+                // The first limit + 1 matches, counted: as many rows at most.
+                (true, Some(limit)) => Some(
+                    CountRows(
+                        filtered(&query.conditions)
+                            .select(users::id)
+                            .limit(limit + 1),
+                    )
+                    .get_results::<i64>(conn)
+                    .await
+                    .and_then(db::single)?,
+                ),
+            };
+            let rows = rows_query()
+                .select(UserRow::as_select())
+                .load::<UserRow>(conn)
+                .await?;
+            Ok(Ok((page_of(rows, query, &terms, total), snapshot)))
         })
         .await
 }
 
-async fn page(
-    conn: &mut AsyncPgConnection,
+/// A page from the rows read (one more than asked, when there are).
+fn page_of(
+    mut rows: Vec<UserRow>,
     query: &ListQuery,
-) -> diesel::QueryResult<Result<Page<UserRow>, CursorMismatch>> {
-    let terms = query.terms();
-    let after = match &query.after {
-        Some(values) => match keyset_condition(&terms, values) {
-            Some(condition) => Some(condition),
-            None => return Ok(Err(CursorMismatch)),
-        },
-        None => None,
-    };
-
-    let total = match (query.count_total, query.count_limit) {
-        (false, _) => None,
-        (true, None) => Some(
-            filtered(&query.conditions)
-                .count()
-                .get_results::<i64>(conn)
-                .await
-                .and_then(db::single)?,
-        ),
-        // The first limit + 1 matches, counted: as many rows at most.
-        (true, Some(limit)) => Some(
-            CountRows(
-                filtered(&query.conditions)
-                    .select(users::id)
-                    .limit(limit + 1),
-            )
-            .get_results::<i64>(conn)
-            .await
-            .and_then(db::single)?,
-        ),
-    };
-
-    let mut rows_query = filtered(&query.conditions);
-    if let Some(after) = after {
-        rows_query = rows_query.filter(after);
-    }
-    let rows_query = rows_query.order(OrderBy(terms.clone()));
-    // One row more than asked tells whether another page follows.
-    let mut rows = rows_query
-        .select(UserRow::as_select())
-        .limit(query.limit + 1)
-        .offset(query.offset)
-        .load::<UserRow>(conn)
-        .await?;
+    terms: &[(OrderField, Direction)],
+    total: Option<i64>,
+) -> Page<UserRow> {
     let next = if rows.len() as i64 > query.limit {
         rows.truncate(query.limit as usize);
-        rows.last().map(|row| cursor_of(row, &terms))
+        rows.last().map(|row| cursor_of(row, terms))
     } else {
         None
     };
-    Ok(Ok(Page { rows, total, next }))
+    Page { rows, total, next }
 }
 
 /// `SELECT count(*) FROM (query) AS matches`: counts the rows of a query
