@@ -155,6 +155,18 @@ impl Hub {
         let _ = tail.0.send(Arc::new(page));
     }
 
+    /// Moves the hub's position to `end` without a page when nobody is
+    /// subscribed (`true`): then nobody needs the page's events converted.
+    /// A watcher that subscribes later starts from `end`.
+    fn skip_unwatched(&self, end: &Position) -> bool {
+        let mut tail = self.tail.lock().expect("the hub's lock is never poisoned");
+        let unwatched = tail.0.receiver_count() == 0;
+        if unwatched {
+            tail.1 = Some(end.clone());
+        }
+        unwatched
+    }
+
     fn subscribe(&self) -> (broadcast::Receiver<Arc<Page>>, Option<Position>) {
         let tail = self.tail.lock().expect("the hub's lock is never poisoned");
         (tail.0.subscribe(), tail.1.clone())
@@ -244,15 +256,17 @@ impl Hub {
             read += page.events.len();
             written(page.events.len() as u64);
             *at = Some(page.end.clone());
-            self.publish(Page {
-                start,
-                end: page.end,
-                events: page
-                    .events
-                    .into_iter()
-                    .map(|event| (event.tenant_id, convert::user_event(event)))
-                    .collect(),
-            });
+            if !self.skip_unwatched(&page.end) {
+                self.publish(Page {
+                    start,
+                    end: page.end,
+                    events: page
+                        .events
+                        .into_iter()
+                        .map(|event| (event.tenant_id, convert::user_event(event)))
+                        .collect(),
+                });
+            }
             if !full {
                 return Ok(read);
             }
