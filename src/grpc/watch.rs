@@ -155,9 +155,15 @@ impl Hub {
         let _ = tail.0.send(Arc::new(page));
     }
 
+    /// Whether a watcher is subscribed.
+    fn watched(&self) -> bool {
+        let tail = self.tail.lock().expect("the hub's lock is never poisoned");
+        tail.0.receiver_count() > 0
+    }
+
     /// Moves the hub's position to `end` without a page when nobody is
-    /// subscribed (`true`): then nobody needs the page's events converted.
-    /// A watcher that subscribes later starts from `end`.
+    /// subscribed (`true`): then nobody needs the page's events. A watcher
+    /// that subscribes later starts from `end`.
     fn skip_unwatched(&self, end: &Position) -> bool {
         let mut tail = self.tail.lock().expect("the hub's lock is never poisoned");
         let unwatched = tail.0.receiver_count() == 0;
@@ -248,15 +254,24 @@ impl Hub {
                     start
                 }
             };
+            // Nobody watches: only where the events are, to move on.
+            let filter = Filter {
+                heads_only: !self.watched(),
+                ..Filter::default()
+            };
             let page = db::run(pool, async |conn| {
-                events::read(conn, &start, &Filter::default(), PAGE).await
+                events::read(conn, &start, &filter, PAGE).await
             })
             .await??;
             let full = page.events.len() as i64 >= PAGE;
+            if filter.heads_only && !self.skip_unwatched(&page.end) {
+                // A watcher came meanwhile: read the page whole.
+                continue;
+            }
             read += page.events.len();
             written(page.events.len() as u64);
             *at = Some(page.end.clone());
-            if !self.skip_unwatched(&page.end) {
+            if !filter.heads_only {
                 self.publish(Page {
                     start,
                     end: page.end,
@@ -376,7 +391,11 @@ pub fn parse(scope: Scope, request: &pb::WatchUsersRequest) -> Result<WatchReque
         })?),
     };
     Ok(WatchRequest {
-        filter: Filter { tenant, kinds },
+        filter: Filter {
+            tenant,
+            kinds,
+            heads_only: false,
+        },
         start,
     })
 }

@@ -341,6 +341,9 @@ pub struct Filter {
     pub tenant: Option<Uuid>,
     /// These types only; empty: all.
     pub kinds: Vec<i16>,
+    /// Where the events are and what they are, without the user's state,
+    /// the actor or its key's name (for a reader that only moves on).
+    pub heads_only: bool,
 }
 
 impl Filter {
@@ -391,6 +394,12 @@ const EVENT: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, e.
      LEFT JOIN api_keys k ON e.actor LIKE 'key:%' AND k.id = substr(e.actor, 5) \
      WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
      AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
+/// [`EVENT`] for [`Filter::heads_only`].
+const EVENT_HEAD: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, \
+     NULL::text AS actor, NULL::text AS key_name, e.time, NULL::jsonb AS state \
+     FROM user_events e \
+     WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
+     AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
 
 /// The events `from` does not see, in three parts that each have an index
 /// (`$1` is `from`'s `xmax`, `$2` its running transactions, `$6` its largest
@@ -405,15 +414,15 @@ const EVENT: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, e.
 ///   one that took its xid (and then its `seq`) before the snapshot but
 ///   was still the latest to have begun is past `xmax` (by xid, among the
 ///   transactions between `xmax` and `below`; `None`: no such part).
-fn unseen(cond: &str, stragglers_below: Option<&str>) -> String {
+fn unseen(event: &str, cond: &str, stragglers_below: Option<&str>) -> String {
     let mut parts = format!(
-        "({EVENT} AND e.seq > $6 AND e.xid >= $1::text::xid8 {cond} ORDER BY e.seq LIMIT $5) \
+        "({event} AND e.seq > $6 AND e.xid >= $1::text::xid8 {cond} ORDER BY e.seq LIMIT $5) \
          UNION ALL \
-         ({EVENT} AND e.xid = ANY($2::text[]::xid8[]) {cond} ORDER BY e.seq LIMIT $5)"
+         ({event} AND e.xid = ANY($2::text[]::xid8[]) {cond} ORDER BY e.seq LIMIT $5)"
     );
     if let Some(below) = stragglers_below {
         parts.push_str(&format!(
-            " UNION ALL ({EVENT} AND e.seq <= $6 AND e.xid >= $1::text::xid8 \
+            " UNION ALL ({event} AND e.seq <= $6 AND e.xid >= $1::text::xid8 \
              AND e.xid < {below} {cond})"
         ));
     }
@@ -433,13 +442,14 @@ pub async fn read(
 ) -> diesel::QueryResult<Page> {
     let from = position.from();
     let xip: Vec<String> = from.xip.iter().map(u64::to_string).collect();
+    let event = if filter.heads_only { EVENT_HEAD } else { EVENT };
     let query = match position {
         Position::At(_) => diesel::sql_query(format!(
             "SELECT s.snapshot, s.last_seq, e.* FROM \
              (SELECT pg_current_snapshot()::text AS snapshot, \
              (SELECT max(seq) FROM user_events) AS last_seq) s \
              LEFT JOIN LATERAL (SELECT * FROM ({unseen}) u ORDER BY u.seq LIMIT $5) e ON true",
-            unseen = unseen("", Some("pg_snapshot_xmax(pg_current_snapshot())"))
+            unseen = unseen(event, "", Some("pg_snapshot_xmax(pg_current_snapshot())"))
         ))
         .into_boxed(),
         // `$7` is `to`'s `xmax`, `$8` the snapshot, `$9` its largest `seq`,
@@ -450,6 +460,7 @@ pub async fn read(
                 "SELECT NULL::text AS snapshot, NULL::int8 AS last_seq, e.* FROM ({unseen}) e \
                  ORDER BY e.seq LIMIT $5",
                 unseen = unseen(
+                    event,
                     "AND e.seq > $10 AND e.seq <= $9 AND e.xid < $7::text::xid8 \
                      AND pg_visible_in_snapshot(e.xid, $8::text::pg_snapshot)",
                     stragglers.then_some("$7::text::xid8"),
