@@ -386,19 +386,18 @@ struct EventRow {
     state: Option<serde_json::Value>,
 }
 
-/// The columns of an event, and the name of its actor's key, for the
-/// reader's filter. The caller adds the position's conditions.
+/// The columns of an event, and the name of its actor's key; [`FILTER`]
+/// and the position's conditions follow.
 const EVENT: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, e.actor, \
      k.name AS key_name, e.time, e.state \
      FROM user_events e \
-     LEFT JOIN api_keys k ON e.actor LIKE 'key:%' AND k.id = substr(e.actor, 5) \
-     WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
-     AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
+     LEFT JOIN api_keys k ON e.actor LIKE 'key:%' AND k.id = substr(e.actor, 5)";
 /// [`EVENT`] for [`Filter::heads_only`].
 const EVENT_HEAD: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.changed, \
      NULL::text AS actor, NULL::text AS key_name, e.time, NULL::jsonb AS state \
-     FROM user_events e \
-     WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
+     FROM user_events e";
+/// The reader's filter, after [`EVENT`] or [`EVENT_HEAD`].
+const FILTER: &str = "WHERE ($3::uuid IS NULL OR e.tenant_id = $3) \
      AND (cardinality($4::int2[]) = 0 OR e.kind = ANY($4))";
 
 /// The events `from` does not see, in three parts that each have an index
@@ -415,6 +414,7 @@ const EVENT_HEAD: &str = "SELECT e.seq, e.tenant_id, e.user_id, e.kind, e.change
 ///   was still the latest to have begun is past `xmax` (by xid, among the
 ///   transactions between `xmax` and `below`; `None`: no such part).
 fn unseen(event: &str, cond: &str, stragglers_below: Option<&str>) -> String {
+    let event = format!("{event} {FILTER}");
     let mut parts = format!(
         "({event} AND e.seq > $6 AND e.xid >= $1::text::xid8 {cond} ORDER BY e.seq LIMIT $5) \
          UNION ALL \
@@ -446,8 +446,7 @@ pub async fn read(
     let query = match position {
         Position::At(_) => diesel::sql_query(format!(
             "SELECT s.snapshot, s.last_seq, e.* FROM \
-             (SELECT pg_current_snapshot()::text AS snapshot, \
-             (SELECT max(seq) FROM user_events) AS last_seq) s \
+             (SELECT {SNAPSHOT} AS snapshot, {LAST_SEQ} AS last_seq) s \
              LEFT JOIN LATERAL (SELECT * FROM ({unseen}) u ORDER BY u.seq LIMIT $5) e ON true",
             unseen = unseen(event, "", Some("pg_snapshot_xmax(pg_current_snapshot())"))
         ))
@@ -480,11 +479,10 @@ pub async fn read(
         Position::At(_) => {
             let rows: Vec<EventRow> = query.load(conn).await?;
             let first = <[EventRow]>::first(&rows);
-            let mut to = first
-                .and_then(|row| row.snapshot.as_deref())
-                .and_then(Snapshot::parse)
-                .ok_or_else(|| unexpected("pg_current_snapshot() in an unknown form"))?;
-            to.seq = Some(first.and_then(|row| row.last_seq).unwrap_or(0));
+            let to = snapshot_of(
+                first.and_then(|row| row.snapshot.as_deref()).unwrap_or(""),
+                first.and_then(|row| row.last_seq),
+            )?;
             (rows, to)
         }
         Position::Within { to, after, .. } => {
