@@ -176,14 +176,26 @@ pub fn quote_identifier(name: &str) -> String {
 /// starting at the same time.
 const MIGRATION_LOCK: i64 = 0x7573_6572_735f_7631; // "users_v1"
 
+/// How often a replica waiting for another one's migrations checks the lock.
+const MIGRATION_LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Applies the pending migrations of [`MIGRATIONS`] on a fresh connection.
 pub async fn run_migrations(config: &tokio_postgres::Config) -> Result<(), BoxError> {
     // Another replica may be migrating right now: wait for it, on a session of
-    // our own, so that this one then finds nothing left to do.
+    // our own, so that this one then finds nothing left to do. The wait polls
+    // rather than blocks in `pg_advisory_lock`: a blocked statement holds a
+    // snapshot, and CREATE INDEX CONCURRENTLY in the other replica's
+    // migration waits for every older snapshot to go, which would then
+    // never happen.
     let (lock, lock_connection) = config.connect(NoTls).await?;
     let lock_driver = tokio::spawn(lock_connection);
-    lock.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    while !lock
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?
+        .get::<_, bool>(0)
+    {
+        tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+    }
 
     let (client, connection) = config.connect(NoTls).await?;
     let connection = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
