@@ -3,8 +3,9 @@
 # binary on its embedded Postgres, sends the README's JSON requests through
 # server reflection, checks the answers (safe writes included: an etag
 # conflict, a replayed request id, delete, undelete and purge; the change
-# feed: a watch, and list-then-watch from watchToken), and stops it
-# with SIGTERM.
+# feed: a watch, and list-then-watch from watchToken; queries: `or`, an
+# email match that ignores case, the order people read), and stops it with
+# SIGTERM.
 #
 # Usage: tests/grpcurl.sh [path/to/users-service]   (default: target/debug/users-service)
 set -euo pipefail
@@ -121,6 +122,25 @@ expect "ReactivateUser reactivates" "$(field '.user.active' <<<"$reactivated")" 
 listed=$(call users.v1.UsersService/ListUsers '{"limit": 10, "offset": 0, "filter": {"reference": {"equalTo": "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa"}}}')
 expect "ListUsers counts the match" "$(field '.totalCount' <<<"$listed")" "1"
 expect "ListUsers returns the user" "$(field '.data[0].id' <<<"$listed")" "$id"
+
+# Queries as people write them, in a tenant of their own: `or`, an email
+# match that ignores case, the order people read, and `valueIn: []`, which
+# is no condition (proto3 cannot tell it from no list).
+people=$(call users.v1.TenantsService/CreateTenant '{"tenant": {"name": "People", "reference": "people"}}' | field '.tenant.id')
+for person in '"firstName": "Zoe", "email": "Mixed.Case@Example.COM"' '"firstName": "anna"' '"firstName": "Émile"' '"firstName": "Bob"'; do
+  call users.v1.UsersService/CreateUser "{\"user\": {$person, \"tenantId\": \"$people\"}}" >/dev/null
+done
+in_people="\"tenantId\": {\"equalTo\": \"$people\"}"
+expect "ListUsers with or" \
+  "$(call users.v1.UsersService/ListUsers "{\"filter\": {$in_people, \"or\": [{\"firstName\": {\"equalTo\": \"anna\"}}, {\"firstName\": {\"iLike\": \"b%\"}}]}, \"order\": [{\"field\": \"USER_ORDER_FIELD_FIRST_NAME\"}]}" | jq -c '[.data[].firstName]')" \
+  '["anna","Bob"]'
+expect "ListUsers matches an email ignoring case" \
+  "$(call users.v1.UsersService/ListUsers "{\"filter\": {$in_people, \"email\": {\"equalTo\": \"mixed.case@example.com\"}}}" | field '.data[0].firstName')" "Zoe"
+expect "ListUsers orders names the way people read them" \
+  "$(call users.v1.UsersService/ListUsers "{\"filter\": {$in_people}, \"order\": [{\"field\": \"USER_ORDER_FIELD_FIRST_NAME\"}]}" | jq -c '[.data[].firstName]')" \
+  '["anna","Bob","Émile","Zoe"]'
+expect "an empty valueIn is no condition" \
+  "$(call users.v1.UsersService/ListUsers "{\"filter\": {$in_people, \"firstName\": {\"valueIn\": []}}}" | field '.totalCount')" "4"
 
 # Etags: a write with the etag last read happens once; the same etag again is
 # stale, and the error says which etag is current.

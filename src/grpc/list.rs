@@ -11,10 +11,11 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::convert::{from_timestamp, uuid};
-use crate::domain::Violations;
+use crate::domain::{Locale, Phone, TimeZone, Violations};
 use crate::error::Error;
 use crate::pb::v1 as pb;
 use crate::store::filter::{CursorValue, Direction, StringOp, TextOp, TimeOp, UuidOp};
+use crate::store::models::Actor;
 use crate::store::{tenants, users};
 
 /// Page size when the request does not set one.
@@ -37,6 +38,12 @@ pub const MAX_FILTER_VALUE_CHARS: usize = 255;
 pub const MAX_FILTER_VALUES: usize = 100;
 /// Longest `like` or `i_like` pattern, in characters.
 pub const MAX_PATTERN_CHARS: usize = 100;
+/// Deepest nesting of user filters (`and`, `or`, `not`), the top-level
+/// filter being the first level.
+pub const MAX_FILTER_DEPTH: usize = 4;
+/// Most conditions in one user filter, nested ones included: one per
+/// operator set on a field, one per filter in `and`, `or` or `not`.
+pub const MAX_FILTER_CONDITIONS: usize = 64;
 /// Longest page token, in bytes; the tokens this service makes are far shorter.
 pub const MAX_PAGE_TOKEN_BYTES: usize = 8192;
 
@@ -304,38 +311,214 @@ fn bool_conditions(filter: &pb::BoolFilter) -> Vec<bool> {
         .collect()
 }
 
+/// The conditions of a ListUsers (or ExportUsers) filter, ANDed; none, and
+/// a violation, when the filter is beyond [`MAX_FILTER_DEPTH`] or
+/// [`MAX_FILTER_CONDITIONS`], which is checked before anything is parsed.
 fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Condition> {
+    match filter_size(filter, 1) {
+        Ok(size) if size <= MAX_FILTER_CONDITIONS => filter_conditions(v, "filter", filter),
+        Ok(_) | Err(Beyond::Conditions) => {
+            v.push(
+                "filter",
+                format!("must have at most {MAX_FILTER_CONDITIONS} conditions in all"),
+            );
+            Vec::new()
+        }
+        Err(Beyond::Depth) => {
+            v.push(
+                "filter",
+                format!("must nest at most {MAX_FILTER_DEPTH} levels of filters"),
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Which limit [`filter_size`] stopped counting at.
+enum Beyond {
+    /// A filter is nested deeper than [`MAX_FILTER_DEPTH`].
+    Depth,
+    /// The count passed [`MAX_FILTER_CONDITIONS`].
+    Conditions,
+}
+
+/// The number of conditions of `filter` (at nesting level `depth`, the top
+/// level being 1): one per operator set on a field, one per nested filter.
+/// Stops as soon as a limit is passed, so its work is bounded by the limits
+/// rather than by the request.
+fn filter_size(filter: &pb::UserFilter, depth: usize) -> Result<usize, Beyond> {
+    fn string(f: &Option<pb::StringFilter>) -> usize {
+        f.as_ref().map_or(0, |f| {
+            usize::from(f.equal_to.is_some())
+                + usize::from(f.not_equal_to.is_some())
+                + usize::from(!f.value_in.is_empty())
+                + usize::from(!f.value_not_in.is_empty())
+                + usize::from(f.like.is_some())
+                + usize::from(f.i_like.is_some())
+        })
+    }
+    fn boolean(f: &Option<pb::BoolFilter>) -> usize {
+        f.as_ref().map_or(0, |f| {
+            usize::from(f.equal_to.is_some()) + usize::from(f.not_equal_to.is_some())
+        })
+    }
+    fn time(f: &Option<pb::TimestampFilter>) -> usize {
+        f.as_ref().map_or(0, |f| {
+            [
+                &f.equal_to,
+                &f.not_equal_to,
+                &f.less_than,
+                &f.less_than_equal,
+                &f.more_than,
+                &f.more_than_equal,
+            ]
+            .into_iter()
+            .filter(|bound| bound.is_some())
+            .count()
+        })
+    }
+    if depth > MAX_FILTER_DEPTH {
+        return Err(Beyond::Depth);
+    }
+    let mut size = [
+        &filter.id,
+        &filter.reference,
+        &filter.email,
+        &filter.phone,
+        &filter.first_name,
+        &filter.last_name,
+        &filter.locale,
+        &filter.timezone,
+        &filter.tenant_id,
+        &filter.avatar_url,
+    ]
+    .into_iter()
+    .map(string)
+    .sum::<usize>()
+        + boolean(&filter.active)
+        + boolean(&filter.is_opted_in)
+        + [
+            &filter.created_at,
+            &filter.updated_at,
+            &filter.delete_time,
+            &filter.expire_time,
+        ]
+        .into_iter()
+        .map(time)
+        .sum::<usize>()
+        + usize::from(
+            filter
+                .custom_data
+                .as_ref()
+                .is_some_and(|f| f.contains.is_some()),
+        )
+        + filter.updated_by.as_ref().map_or(0, |f| {
+            usize::from(f.api_key_id.is_some()) + usize::from(f.user_id.is_some())
+        });
+    let nested = filter
+        .and
+        .iter()
+        .chain(&filter.or)
+        .chain(filter.not.as_deref());
+    for inner in nested {
+        if size > MAX_FILTER_CONDITIONS {
+            break;
+        }
+        size += 1 + filter_size(inner, depth + 1)?;
+    }
+    if size > MAX_FILTER_CONDITIONS {
+        return Err(Beyond::Conditions);
+    }
+    Ok(size)
+}
+
+/// A value compared with a stored phone number, normalized as CreateUser
+/// normalizes one; empty finds the users without one.
+fn phone_value(v: &mut Violations, field: &str, value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some(String::new());
+    }
+    v.check(field, Phone::parse(value).map(Phone::into_inner))
+}
+
+/// A value compared with a stored locale, in its canonical form.
+fn locale_value(v: &mut Violations, field: &str, value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some(String::new());
+    }
+    v.check(field, Locale::parse(value).map(Locale::into_inner))
+}
+
+/// A value compared with a stored time zone, in its canonical form; empty
+/// finds the users without one.
+fn time_zone_value(v: &mut Violations, field: &str, value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some(String::new());
+    }
+    v.check(field, TimeZone::parse(value).map(TimeZone::into_inner))
+}
+
+/// The conditions of one (possibly nested) filter at `path`, ANDed.
+fn filter_conditions(
+    v: &mut Violations,
+    path: &str,
+    filter: &pb::UserFilter,
+) -> Vec<users::Condition> {
     use users::{BoolField, Condition, TextField, TimeField, UuidField};
+    type Parse = fn(&mut Violations, &str, &str) -> Option<String>;
+    let at = |name: &str| format!("{path}.{name}");
     let mut conditions = Vec::new();
-    let text_fields = [
-        (&filter.reference, TextField::Reference, "filter.reference"),
-        (&filter.email, TextField::Email, "filter.email"),
-        (&filter.phone, TextField::Phone, "filter.phone"),
+    let text_fields: [(_, _, _, Parse); 8] = [
+        (
+            &filter.reference,
+            TextField::Reference,
+            "reference",
+            filter_value,
+        ),
+        (&filter.email, TextField::Email, "email", filter_value),
+        (&filter.phone, TextField::Phone, "phone", phone_value),
         (
             &filter.first_name,
             TextField::FirstName,
-            "filter.first_name",
+            "first_name",
+            filter_value,
         ),
-        (&filter.last_name, TextField::LastName, "filter.last_name"),
-        (&filter.locale, TextField::Locale, "filter.locale"),
-        (&filter.timezone, TextField::Timezone, "filter.timezone"),
+        (
+            &filter.last_name,
+            TextField::LastName,
+            "last_name",
+            filter_value,
+        ),
+        (&filter.locale, TextField::Locale, "locale", locale_value),
+        (
+            &filter.timezone,
+            TextField::Timezone,
+            "timezone",
+            time_zone_value,
+        ),
+        (
+            &filter.avatar_url,
+            TextField::AvatarUrl,
+            "avatar_url",
+            filter_value,
+        ),
     ];
-    for (filter, field, name) in text_fields {
+    for (filter, field, name, parse) in text_fields {
         if let Some(filter) = filter {
             conditions.extend(
-                text_ops(v, name, filter)
+                string_ops(v, &at(name), filter, parse)
                     .into_iter()
                     .map(|op| Condition::Text(field, op)),
             );
         }
     }
     for (filter, field, name) in [
-        (&filter.id, UuidField::Id, "filter.id"),
-        (&filter.tenant_id, UuidField::TenantId, "filter.tenant_id"),
+        (&filter.id, UuidField::Id, "id"),
+        (&filter.tenant_id, UuidField::TenantId, "tenant_id"),
     ] {
         if let Some(filter) = filter {
             conditions.extend(
-                uuid_ops(v, name, filter)
+                uuid_ops(v, &at(name), filter)
                     .into_iter()
                     .map(|op| Condition::Uuid(field, op)),
             );
@@ -354,20 +537,14 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
         }
     }
     for (filter, field, name) in [
-        (
-            &filter.created_at,
-            TimeField::CreatedAt,
-            "filter.created_at",
-        ),
-        (
-            &filter.updated_at,
-            TimeField::UpdatedAt,
-            "filter.updated_at",
-        ),
+        (&filter.created_at, TimeField::CreatedAt, "created_at"),
+        (&filter.updated_at, TimeField::UpdatedAt, "updated_at"),
+        (&filter.delete_time, TimeField::DeleteTime, "delete_time"),
+        (&filter.expire_time, TimeField::ExpireTime, "expire_time"),
     ] {
         if let Some(filter) = filter {
             conditions.extend(
-                time_ops(v, name, filter)
+                time_ops(v, &at(name), filter)
                     .into_iter()
                     .map(|op| Condition::Time(field, op)),
             );
@@ -379,11 +556,42 @@ fn user_conditions(v: &mut Violations, filter: &pb::UserFilter) -> Vec<users::Co
         .and_then(|f| f.contains.as_ref())
     {
         if let Some(data) = v.check(
-            "filter.custom_data.contains",
+            &at("custom_data.contains"),
             super::json::custom_data(contains),
         ) {
             conditions.push(Condition::CustomDataContains(data.into_value()));
         }
+    }
+    if let Some(actor) = &filter.updated_by {
+        if let Some(key) = &actor.api_key_id {
+            conditions.extend(
+                filter_value(v, &at("updated_by.api_key_id"), key)
+                    .map(|key| Condition::UpdatedBy(Actor::key(&key))),
+            );
+        }
+        if let Some(user) = &actor.user_id {
+            conditions.extend(
+                v.check(&at("updated_by.user_id"), uuid(user))
+                    .map(|user| Condition::UpdatedBy(Actor::user(user))),
+            );
+        }
+    }
+    for (i, inner) in filter.and.iter().enumerate() {
+        let inner = filter_conditions(v, &at(&format!("and[{i}]")), inner);
+        conditions.push(Condition::All(inner));
+    }
+    if !filter.or.is_empty() {
+        let any = filter
+            .or
+            .iter()
+            .enumerate()
+            .map(|(i, inner)| Condition::All(filter_conditions(v, &at(&format!("or[{i}]")), inner)))
+            .collect();
+        conditions.push(Condition::Any(any));
+    }
+    if let Some(inner) = &filter.not {
+        let inner = filter_conditions(v, &at("not"), inner);
+        conditions.push(Condition::Not(Box::new(Condition::All(inner))));
     }
     conditions
 }

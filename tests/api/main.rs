@@ -13,6 +13,7 @@ mod lifecycle;
 mod limits;
 mod list;
 mod metrics;
+mod queries;
 // Shared with the fuzz and abuse binaries, which use all of it.
 #[allow(dead_code)]
 mod process;

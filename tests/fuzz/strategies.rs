@@ -261,10 +261,33 @@ fn timestamp_filter() -> BoxedStrategy<pb::TimestampFilter> {
         .boxed()
 }
 
-/// A filter with a few fields set (all of them would be mostly refusals).
+/// A filter with a few fields set (all of them would be mostly refusals),
+/// sometimes composed with `and`, `or` and `not`, up to past the nesting
+/// and size limits.
 fn user_filter() -> BoxedStrategy<pb::UserFilter> {
+    flat_user_filter()
+        .prop_recursive(6, 96, 8, |inner| {
+            (
+                flat_user_filter(),
+                vec(inner.clone(), 0..4),
+                vec(inner.clone(), 0..4),
+                option::of(inner),
+            )
+                .prop_map(|(mut filter, and, or, not)| {
+                    filter.and = and;
+                    filter.or = or;
+                    filter.not = not.map(Box::new);
+                    filter
+                })
+        })
+        .boxed()
+}
+
+/// A filter on fields only.
+fn flat_user_filter() -> BoxedStrategy<pb::UserFilter> {
     let sometimes =
         |s: BoxedStrategy<pb::StringFilter>| prop_oneof![4 => Just(None), 1 => s.prop_map(Some)];
+    let rarely_time = || prop_oneof![6 => Just(None), 1 => timestamp_filter().prop_map(Some)];
     (
         (
             sometimes(string_filter()),
@@ -284,11 +307,22 @@ fn user_filter() -> BoxedStrategy<pb::UserFilter> {
             option::of(timestamp_filter()),
             prop_oneof![4 => Just(None), 1 => json_object().prop_map(|contains| Some(pb::JsonFilter { contains: Some(contains) }))],
         ),
+        (
+            sometimes(string_filter()),
+            rarely_time(),
+            rarely_time(),
+            prop_oneof![
+                6 => Just(None),
+                1 => (option::of(text()), option::of(text()))
+                    .prop_map(|(api_key_id, user_id)| Some(pb::ActorFilter { api_key_id, user_id })),
+            ],
+        ),
     )
         .prop_map(
             |(
                 (id, reference, email, phone, first_name, last_name, locale),
                 (timezone, tenant_id, active, is_opted_in, created_at, updated_at, custom_data),
+                (avatar_url, delete_time, expire_time, updated_by),
             )| pb::UserFilter {
                 id,
                 reference,
@@ -304,6 +338,13 @@ fn user_filter() -> BoxedStrategy<pb::UserFilter> {
                 created_at,
                 updated_at,
                 custom_data,
+                avatar_url,
+                delete_time,
+                expire_time,
+                updated_by,
+                and: Vec::new(),
+                or: Vec::new(),
+                not: None,
             },
         )
         .boxed()

@@ -1,10 +1,10 @@
 //! Lists of users: filters, ordering, keyset pages and counts.
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 use diesel::{
-    BoolExpressionMethods, ExpressionMethods, PgJsonbExpressionMethods, PgTextExpressionMethods,
-    QueryDsl, SelectableHelper, pg::Pg,
+    BoolExpressionMethods, ExpressionMethods, NullableExpressionMethods, PgJsonbExpressionMethods,
+    PgTextExpressionMethods, QueryDsl, SelectableHelper, TextExpressionMethods, pg::Pg,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -13,7 +13,8 @@ use super::{BoolField, Condition, OrderField, TextField, TimeField, UuidField};
 use crate::store::db;
 use crate::store::events::{self, Snapshot};
 use crate::store::filter::{
-    Boxed, CursorValue, Direction, escape_like, text_condition, time_condition, uuid_condition,
+    Boxed, CursorValue, Direction, StringOp, TextOp, escape_like, text_condition, time_condition,
+    uuid_condition,
 };
 use crate::store::models::UserRow;
 use crate::store::page::{CursorMismatch, Page};
@@ -182,12 +183,13 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
     match condition {
         Condition::Text(field, op) => match field {
             TextField::Reference => text_condition!(users::reference, op),
-            TextField::Email => text_condition!(users::email, op),
+            TextField::Email => email_condition(op),
             TextField::Phone => text_condition!(users::phone, op),
             TextField::FirstName => text_condition!(users::first_name, op),
             TextField::LastName => text_condition!(users::last_name, op),
             TextField::Locale => text_condition!(users::locale, op),
             TextField::Timezone => text_condition!(users::timezone, op),
+            TextField::AvatarUrl => text_condition!(users::avatar_url, op),
         },
         Condition::Uuid(field, op) => match field {
             UuidField::Id => uuid_condition!(users::id, op),
@@ -200,11 +202,23 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
         Condition::Time(field, op) => match field {
             TimeField::CreatedAt => time_condition!(users::created_at, *op),
             TimeField::UpdatedAt => time_condition!(users::updated_at, *op),
+            // `IS NOT NULL AND`: false, not unknown, for a user without one.
+            TimeField::DeleteTime => {
+                let compared: Boxed<users::table> =
+                    time_condition!(users::delete_time.assume_not_null(), *op);
+                Box::new(users::delete_time.is_not_null().and(compared))
+            }
+            TimeField::ExpireTime => {
+                let compared: Boxed<users::table> =
+                    time_condition!(users::expire_time.assume_not_null(), *op);
+                Box::new(users::expire_time.is_not_null().and(compared))
+            }
         },
         Condition::CustomDataContains(value) => {
             Box::new(users::custom_data.contains(value.clone()))
         }
         Condition::Live => Box::new(users::delete_time.is_null()),
+        Condition::UpdatedBy(actor) => Box::new(users::updated_by.eq(actor.as_str().to_owned())),
         Condition::Search(text) => {
             let pattern = format!("%{}%", escape_like(text));
             Box::new(
@@ -214,6 +228,65 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
                     .or(users::last_name.ilike(pattern)),
             )
         }
+        Condition::All(conditions) => conditions
+            .iter()
+            .map(condition_expression)
+            .reduce(|all, next| Box::new(all.and(next)))
+            .unwrap_or_else(|| Box::new(diesel::dsl::sql::<Bool>("TRUE"))),
+        Condition::Any(conditions) => conditions
+            .iter()
+            .map(condition_expression)
+            .reduce(|any, next| Box::new(any.or(next)))
+            .unwrap_or_else(|| Box::new(diesel::dsl::sql::<Bool>("FALSE"))),
+        Condition::Not(condition) => Box::new(diesel::dsl::not(condition_expression(condition))),
+    }
+}
+
+diesel::define_sql_function! {
+    /// Postgres' `lower`, with the database's collation: the function the
+    /// unique index on emails is built with.
+    fn lower(text: Text) -> Text;
+}
+
+/// A comparison of `email` that ignores case the way its unique index
+/// `(tenant_id, lower(email)) WHERE email <> ''` does, and can use that
+/// index: a non-empty value implies `email <> ''`, which the planner needs
+/// to see. Patterns compare the stored text as given.
+fn email_condition(op: &TextOp) -> Boxed<users::table> {
+    /// `lower(email) = ANY` (or `<> ALL`) the values, lowered by Postgres.
+    fn lowered(quantifier: &str, values: Vec<String>) -> Boxed<users::table> {
+        Box::new(
+            diesel::dsl::sql::<Bool>(&format!(
+                r#"lower("users"."email") {quantifier} (ARRAY(SELECT lower(v) FROM unnest("#
+            ))
+            .bind::<Array<Text>, _>(values)
+            .sql(") AS v))"),
+        )
+    }
+    let empty = String::is_empty;
+    match op.clone() {
+        StringOp::EqualTo(value) if value.is_empty() => Box::new(users::email.eq(value)),
+        StringOp::EqualTo(value) => Box::new(
+            users::email
+                .ne("")
+                .and(lower(users::email).eq(lower(value))),
+        ),
+        StringOp::NotEqualTo(value) => Box::new(lower(users::email).ne(lower(value))),
+        StringOp::ValueIn(values) => {
+            let with_empty = values.iter().any(empty);
+            let found: Boxed<users::table> = Box::new(users::email.ne("").and(lowered(
+                "= ANY",
+                values.into_iter().filter(|v| !v.is_empty()).collect(),
+            )));
+            if with_empty {
+                Box::new(found.or(users::email.eq("")))
+            } else {
+                found
+            }
+        }
+        StringOp::ValueNotIn(values) => lowered("<> ALL", values),
+        StringOp::Like(pattern) => Box::new(users::email.like(pattern)),
+        StringOp::ILike(pattern) => Box::new(users::email.ilike(pattern)),
     }
 }
 
@@ -243,6 +316,10 @@ impl diesel::query_builder::QueryFragment<Pg> for OrderBy {
             out.push_identifier("users")?;
             out.push_sql(".");
             out.push_identifier(field.column())?;
+            if field.is_read_by_people() {
+                out.push_sql(" COLLATE ");
+                out.push_identifier(COLLATION)?;
+            }
             out.push_sql(match direction {
                 Direction::Asc => " ASC",
                 Direction::Desc => " DESC",
@@ -252,7 +329,24 @@ impl diesel::query_builder::QueryFragment<Pg> for OrderBy {
     }
 }
 
+/// The collation of the text people read in a list (names, email,
+/// reference): ICU's root collation, which compares letters first, then
+/// accents, then case, so `anna` < `Bob` < `Émile` < `Zoe`. It is
+/// deterministic: text that differs in any way never compares equal, so a
+/// keyset cursor stays exact. The list indexes of these columns are built
+/// with it.
+pub const COLLATION: &str = "und-x-icu";
+
 impl OrderField {
+    /// Whether the field is text people read, ordered by [`COLLATION`]
+    /// rather than by code point (phone, locale and time zone are codes).
+    fn is_read_by_people(self) -> bool {
+        matches!(
+            self,
+            Self::Email | Self::FirstName | Self::LastName | Self::Reference
+        )
+    }
+
     /// The column of `users` this field orders by.
     fn column(self) -> &'static str {
         match self {
@@ -342,6 +436,14 @@ fn keyset_condition(
     Some(Box::new(diesel::BoolExpressionMethods::and(bound, any?)))
 }
 
+/// The column of `field` in [`COLLATION`], as the list indexes hold it.
+fn collated(field: OrderField) -> diesel::expression::SqlLiteral<Text> {
+    diesel::dsl::sql(&format!(
+        r#""users"."{}" COLLATE "{COLLATION}""#,
+        field.column()
+    ))
+}
+
 /// `field <cmp> value`, or `None` when the value has the wrong type for the field.
 fn compare(field: OrderField, cmp: Cmp, value: &CursorValue) -> Option<Boxed<users::table>> {
     macro_rules! compare {
@@ -369,13 +471,16 @@ fn compare(field: OrderField, cmp: Cmp, value: &CursorValue) -> Option<Boxed<use
                 DateTime::<Utc>::from_timestamp_micros(*m)?
             )
         }
-        (OrderField::Email, CursorValue::Text(s)) => compare!(users::email, s.clone()),
-        (OrderField::FirstName, CursorValue::Text(s)) => compare!(users::first_name, s.clone()),
-        (OrderField::LastName, CursorValue::Text(s)) => compare!(users::last_name, s.clone()),
+        (
+            OrderField::Email
+            | OrderField::FirstName
+            | OrderField::LastName
+            | OrderField::Reference,
+            CursorValue::Text(s),
+        ) => compare!(collated(field), s.clone()),
         (OrderField::Locale, CursorValue::Text(s)) => compare!(users::locale, s.clone()),
         (OrderField::Phone, CursorValue::Text(s)) => compare!(users::phone, s.clone()),
         (OrderField::Timezone, CursorValue::Text(s)) => compare!(users::timezone, s.clone()),
-        (OrderField::Reference, CursorValue::Text(s)) => compare!(users::reference, s.clone()),
         (OrderField::Active, CursorValue::Bool(b)) => compare!(users::active, *b),
         (OrderField::Id, CursorValue::Text(s)) => compare!(users::id, Uuid::parse_str(s).ok()?),
         _ => None,
@@ -406,9 +511,9 @@ mod tests {
         assert_eq!(
             sql(keyset_condition(&terms, &values).unwrap()),
             format!(
-                "SELECT \"users\".\"id\" FROM \"users\" WHERE ((\"users\".\"last_name\" >= $1) AND \
-                 ((\"users\".\"last_name\" > $2) OR ((\"users\".\"last_name\" = $3) AND (\"users\".\"id\" > $4)))) \
-                 -- binds: [\"Lovelace\", \"Lovelace\", \"Lovelace\", {ID}]"
+                "SELECT \"users\".\"id\" FROM \"users\" WHERE ((\"users\".\"last_name\" COLLATE \"und-x-icu\" >= $1) AND \
+                 ((\"users\".\"last_name\" COLLATE \"und-x-icu\" > $2) OR ((\"users\".\"last_name\" COLLATE \"und-x-icu\" = $3) \
+                 AND (\"users\".\"id\" > $4)))) -- binds: [\"Lovelace\", \"Lovelace\", \"Lovelace\", {ID}]"
             )
         );
     }
@@ -482,8 +587,8 @@ mod tests {
         let query = users::table.into_boxed().select(users::id).order(order);
         assert_eq!(
             diesel::debug_query::<Pg, _>(&query).to_string(),
-            "SELECT \"users\".\"id\" FROM \"users\" ORDER BY \"users\".\"last_name\" DESC, \
-             \"users\".\"email\" ASC, \"users\".\"id\" ASC -- binds: []"
+            "SELECT \"users\".\"id\" FROM \"users\" ORDER BY \"users\".\"last_name\" COLLATE \"und-x-icu\" DESC, \
+             \"users\".\"email\" COLLATE \"und-x-icu\" ASC, \"users\".\"id\" ASC -- binds: []"
         );
     }
 }

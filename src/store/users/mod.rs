@@ -28,6 +28,7 @@ pub enum TextField {
     LastName,
     Locale,
     Timezone,
+    AvatarUrl,
 }
 
 /// A UUID column of `users` that lists can filter on.
@@ -49,11 +50,19 @@ pub enum BoolField {
 pub enum TimeField {
     CreatedAt,
     UpdatedAt,
+    /// Absent unless the user is deleted: a comparison never matches then.
+    DeleteTime,
+    /// Absent unless the user is deleted: a comparison never matches then.
+    ExpireTime,
 }
 
 /// One condition of a user list; a list ANDs all of its conditions.
+///
+/// Every condition is true or false for every row, never SQL's unknown, so
+/// that [`Condition::Not`] matches exactly the rows its condition does not.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
+    /// On `email`, the comparisons ignore case (as its unique index does).
     Text(TextField, TextOp),
     Uuid(UuidField, UuidOp),
     /// The column equals the value.
@@ -65,6 +74,14 @@ pub enum Condition {
     Search(String),
     /// Not deleted.
     Live,
+    /// The last change was made by this actor (`users.updated_by`).
+    UpdatedBy(super::models::Actor),
+    /// Every condition holds; true when there is none.
+    All(Vec<Condition>),
+    /// At least one condition holds; false when there is none.
+    Any(Vec<Condition>),
+    /// The condition does not hold.
+    Not(Box<Condition>),
 }
 
 /// A column users can be ordered by. `Id` is the final tie-breaker of every order.
