@@ -75,7 +75,9 @@ pub enum Write {
     /// A deleted user's reference stays reserved: [`Written::Reserved`].
     Upsert(NewUser),
     /// The fields `changes` sets, on the live user with this id if the
-    /// scope (one tenant, or all) has it.
+    /// scope (one tenant, or all) has it. A user that already has them all
+    /// (or `changes` sets none) stays as it is, `updated_at` and
+    /// `updated_by` included: [`Written::Unchanged`].
     Update {
         id: Uuid,
         tenant: Option<Uuid>,
@@ -240,6 +242,56 @@ impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
             avatar_url: text(&changes.avatar_url, AvatarUrl::as_str),
             updated_by: changes.by.as_str(),
         }
+    }
+}
+
+/// A condition on `users` rows, borrowing its values.
+type Condition<'a> = Box<
+    dyn diesel::BoxableExpression<users::table, diesel::pg::Pg, SqlType = diesel::sql_types::Bool>
+        + 'a,
+>;
+
+impl UserChangeset<'_> {
+    /// True on a row this changeset would change: a column it sets holds
+    /// another value. `None` when it sets no column (`updated_by` aside,
+    /// which is not a change of its own).
+    fn differs(&self) -> Option<Condition<'_>> {
+        use diesel::{BoolExpressionMethods, PgExpressionMethods};
+        // Every field by name, so that a new one cannot be left out here.
+        let Self {
+            email,
+            phone,
+            first_name,
+            last_name,
+            locale,
+            timezone,
+            is_opted_in,
+            active,
+            custom_data,
+            avatar_url,
+            updated_by: _,
+        } = self;
+        let mut differs: Vec<Condition<'_>> = Vec::new();
+        macro_rules! columns {
+            ($($column:ident),*) => {$(
+                if let Some(value) = *$column {
+                    differs.push(Box::new(users::$column.is_distinct_from(value)));
+                }
+            )*};
+        }
+        columns!(
+            email,
+            phone,
+            first_name,
+            last_name,
+            locale,
+            timezone,
+            is_opted_in,
+            active,
+            custom_data,
+            avatar_url
+        );
+        differs.into_iter().reduce(|a, b| Box::new(a.or(b)))
     }
 }
 
@@ -643,9 +695,14 @@ async fn upsert_all(
         .await
 }
 
-/// Applies `changes` to the live user with this id, if the scope has it and
-/// `etag`, when given, is its etag: one statement, so the check and the
-/// write cannot be split by another write.
+/// Applies `changes` to the live user with this id, if the scope has it,
+/// `etag`, when given, is its etag, and `changes` change something: one
+/// statement, so that the checks and the write cannot be split by another
+/// write. When it writes nothing, the user, locked, tells why: missing,
+/// stale, or already as asked ([`Written::Unchanged`]: nothing is written,
+/// so neither `updated_at` nor the change feed moves). A change committed
+/// in between may have made `changes` a change again: it is written then,
+/// under the lock.
 async fn update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -653,6 +710,35 @@ async fn update(
     changes: &UserChanges,
     etag: Option<Etag>,
 ) -> diesel::QueryResult<Written> {
+    if let Some(row) = update_row(conn, id, tenant, changes, etag).await? {
+        return Ok(Written::Updated(row));
+    }
+    conn.transaction(async |conn| {
+        let current = match lock(conn, id, tenant, Need::Live, etag).await? {
+            Ok(current) => current,
+            Err(written) => return Ok(written),
+        };
+        Ok(match update_row(conn, id, tenant, changes, etag).await? {
+            Some(row) => Written::Updated(row),
+            None => Written::Unchanged(current),
+        })
+    })
+    .await
+}
+
+/// The statement of [`update`]: the user after it, or `None` when it wrote
+/// nothing (no statement at all when `changes` set no field).
+async fn update_row(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+    changes: &UserChanges,
+    etag: Option<Etag>,
+) -> diesel::QueryResult<Option<UserRow>> {
+    let changeset = UserChangeset::from(changes);
+    let Some(differs) = changeset.differs() else {
+        return Ok(None);
+    };
     let version: Boxed<users::table> = match etag {
         Some(etag) => Box::new(users::updated_at.eq(etag.time())),
         None => Box::new(users::updated_at.is_not_null()),
@@ -661,8 +747,9 @@ async fn update(
         .filter(users::id.eq(id))
         .filter(in_scope(tenant))
         .filter(users::delete_time.is_null())
-        .filter(version);
-    let updated = diesel::update(target)
+        .filter(version)
+        .filter(differs);
+    diesel::update(target)
         .set((
             UserChangeset::from(changes),
             users::updated_at.eq(after(changes.at)),
@@ -671,21 +758,7 @@ async fn update(
         .get_results(conn)
         .await
         .and_then(db::single)
-        .optional()?;
-    match (updated, etag) {
-        (Some(row), _) => Ok(Written::Updated(row)),
-        (None, None) => Ok(Written::Missing),
-        // Stale, or missing: which one, the user as it is now tells.
-        (None, Some(_)) => Ok(users::table
-            .filter(users::id.eq(id))
-            .filter(in_scope(tenant))
-            .filter(users::delete_time.is_null())
-            .select(UserRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-            .map_or(Written::Missing, Written::Stale)),
-    }
+        .optional()
 }
 
 /// The type of [`after`].
