@@ -25,11 +25,14 @@ async fn hold_the_only_connection(app: &TestApp, id: &str) -> tokio_postgres::Cl
     spawn_held_update(app, id);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
+        // Its UPDATE waits; or, when the user already has the name (a
+        // second hold), the locking read that tells "unchanged" does.
         let waiting: i64 = app
             .db
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND query LIKE 'UPDATE%' AND wait_event_type = 'Lock'",
+                 AND (query LIKE 'UPDATE%' OR query LIKE '%FOR UPDATE') \
+                 AND wait_event_type = 'Lock'",
                 &[],
             )
             .await

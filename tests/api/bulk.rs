@@ -7,14 +7,14 @@ use tonic::Code;
 use users_service::{
     auth::Role,
     pb::v1::{
-        BatchUpsertUsersRequest, BatchUpsertUsersResult, ExportUsersRequest, StringFilter, User,
-        UserFilter, batch_upsert_users_result::Outcome,
+        BatchUpsertUsersRequest, BatchUpsertUsersResult, DeleteUserRequest, ExportUsersRequest,
+        StringFilter, User, UserFilter, batch_upsert_users_result::Outcome,
     },
 };
 
 use crate::helpers::{TestApp, spawn_app};
 use crate::tenants::create_tenant;
-use crate::users::{create, user};
+use crate::users::{create, footprint, user};
 
 async fn upsert(app: &mut TestApp, users: Vec<User>) -> Vec<BatchUpsertUsersResult> {
     app.users
@@ -170,6 +170,97 @@ async fn batch_upsert_reports_each_refused_item_and_stores_the_rest() {
     assert_eq!(
         references,
         HashSet::from(["taken".into(), "ok-1".into(), "ok-2".into()])
+    );
+}
+
+#[tokio::test]
+async fn batch_upsert_of_users_as_stored_changes_nothing_and_answers_them_as_they_are() {
+    let mut app = spawn_app().await;
+    let acme = create_tenant(&mut app, "Acme", "acme").await;
+    let plan = prost_types::Struct {
+        fields: [(
+            "plan".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("pro".into())),
+            },
+        )]
+        .into(),
+    };
+    let sent = vec![
+        User {
+            first_name: "Ada".into(),
+            locale: "en-gb".into(),
+            ..user("same", "same@example.com")
+        },
+        // The same reference in another tenant.
+        User {
+            tenant_id: acme.id.clone(),
+            custom_data: Some(plan),
+            ..user("same", "")
+        },
+        user("changes", "changes@example.com"),
+        user("deleted", ""),
+    ];
+    let first = upsert(&mut app, sent.clone()).await;
+    assert!(first.iter().all(|result| result.created), "{first:?}");
+    app.users
+        .delete_user(DeleteUserRequest {
+            id: stored(&first[3]).id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut before = Vec::new();
+    for result in &first[..3] {
+        before.push(footprint(&app, &stored(result).id).await);
+    }
+
+    // The same users again, from another key, with one real change and one
+    // new user.
+    let mut again = sent.clone();
+    again[2].first_name = "Changed".into();
+    again.push(user("new", ""));
+    let results = app
+        .users_as(Some(&app.create_key(Role::Admin, None, None).await))
+        .batch_upsert_users(BatchUpsertUsersRequest {
+            users: again,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 5);
+    for i in 0..2 {
+        assert!(!results[i].created);
+        assert_eq!(stored(&results[i]), stored(&first[i]), "item {i} as it is");
+        let id = &stored(&first[i]).id;
+        assert_eq!(footprint(&app, id).await, before[i], "item {i}");
+    }
+    let changed = stored(&results[2]);
+    assert!(!results[2].created);
+    assert_eq!(changed.first_name, "Changed");
+    assert_ne!(changed.updated_at, stored(&first[2]).updated_at);
+    assert_ne!(changed.updated_by, stored(&first[2]).updated_by);
+    let (_, _, events) = footprint(&app, &changed.id).await;
+    assert_eq!(events, before[2].2 + 1);
+    assert_eq!(
+        refused(&results[3]).0,
+        Code::AlreadyExists,
+        "still reserved"
+    );
+    assert!(results[4].created);
+
+    // A batch of one item takes another path, to the same outcomes.
+    let results = upsert(&mut app, vec![sent[0].clone()]).await;
+    assert!(!results[0].created);
+    assert_eq!(stored(&results[0]), stored(&first[0]));
+    assert_eq!(footprint(&app, &stored(&first[0]).id).await, before[0]);
+    let results = upsert(&mut app, vec![sent[3].clone()]).await;
+    assert_eq!(
+        refused(&results[0]).0,
+        Code::AlreadyExists,
+        "still reserved"
     );
 }
 

@@ -1,12 +1,16 @@
 //! CreateUser, GetUser, UpdateUser, DeactivateUser, ReactivateUser.
 
 use tonic::Code;
-use users_service::pb::v1::{
-    BatchUpsertUsersRequest, CreateUserRequest, DeactivateUserRequest, GetUserRequest,
-    ReactivateUserRequest, UpdateUserRequest, User, UserUpdate, batch_upsert_users_result::Outcome,
+use users_service::{
+    auth::Role,
+    pb::v1::{
+        BatchUpsertUsersRequest, CreateUserRequest, DeactivateUserRequest, DeleteUserRequest,
+        GetUserRequest, ReactivateUserRequest, UpdateUserRequest, User, UserUpdate,
+        batch_upsert_users_result::Outcome,
+    },
 };
 
-use crate::helpers::{error_info, spawn_app, violated_fields};
+use crate::helpers::{TestApp, error_info, spawn_app, violated_fields};
 
 /// The user of the ROQ createUser example.
 pub fn roq_user() -> User {
@@ -331,6 +335,211 @@ async fn update_user_with_active_false_deactivates() {
         .unwrap()
         .get(0);
     assert!(!active);
+}
+
+/// What a write that changes nothing leaves as it was: the stored
+/// `updated_at` and `updated_by`, and the number of the user's events.
+pub async fn footprint(app: &TestApp, id: &str) -> (String, String, i64) {
+    let row = app
+        .db
+        .query_one(
+            "SELECT updated_at::text, updated_by, \
+             (SELECT count(*) FROM user_events e WHERE e.user_id = u.id) \
+             FROM users u WHERE id::text = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test]
+async fn update_user_that_changes_nothing_keeps_update_time_actor_and_change_feed() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let before = footprint(&app, &created.id).await;
+    assert_eq!(before.2, 1, "the creation is one event");
+    // Another key sends the writes: a user they do not change keeps its
+    // actor too.
+    let mut other = app.users_as(Some(&app.create_key(Role::Admin, None, None).await));
+    let writes = [
+        ("no user", None, String::new()),
+        ("user: {}", Some(UserUpdate::default()), String::new()),
+        (
+            "every field as stored (locale before normalization)",
+            Some(UserUpdate {
+                first_name: Some("Anna".into()),
+                last_name: Some("W".into()),
+                phone: Some("+15550001234".into()),
+                locale: Some("en-us".into()),
+                timezone: Some("Asia/Bangkok".into()),
+                email: Some(String::new()),
+                avatar_url: Some(String::new()),
+                is_opted_in: Some(false),
+                active: Some(true),
+                custom_data: Some(prost_types::Struct::default()),
+            }),
+            String::new(),
+        ),
+        (
+            "user: {} with the current etag",
+            Some(UserUpdate::default()),
+            created.etag.clone(),
+        ),
+    ];
+    for (case, changes, etag) in writes {
+        let answered = other
+            .update_user(UpdateUserRequest {
+                id: created.id.clone(),
+                user: changes,
+                etag,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|status| panic!("{case}: {status:?}"))
+            .into_inner()
+            .user
+            .unwrap();
+        assert_eq!(answered, created, "{case}: the user as it is");
+        assert_eq!(footprint(&app, &created.id).await, before, "{case}");
+    }
+    assert_eq!(get(&mut app, &created.id).await, created);
+}
+
+#[tokio::test]
+async fn update_user_that_changes_nothing_still_checks_the_etag_and_the_user() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, user("checked", "")).await;
+    let renamed = update(
+        &mut app,
+        &created.id,
+        UserUpdate {
+            first_name: Some("Renamed".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let before = footprint(&app, &created.id).await;
+    let stale = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(UserUpdate::default()),
+            etag: created.etag.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    let (reason, metadata) = error_info(&stale).expect("ErrorInfo");
+    assert_eq!(reason, "ETAG_MISMATCH");
+    assert_eq!(metadata.get("etag"), Some(&renamed.etag));
+    assert_eq!(footprint(&app, &created.id).await, before);
+
+    let unknown = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+
+    app.users
+        .delete_user(DeleteUserRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deleted = app
+        .users
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(UserUpdate {
+                first_name: Some("Renamed".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(deleted.code(), Code::NotFound, "{deleted:?}");
+}
+
+#[tokio::test]
+async fn update_user_with_active_false_on_an_inactive_user_changes_nothing() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let inactive = UserUpdate {
+        active: Some(false),
+        ..Default::default()
+    };
+    let deactivated = update(&mut app, &created.id, inactive.clone()).await;
+    assert_eq!(deactivated.active, Some(false));
+    assert!(micros(&deactivated.updated_at) > micros(&created.updated_at));
+    let before = footprint(&app, &created.id).await;
+    assert_eq!(before.2, 2, "the creation and the deactivation");
+
+    let mut other = app.users_as(Some(&app.create_key(Role::Admin, None, None).await));
+    let again = other
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(inactive),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(again, deactivated);
+    assert_eq!(footprint(&app, &created.id).await, before);
+}
+
+#[tokio::test]
+async fn update_user_that_changes_one_field_of_several_sent_moves_update_time() {
+    let mut app = spawn_app().await;
+    let created = create(&mut app, roq_user()).await;
+    let editor = app.create_key(Role::Admin, None, None).await;
+    let mut other = app.users_as(Some(&editor));
+    let updated = other
+        .update_user(UpdateUserRequest {
+            id: created.id.clone(),
+            user: Some(UserUpdate {
+                first_name: Some("Anna".into()),
+                last_name: Some("Walker".into()),
+                active: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(updated.last_name, "Walker");
+    assert!(micros(&updated.updated_at) > micros(&created.updated_at));
+    assert_ne!(updated.etag, created.etag);
+    assert_ne!(
+        updated.updated_by, created.updated_by,
+        "the actor of the change"
+    );
+    let (_, actor, events) = footprint(&app, &created.id).await;
+    assert_eq!(actor, format!("key:{}", editor.split('_').nth(1).unwrap()));
+    assert_eq!(events, 2);
+    let changed: Vec<String> = app
+        .db
+        .query_one(
+            "SELECT changed FROM user_events WHERE user_id::text = $1 AND kind = 2",
+            &[&created.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, ["last_name"]);
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! DeactivateUser, ReactivateUser and BatchUpsertUsers (and `import`, which
 //! calls it) all reach the database through [`apply`]. A rule that every
 //! change must follow (write an event row, check and bump an etag) is
-//! written here, once.
+//! written here, once. So is its converse: a write that would change
+//! nothing writes nothing ([`Written::Unchanged`]), so that `updated_at`,
+//! `updated_by` and the change feed move only with a change.
 //!
 //! # One policy for several rows
 //!
@@ -72,10 +74,14 @@ pub enum Write {
     Create(NewUser),
     /// A new user or, when its tenant has a live user with its reference,
     /// that user with every field of this one but its id and creation time.
-    /// A deleted user's reference stays reserved: [`Written::Reserved`].
+    /// A deleted user's reference stays reserved: [`Written::Reserved`]. A
+    /// user that already has every field of this one stays as it is,
+    /// `updated_at` and `updated_by` included: [`Written::Unchanged`].
     Upsert(NewUser),
     /// The fields `changes` sets, on the live user with this id if the
-    /// scope (one tenant, or all) has it.
+    /// scope (one tenant, or all) has it. A user that already has them all
+    /// (or `changes` sets none) stays as it is, `updated_at` and
+    /// `updated_by` included: [`Written::Unchanged`].
     Update {
         id: Uuid,
         tenant: Option<Uuid>,
@@ -243,6 +249,56 @@ impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
     }
 }
 
+/// A condition on `users` rows, borrowing its values.
+type Condition<'a> = Box<
+    dyn diesel::BoxableExpression<users::table, diesel::pg::Pg, SqlType = diesel::sql_types::Bool>
+        + 'a,
+>;
+
+impl UserChangeset<'_> {
+    /// True on a row this changeset would change: a column it sets holds
+    /// another value. `None` when it sets no column (`updated_by` aside,
+    /// which is not a change of its own).
+    fn differs(&self) -> Option<Condition<'_>> {
+        use diesel::{BoolExpressionMethods, PgExpressionMethods};
+        // Every field by name, so that a new one cannot be left out here.
+        let Self {
+            email,
+            phone,
+            first_name,
+            last_name,
+            locale,
+            timezone,
+            is_opted_in,
+            active,
+            custom_data,
+            avatar_url,
+            updated_by: _,
+        } = self;
+        let mut differs: Vec<Condition<'_>> = Vec::new();
+        macro_rules! columns {
+            ($($column:ident),*) => {$(
+                if let Some(value) = *$column {
+                    differs.push(Box::new(users::$column.is_distinct_from(value)));
+                }
+            )*};
+        }
+        columns!(
+            email,
+            phone,
+            first_name,
+            last_name,
+            locale,
+            timezone,
+            is_opted_in,
+            active,
+            custom_data,
+            avatar_url
+        );
+        differs.into_iter().reduce(|a, b| Box::new(a.or(b)))
+    }
+}
+
 /// The outcome of each write, in order; `Err` for the whole when an outage
 /// stopped them.
 pub type Outcomes = Vec<Result<Written, StoreError>>;
@@ -300,20 +356,15 @@ async fn several(
                     *outcome = by_id.remove(&row.id).map(|row| Ok(Written::Created(row)));
                 }
             }),
-        Some(MultiRow::Upsert(rows)) => {
-            guarded!(conn, savepoints, |conn| upsert_all(conn, &rows)).map(|stored| {
-                // RETURNING order is not guaranteed: match rows by their key.
-                let mut by_key: HashMap<(Uuid, String), UserRow> = stored
-                    .into_iter()
-                    .map(|row| ((row.tenant_id, row.reference.clone()), row))
-                    .collect();
-                for (outcome, row) in outcomes.iter_mut().zip(&rows) {
-                    *outcome = by_key
-                        .remove(&(row.tenant_id, row.reference.as_str().to_owned()))
-                        .map(|stored| Ok(upserted(row, stored)));
+        // In a transaction of its own (a savepoint in the caller's) already.
+        Some(MultiRow::Upsert(rows)) => upsert_told(conn, &rows)
+            .await
+            .map_err(StoreError::from)
+            .map(|written| {
+                for (outcome, written) in outcomes.iter_mut().zip(written) {
+                    *outcome = Some(Ok(written));
                 }
-            })
-        }
+            }),
         None => Ok(()),
     };
     match together {
@@ -367,11 +418,14 @@ fn multi_row(writes: &[Write]) -> Option<MultiRow<'_>> {
 async fn one(conn: &mut AsyncPgConnection, write: &Write) -> diesel::QueryResult<Written> {
     match write {
         Write::Create(row) => insert(conn, row).await.map(Written::Created),
-        Write::Upsert(row) => Ok(match upsert_all(conn, &[row]).await?.pop() {
-            Some(stored) => upserted(row, stored),
-            // The conflict's WHERE keeps a deleted user's row as it is.
-            None => Written::Reserved,
-        }),
+        Write::Upsert(row) => match upsert_all(conn, &[row]).await?.pop() {
+            Some(stored) => Ok(upserted(row, stored)),
+            // Left as it is: why, only a read-back under the row's lock
+            // tells, so the statement goes again in a transaction.
+            None => upsert_told(conn, &[row])
+                .await
+                .and_then(|mut written| written.pop().ok_or(diesel::result::Error::NotFound)),
+        },
         Write::Update {
             id,
             tenant,
@@ -603,14 +657,116 @@ async fn insert_all(
         .await
 }
 
+/// [`upsert_all`], and the outcome of each row, in order. A row the
+/// statement left alone is read back, in the same transaction, under the
+/// lock the statement took on it: [`Written::Reserved`] when its user is
+/// deleted, [`Written::Unchanged`] when that user already had every field
+/// of the row.
+async fn upsert_told(
+    conn: &mut AsyncPgConnection,
+    rows: &[&NewUser],
+) -> diesel::QueryResult<Vec<Written>> {
+    conn.transaction(async |conn| {
+        // RETURNING order is not guaranteed: rows are matched by their key.
+        let mut told: HashMap<(Uuid, String), Written> = HashMap::with_capacity(rows.len());
+        let mut sent: HashMap<(Uuid, String), &NewUser> = rows
+            .iter()
+            .map(|row| ((row.tenant_id, row.reference.as_str().to_owned()), *row))
+            .collect();
+        for stored in upsert_all(conn, rows).await? {
+            let key = (stored.tenant_id, stored.reference.clone());
+            if let Some(row) = sent.remove(&key) {
+                told.insert(key, upserted(row, stored));
+            }
+        }
+        if !sent.is_empty() {
+            let left: Vec<(Uuid, &str)> = sent
+                .keys()
+                .map(|(tenant, reference)| (*tenant, reference.as_str()))
+                .collect();
+            for kept in by_keys(conn, &left).await? {
+                let key = (kept.tenant_id, kept.reference.clone());
+                let written = if kept.delete_time.is_some() {
+                    Written::Reserved
+                } else {
+                    Written::Unchanged(kept)
+                };
+                told.insert(key, written);
+            }
+        }
+        rows.iter()
+            .map(|row| {
+                told.remove(&(row.tenant_id, row.reference.as_str().to_owned()))
+                    .ok_or_else(|| {
+                        diesel::result::Error::QueryBuilderError(
+                            "an upserted row was neither written nor found".into(),
+                        )
+                    })
+            })
+            .collect()
+    })
+    .await
+}
+
+/// The users with these keys (tenant_id, reference), each a non-empty
+/// reference: one statement, on the unique index of the keys.
+async fn by_keys(
+    conn: &mut AsyncPgConnection,
+    keys: &[(Uuid, &str)],
+) -> diesel::QueryResult<Vec<UserRow>> {
+    use diesel::sql_types::{Array, Bool, Text};
+    let (tenants, references): (Vec<Uuid>, Vec<&str>) = keys.iter().copied().unzip();
+    let listed =
+        diesel::dsl::sql::<Bool>("(users.tenant_id, users.reference) IN (SELECT * FROM unnest(")
+            .bind::<Array<diesel::sql_types::Uuid>, _>(tenants)
+            .sql(", ")
+            .bind::<Array<Text>, _>(references)
+            .sql("))");
+    users::table
+        // The unique index is partial: on non-empty references.
+        .filter(users::reference.ne(""))
+        .filter(listed)
+        .select(UserRow::as_select())
+        .load(conn)
+        .await
+}
+
 /// Creates or updates every row, matched on (tenant_id, reference), in one
 /// statement. A row that matches gets every column of `rows` but its id and
-/// creation time. Any unique violation (an email taken) fails it as a whole.
+/// creation time, unless it already has them all (then it is left as it is,
+/// `updated_at` included, and not returned). Any unique violation (an email
+/// taken) fails it as a whole.
 async fn upsert_all(
     conn: &mut AsyncPgConnection,
     rows: &[&NewUser],
 ) -> diesel::QueryResult<Vec<UserRow>> {
     use diesel::upsert::{DecoratableTarget, excluded};
+    use diesel::{BoolExpressionMethods, PgExpressionMethods};
+    // The columns an upsert sets from the row sent (all but the key, the id,
+    // the times and the actor): their assignments, and the condition that
+    // one of them changes.
+    macro_rules! sent {
+        ($first:ident $(, $column:ident)*) => {(
+            (
+                users::$first.eq(excluded(users::$first)),
+                $(users::$column.eq(excluded(users::$column)),)*
+            ),
+            users::$first.is_distinct_from(excluded(users::$first))
+                $(.or(users::$column.is_distinct_from(excluded(users::$column))))*
+        )};
+    }
+    let (assigned, differs) = sent!(
+        email,
+        phone,
+        first_name,
+        last_name,
+        locale,
+        timezone,
+        is_opted_in,
+        active,
+        custom_data,
+        avatar_url
+    );
     let statement = diesel::insert_into(users::table)
         .values(
             rows.iter()
@@ -622,30 +778,31 @@ async fn upsert_all(
         .filter_target(users::reference.ne(""))
         .do_update()
         .set((
-            users::email.eq(excluded(users::email)),
-            users::phone.eq(excluded(users::phone)),
-            users::first_name.eq(excluded(users::first_name)),
-            users::last_name.eq(excluded(users::last_name)),
-            users::locale.eq(excluded(users::locale)),
-            users::timezone.eq(excluded(users::timezone)),
-            users::is_opted_in.eq(excluded(users::is_opted_in)),
-            users::active.eq(excluded(users::active)),
-            users::custom_data.eq(excluded(users::custom_data)),
-            users::avatar_url.eq(excluded(users::avatar_url)),
+            assigned,
             users::updated_at.eq(after(excluded(users::updated_at))),
             users::updated_by.eq(excluded(users::updated_by)),
         ));
-    // A deleted user's reference stays reserved: its row is left as it is,
-    // and returned by nothing. (`ON CONFLICT ... DO UPDATE ... WHERE`.)
-    diesel::query_dsl::methods::FilterDsl::filter(statement, users::delete_time.is_null())
-        .returning(UserRow::as_returning())
-        .get_results(conn)
-        .await
+    // A deleted user's reference stays reserved, and a user that already
+    // is as sent stays as it is: either row is left alone, and returned by
+    // nothing. (`ON CONFLICT ... DO UPDATE ... WHERE`, which still locks
+    // it.)
+    diesel::query_dsl::methods::FilterDsl::filter(
+        statement,
+        users::delete_time.is_null().and(differs),
+    )
+    .returning(UserRow::as_returning())
+    .get_results(conn)
+    .await
 }
 
-/// Applies `changes` to the live user with this id, if the scope has it and
-/// `etag`, when given, is its etag: one statement, so the check and the
-/// write cannot be split by another write.
+/// Applies `changes` to the live user with this id, if the scope has it,
+/// `etag`, when given, is its etag, and `changes` change something: one
+/// statement, so that the checks and the write cannot be split by another
+/// write. When it writes nothing, the user, locked, tells why: missing,
+/// stale, or already as asked ([`Written::Unchanged`]: nothing is written,
+/// so neither `updated_at` nor the change feed moves). A change committed
+/// in between may have made `changes` a change again: it is written then,
+/// under the lock.
 async fn update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -653,6 +810,35 @@ async fn update(
     changes: &UserChanges,
     etag: Option<Etag>,
 ) -> diesel::QueryResult<Written> {
+    if let Some(row) = update_row(conn, id, tenant, changes, etag).await? {
+        return Ok(Written::Updated(row));
+    }
+    conn.transaction(async |conn| {
+        let current = match lock(conn, id, tenant, Need::Live, etag).await? {
+            Ok(current) => current,
+            Err(written) => return Ok(written),
+        };
+        Ok(match update_row(conn, id, tenant, changes, etag).await? {
+            Some(row) => Written::Updated(row),
+            None => Written::Unchanged(current),
+        })
+    })
+    .await
+}
+
+/// The statement of [`update`]: the user after it, or `None` when it wrote
+/// nothing (no statement at all when `changes` set no field).
+async fn update_row(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    tenant: Option<Uuid>,
+    changes: &UserChanges,
+    etag: Option<Etag>,
+) -> diesel::QueryResult<Option<UserRow>> {
+    let changeset = UserChangeset::from(changes);
+    let Some(differs) = changeset.differs() else {
+        return Ok(None);
+    };
     let version: Boxed<users::table> = match etag {
         Some(etag) => Box::new(users::updated_at.eq(etag.time())),
         None => Box::new(users::updated_at.is_not_null()),
@@ -661,8 +847,9 @@ async fn update(
         .filter(users::id.eq(id))
         .filter(in_scope(tenant))
         .filter(users::delete_time.is_null())
-        .filter(version);
-    let updated = diesel::update(target)
+        .filter(version)
+        .filter(differs);
+    diesel::update(target)
         .set((
             UserChangeset::from(changes),
             users::updated_at.eq(after(changes.at)),
@@ -671,21 +858,7 @@ async fn update(
         .get_results(conn)
         .await
         .and_then(db::single)
-        .optional()?;
-    match (updated, etag) {
-        (Some(row), _) => Ok(Written::Updated(row)),
-        (None, None) => Ok(Written::Missing),
-        // Stale, or missing: which one, the user as it is now tells.
-        (None, Some(_)) => Ok(users::table
-            .filter(users::id.eq(id))
-            .filter(in_scope(tenant))
-            .filter(users::delete_time.is_null())
-            .select(UserRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-            .map_or(Written::Missing, Written::Stale)),
-    }
+        .optional()
 }
 
 /// The type of [`after`].
