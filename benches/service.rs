@@ -9,7 +9,7 @@
 //! Options: `--calls N` concurrent calls (64), `--connections M` HTTP/2
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
-//! `--keep` to keep the database, `--only get,create,update,safe,bulk,feed,lists` to
+//! `--keep` to keep the database, `--only get,create,update,safe,bulk,feed,lists,search` to
 //! run some scenario groups (`feed` is `watch` and `outbox`: the change feed's
 //! delivery latency and the cost of its triggers); `--watchers W` and
 //! `--feed-rate R` for the delivery run (16 WatchUsers streams, 2000 changes/s). `BENCH_SERVER` is a server binary to run instead of
@@ -47,6 +47,9 @@ const PAGE: i64 = 50;
 const BATCH: usize = 1000;
 /// `total_count_limit` of the bounded-count scenario.
 const COUNT_LIMIT: i32 = 10_000;
+/// Users of the small tenant and of the large one.
+const SMALL: i64 = 10_000;
+const LARGE: i64 = 1_000_000;
 
 /// The service over gRPC against raw SQL on the same Postgres.
 #[derive(Debug, Clone, clap::Parser)]
@@ -725,7 +728,7 @@ async fn run(
     let mut notes = Vec::new();
 
     let started = Instant::now();
-    let small = load_tenant(&db, "bench10k", 10_000).await?;
+    let small = load_tenant(&db, "bench10k", SMALL).await?;
     notes.push(format!(
         "loaded 10k users in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -767,6 +770,9 @@ async fn run(
         )
         .await?;
     }
+    if options.runs("search") {
+        query_scenarios(&mut rows, options, service, bench.small, SMALL, "10k", 150).await?;
+    }
     if options.runs("get") {
         rows.push(get_user(&bench).await);
     }
@@ -793,7 +799,7 @@ async fn run(
     // Lists at 1M; the rows of the write scenarios go first, without
     // events either (a purge event per user, and their earlier events
     // erased), as in `load_tenant`.
-    if !options.quick && options.runs("lists") {
+    if !options.quick && (options.runs("lists") || options.runs("search")) {
         bench
             .db
             .batch_execute("SET session_replication_role = replica")
@@ -808,15 +814,20 @@ async fn run(
             .await?;
         eprintln!("loading 1M users");
         let started = Instant::now();
-        let large = load_tenant(&bench.db, "bench1m", 1_000_000).await?;
+        let large = load_tenant(&bench.db, "bench1m", LARGE).await?;
         notes.push(format!(
             "loaded 1M users in {:.1} s",
             started.elapsed().as_secs_f64()
         ));
-        list_scenarios(
-            &mut rows, options, service, &bench.raw, &bench.db, large, "1M", 1000, true,
-        )
-        .await?;
+        if options.runs("lists") {
+            list_scenarios(
+                &mut rows, options, service, &bench.raw, &bench.db, large, "1M", 1000, true,
+            )
+            .await?;
+        }
+        if options.runs("search") {
+            query_scenarios(&mut rows, options, service, large, LARGE, "1M", 1500).await?;
+        }
     }
     report(&rows, notes, server, calls, bulk_speedup, feed).await
 }
@@ -1446,6 +1457,123 @@ async fn list_scenarios(
             scenario: format!("ListUsers {name} (page {page}) at {size}"),
             service: s,
             raw: Some(r),
+            ratio: None,
+        });
+    }
+    Ok(())
+}
+
+/// `search` and the order people read, one call at a time (an admin
+/// browsing): the first page of 50 for a term, and a page by token deep in
+/// a list ordered by last name.
+///
+/// The terms identify one user, as a person would search for someone: the
+/// number in the names of the bench's users (`First<n>`, `Last<n>`,
+/// `<tenant>.user<n>@...`), taken from the top nine tenths of the tenant so
+/// that it is no part of another user's number (4 digits at 10k, 6 at 1M).
+/// The last scenario searches whole last names (`Last4242`, which is in
+/// 111 last names at 1M): every user of the bench has the trigrams of
+/// `Last`, and a trigram index reads the whole list of users of every
+/// trigram of the term, so it shows what a term mostly made of trigrams
+/// that every user has costs.
+async fn query_scenarios(
+    rows: &mut Vec<Row>,
+    options: &Options,
+    service: &Service,
+    tenant: Uuid,
+    users: i64,
+    size: &str,
+    deep: i32,
+) -> Result<(), BoxError> {
+    // The number of a user in the top nine tenths, spread by a prime step.
+    let term = move |n: u64| (users / 10 + (n as i64 * 7919) % (users - users / 10)).to_string();
+    const WHOLE_NAMES: [&str; 8] = [
+        "Last4242", "last1234", "LAST9876", "Last5555", "last3141", "Last2718", "last1618",
+        "Last8080",
+    ];
+    let run = options.run();
+    let by_last_name = vec![pb::UserOrder {
+        field: pb::UserOrderField::LastName.into(),
+        direction: pb::SortDirection::Asc.into(),
+    }];
+    let ordered = move |page_token: String, offset: i32| pb::ListUsersRequest {
+        limit: Some(PAGE as i32),
+        offset,
+        filter: tenant_filter(tenant),
+        order: by_last_name.clone(),
+        page_token,
+        skip_total_count: true,
+        ..Default::default()
+    };
+    let token = service
+        .client(0)
+        .list_users(service.request(ordered(String::new(), (deep - 1) * PAGE as i32)))
+        .await?
+        .into_inner()
+        .next_page_token;
+    let cases: [(
+        String,
+        Box<dyn Fn(u64) -> pb::ListUsersRequest + Send + Sync>,
+    ); 4] = [
+        (
+            format!("ListUsers search, first page, skipTotalCount, 1 call at a time, at {size}"),
+            Box::new(move |n| pb::ListUsersRequest {
+                limit: Some(PAGE as i32),
+                filter: tenant_filter(tenant),
+                search: term(n),
+                skip_total_count: true,
+                ..Default::default()
+            }),
+        ),
+        (
+            format!("ListUsers search, first page + totalCount, 1 call at a time, at {size}"),
+            Box::new(move |n| pb::ListUsersRequest {
+                limit: Some(PAGE as i32),
+                filter: tenant_filter(tenant),
+                search: term(n),
+                ..Default::default()
+            }),
+        ),
+        (
+            format!(
+                "ListUsers by lastName, page {} by token, 1 call at a time, at {size}",
+                deep + 1
+            ),
+            Box::new(move |_| ordered(token.clone(), 0)),
+        ),
+        (
+            format!(
+                "ListUsers search for a whole last name, first page, skipTotalCount, 1 call at a time, at {size}"
+            ),
+            Box::new(move |n| pb::ListUsersRequest {
+                limit: Some(PAGE as i32),
+                filter: tenant_filter(tenant),
+                search: WHOLE_NAMES[n as usize % WHOLE_NAMES.len()].to_owned(),
+                skip_total_count: true,
+                ..Default::default()
+            }),
+        ),
+    ];
+    for (scenario, request) in cases {
+        eprintln!("{scenario}");
+        let request = Arc::new(request);
+        let service = service.clone();
+        let sample = drive(1, run, move |w, n| {
+            let (service, request) = (service.clone(), Arc::clone(&request));
+            async move {
+                service
+                    .client(w)
+                    .list_users(service.request(request(n)))
+                    .await
+                    .map_err(code)?;
+                Ok(())
+            }
+        })
+        .await;
+        rows.push(Row {
+            scenario,
+            service: sample,
+            raw: None,
             ratio: None,
         });
     }
