@@ -75,7 +75,9 @@ struct Options {
     #[arg(long)]
     keep: bool,
     /// Scenario groups to run (lists, get, create, update, safe, bulk,
-    /// feed; feed is watch and outbox, its two halves); all when not given.
+    /// feed, counts; feed is watch and outbox, its two halves; counts is
+    /// the total from the counters and what their triggers cost the
+    /// writes); all when not given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// WatchUsers streams of the change feed's delivery run.
@@ -494,7 +496,8 @@ async fn wait_ready(
 /// server's feed reader would then read and convert them all while the list
 /// scenarios run. `session_replication_role = replica` (the bench connects
 /// as superuser) skips every trigger, the tenant's foreign key check
-/// included, for this connection only.
+/// included, for this connection only; the tenant's user counts, which
+/// triggers keep, are counted afterwards ([`recount`]).
 async fn load_tenant(db: &PgClient, name: &str, count: i64) -> Result<Uuid, BoxError> {
     let tenant = Uuid::now_v7();
     db.execute(
@@ -522,6 +525,7 @@ async fn load_tenant(db: &PgClient, name: &str, count: i64) -> Result<Uuid, BoxE
     // Steady state: statistics and the visibility map, as autovacuum leaves them.
     db.batch_execute("SET synchronous_commit = on; RESET session_replication_role")
         .await?;
+    recount(db, tenant).await?;
     db.batch_execute("VACUUM ANALYZE users").await?;
     Ok(tenant)
 }
@@ -796,6 +800,9 @@ async fn run(
     } else {
         None
     };
+    if options.runs("counts") {
+        counts(&bench, url, &mut rows, &mut notes).await?;
+    }
     // Lists at 1M; the rows of the write scenarios go first, without
     // events either (a purge event per user, and their earlier events
     // erased), as in `load_tenant`.
@@ -2456,4 +2463,242 @@ impl Cpu {
             pct(self.others())
         )
     }
+}
+
+// ---------------------------------------------------------------- counts
+
+/// Sets the user counts of `tenant` (`user_counts`, which the service's
+/// triggers keep) to what its users are, after writes made without those
+/// triggers; a server without the counters (`BENCH_SERVER` of an earlier
+/// commit) has nothing to set.
+async fn recount(db: &PgClient, tenant: Uuid) -> Result<(), BoxError> {
+    let counted: bool = db
+        .query_one("SELECT to_regclass('user_counts') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !counted {
+        return Ok(());
+    }
+    // The lock keeps writers out between the count and the new rows.
+    db.batch_execute("BEGIN; LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+        .await?;
+    let recounted = async {
+        db.execute("DELETE FROM user_counts WHERE tenant_id = $1", &[&tenant])
+            .await?;
+        db.execute(
+            "INSERT INTO user_counts (tenant_id, shard, users, active) \
+             SELECT $1, 0, count(*), count(*) FILTER (WHERE active) FROM users \
+             WHERE tenant_id = $1 AND delete_time IS NULL",
+            &[&tenant],
+        )
+        .await
+    }
+    .await;
+    db.batch_execute(if recounted.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    })
+    .await?;
+    recounted?;
+    Ok(())
+}
+
+/// The `counts` group: ListUsers' totalCount from the counters at 10k and
+/// (but with `--quick`) 1M users, and what the counters' triggers cost
+/// CreateUser and BatchUpsertUsers. The 1M users are a tenant of their own,
+/// loaded here.
+async fn counts(
+    bench: &Bench<'_>,
+    url: &str,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<(), BoxError> {
+    count_latency(bench, url, bench.small, "10k", rows, notes).await?;
+    if !bench.options.quick {
+        eprintln!("loading 1M users (counts)");
+        let started = Instant::now();
+        let large = load_tenant(&bench.db, "benchcounts1m", 1_000_000).await?;
+        notes.push(format!(
+            "loaded 1M users (counts) in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        count_latency(bench, url, large, "1M", rows, notes).await?;
+    }
+    count_trigger_cost(bench, notes).await
+}
+
+/// ListUsers of one tenant with totalCount and a page of one user,
+/// unfiltered and of its active users, one call at a time (an admin
+/// paging through a tenant), against the raw sum of the tenant's counters
+/// on a connection of its own.
+async fn count_latency(
+    bench: &Bench<'_>,
+    url: &str,
+    tenant: Uuid,
+    size: &str,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<(), BoxError> {
+    let raw = Arc::new(connect(&url.parse()?).await?);
+    for active in [None, Some(true)] {
+        let (name, column) = match active {
+            None => ("unfiltered", "users"),
+            Some(_) => ("active only", "active"),
+        };
+        let expected: i64 = bench
+            .db
+            .query_one(
+                "SELECT count(*) FROM users WHERE tenant_id = $1 AND delete_time IS NULL \
+                 AND ($2::bool IS NULL OR active = $2)",
+                &[&tenant, &active],
+            )
+            .await?
+            .get(0);
+        let scenario =
+            format!("ListUsers totalCount, {name}, page of 1, 1 call at a time, at {size}");
+        eprintln!("{scenario}");
+        let request = pb::ListUsersRequest {
+            limit: Some(1),
+            filter: Some(pb::UserFilter {
+                active: active.map(|active| pb::BoolFilter {
+                    equal_to: Some(active),
+                    ..Default::default()
+                }),
+                ..tenant_filter(tenant).unwrap_or_default()
+            }),
+            ..Default::default()
+        };
+        let service = bench.service.clone();
+        let s = drive(1, bench.run, move |w, _| {
+            let (service, request) = (service.clone(), request.clone());
+            async move {
+                let page = service
+                    .client(w)
+                    .list_users(service.request(request))
+                    .await
+                    .map_err(code)?
+                    .into_inner();
+                if page.total_count != Some(expected) {
+                    return Err("wrong_total".into());
+                }
+                Ok(())
+            }
+        })
+        .await;
+        let sum = raw
+            .prepare(&format!(
+                "SELECT COALESCE(sum({column}), 0)::bigint FROM user_counts WHERE tenant_id = $1"
+            ))
+            .await?;
+        let r = {
+            let raw = Arc::clone(&raw);
+            drive(1, bench.run, move |_, _| {
+                let (raw, sum) = (Arc::clone(&raw), sum.clone());
+                async move {
+                    let total: i64 = raw
+                        .query_one(&sum, &[&tenant])
+                        .await
+                        .map_err(sql_code)?
+                        .get(0);
+                    if total != expected {
+                        return Err("wrong_total".into());
+                    }
+                    Ok(())
+                }
+            })
+            .await
+        };
+        if size == "1M" {
+            let p50 = s.quantile(0.5);
+            notes.push(format!(
+                "target: ListUsers totalCount ({name}) at 1M, p50 <= 1 ms: {} {}",
+                ms(p50),
+                if p50 <= Duration::from_millis(1) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
+            ));
+        }
+        rows.push(Row {
+            scenario,
+            service: s,
+            raw: Some(r),
+            ratio: None,
+        });
+    }
+    Ok(())
+}
+
+/// Turns the counters' three triggers on `users` on or off.
+async fn count_triggers(db: &PgClient, on: bool) -> Result<(), BoxError> {
+    let verb = if on { "ENABLE" } else { "DISABLE" };
+    db.batch_execute(&format!(
+        "ALTER TABLE users {verb} TRIGGER user_counts_insert, {verb} TRIGGER user_counts_update, \
+         {verb} TRIGGER user_counts_delete"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// What the counters cost the writes: CreateUser at `--calls` and
+/// BatchUpsertUsers of 1000 new users at min(calls, 2 x pool), with the
+/// counters' triggers on (A) and off (B), A B A B (three pairs, five in a
+/// full run), median of the per-pair ratios. The writes go to a tenant of
+/// their own, recounted afterwards.
+async fn count_trigger_cost(bench: &Bench<'_>, notes: &mut Vec<String>) -> Result<(), BoxError> {
+    let (service, run, db) = (bench.service, bench.run, &bench.db);
+    let pairs = if bench.options.quick { 3 } else { 5 };
+    let tenant = load_tenant(db, "benchcountwrites", 0).await?;
+    let run_id = std::process::id();
+    let bulk_calls = bench.calls.min(bench.options.pool() * 2);
+    for (bulk, calls) in [(false, bench.calls), (true, bulk_calls)] {
+        let name = if bulk {
+            "BatchUpsertUsers x1000"
+        } else {
+            "CreateUser"
+        };
+        eprintln!("{name}, {calls} calls: count triggers on and off");
+        let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut errors = Vec::new();
+        for pair in 0..pairs {
+            let mut sides = Vec::new();
+            for side in ["a", "b"] {
+                if side == "b" {
+                    count_triggers(db, false).await?;
+                }
+                let prefix = format!("k{side}{run_id}-{calls}-{pair}");
+                let sample = if bulk {
+                    bulk_upserts(service, calls, run, prefix, tenant).await
+                } else {
+                    create_users(service, calls, run, prefix, tenant).await
+                };
+                if side == "b" {
+                    count_triggers(db, true).await?;
+                }
+                if !sample.errors.is_empty() {
+                    errors.push(format!("{side}: {}", sample.errors()));
+                }
+                sides.push(sample.rate() * sample.per_call as f64);
+            }
+            ratios.push(sides[0] / sides[1]);
+            on.push(format!("{:.0}", sides[0]));
+            off.push(format!("{:.0}", sides[1]));
+        }
+        let ratio = median(ratios);
+        notes.push(format!(
+            "count triggers on (A) vs off (B), {name}, {calls} calls, A B x{pairs}: \
+             A {} users/s, B {} users/s; A / B median {ratio:.3}x (target >= 0.95: {}){}",
+            on.join(", "),
+            off.join(", "),
+            if ratio >= 0.95 { "PASS" } else { "FAIL" },
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; errors {}", errors.join(", "))
+            }
+        ));
+    }
+    recount(db, tenant).await
 }

@@ -113,4 +113,15 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(api_keys, request_ids, tenants, users);
+diesel::table! {
+    user_counts (tenant_id, shard) {
+        tenant_id -> Uuid,
+        shard -> Int2,
+        users -> Int8,
+        active -> Int8,
+    }
+}
+
+diesel::joinable!(user_counts -> tenants (tenant_id));
+
+diesel::allow_tables_to_appear_in_same_query!(api_keys, request_ids, tenants, user_counts, users);

@@ -6,6 +6,7 @@ mod batches;
 mod bulk;
 mod connections;
 mod contract;
+mod counts;
 mod hardening;
 mod helpers;
 mod keys_cli;

@@ -100,7 +100,10 @@ pub async fn list(
         .read_only()
         .run(async |conn| {
             let snapshot = events::now(conn).await?;
+            // Totals the counters know are read from them (count.rs).
+            let counted = super::count::counted(conn, query).await?;
             let total = match (query.count_total, query.count_limit) {
+                _ if counted.is_some() => counted,
                 (false, _) => None,
                 (true, None) => Some(
                     filtered(&query.conditions)

@@ -1,6 +1,7 @@
 //! Queries on `users`: reads, lists, and every change, which goes through
 //! the one write path of [`write`].
 
+mod count;
 mod list;
 mod read;
 mod write;
