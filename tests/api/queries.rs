@@ -205,7 +205,7 @@ async fn avatar_url_deletion_and_last_actor_have_filters() {
         }),
     )
     .await;
-    assert_eq!(ids(&page.data), [gone.id.clone()]);
+    assert_eq!(ids(&page.data), std::slice::from_ref(&gone.id));
     // A user that is not deleted never matches a deletion-time condition,
     // not even its negation.
     let page = list(
