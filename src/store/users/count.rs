@@ -27,11 +27,7 @@ pub async fn counted(
     conn: &mut AsyncPgConnection,
     query: &ListQuery,
 ) -> diesel::QueryResult<Option<i64>> {
-    let Some((tenant, counter)) = query
-        .count_total
-        .then(|| counter_of(&query.conditions))
-        .flatten()
-    else {
+    let Some((tenant, counter)) = counter(query) else {
         return Ok(None);
     };
     let total = user_counts::table
@@ -40,15 +36,28 @@ pub async fn counted(
         .get_results::<i64>(conn)
         .await
         .and_then(db::single)?;
-    Ok(Some(match query.count_limit {
+    Ok(Some(limited(query, total)))
+}
+
+/// The tenant and counter that know the total `query` asks for, if any.
+pub(super) fn counter(query: &ListQuery) -> Option<(Uuid, Counter)> {
+    query
+        .count_total
+        .then(|| counter_of(&query.conditions))
+        .flatten()
+}
+
+/// A total read from the counters, stopped where a count would stop.
+pub(super) fn limited(query: &ListQuery, total: i64) -> i64 {
+    match query.count_limit {
         Some(limit) => total.min(limit + 1),
         None => total,
-    }))
+    }
 }
 
 /// The counted users a list selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Counter {
+pub(super) enum Counter {
     Live,
     Active,
     Inactive,
@@ -59,10 +68,17 @@ impl Counter {
     /// (one that never had a user).
     fn sum(self) -> &'static str {
         match self {
-            Self::Live => "COALESCE(sum(users), 0)::bigint",
-            Self::Active => "COALESCE(sum(active), 0)::bigint",
-            Self::Inactive => "COALESCE(sum(users - active), 0)::bigint",
+            Self::Live => "COALESCE(sum(user_counts.users), 0)::bigint",
+            Self::Active => "COALESCE(sum(user_counts.active), 0)::bigint",
+            Self::Inactive => "COALESCE(sum(user_counts.users - user_counts.active), 0)::bigint",
         }
+    }
+
+    /// The total of a tenant as a column of another statement, read in
+    /// that statement's snapshot (an uncorrelated subquery, computed once):
+    /// the tenant's id is to be bound after this text, then `)`.
+    pub(super) fn subquery(self) -> String {
+        format!("(SELECT {} FROM user_counts WHERE tenant_id = ", self.sum())
     }
 }
 

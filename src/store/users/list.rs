@@ -75,22 +75,36 @@ pub async fn list(
             .limit(query.limit + 1)
             .offset(query.offset)
     };
-    if !query.count_total {
-        // One statement: the page, and the snapshot it was read at in each
-        // row. An empty page has no row to carry it, and is read again
-        // below.
-        let rows: Vec<(UserRow, String, Option<i64>)> = rows_query()
-            .select((
-                UserRow::as_select(),
-                diesel::dsl::sql::<Text>(events::SNAPSHOT),
-                diesel::dsl::sql::<Nullable<BigInt>>(events::LAST_SEQ),
-            ))
-            .load(conn)
-            .await?;
-        if let Some((_, snapshot, seq)) = <[_]>::first(&rows) {
+    let counter = super::count::counter(query);
+    if !query.count_total || counter.is_some() {
+        // One statement: the page, the snapshot it was read at and the
+        // total the counters hold, in each row. An empty page has no row
+        // to carry them, and is read again below.
+        let snapshot = || diesel::dsl::sql::<Text>(events::SNAPSHOT);
+        let seq = || diesel::dsl::sql::<Nullable<BigInt>>(events::LAST_SEQ);
+        let rows: Vec<(UserRow, String, Option<i64>, Option<i64>)> = match counter {
+            Some((tenant, counter)) => {
+                let total = diesel::dsl::sql::<Nullable<BigInt>>(&counter.subquery())
+                    .bind::<diesel::sql_types::Uuid, _>(tenant)
+                    .sql(")");
+                rows_query()
+                    .select((UserRow::as_select(), snapshot(), seq(), total))
+                    .load(conn)
+                    .await?
+            }
+            None => {
+                let total = diesel::dsl::sql::<Nullable<BigInt>>("NULL::bigint");
+                rows_query()
+                    .select((UserRow::as_select(), snapshot(), seq(), total))
+                    .load(conn)
+                    .await?
+            }
+        };
+        if let Some((_, snapshot, seq, total)) = <[_]>::first(&rows) {
             let snapshot = events::snapshot_of(snapshot, *seq)?;
+            let total = total.map(|total| super::count::limited(query, total));
             let rows = rows.into_iter().map(|(row, ..)| row).collect();
-            return Ok(Ok((page_of(rows, query, &terms, None), snapshot)));
+            return Ok(Ok((page_of(rows, query, &terms, total), snapshot)));
         }
     }
     // The count, the page and the snapshot in one transaction, so that
