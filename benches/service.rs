@@ -1173,7 +1173,10 @@ async fn report(
     for page in ["first page", "page by token"] {
         let p50 = |size: &str| {
             rows.iter()
-                .find(|r| r.scenario.contains(size) && r.scenario.contains(page))
+                .find(|r| {
+                    r.scenario.ends_with(size)
+                        && r.scenario.starts_with(&format!("ListUsers {page}"))
+                })
                 .map(|r| r.service.quantile(0.5).as_secs_f64())
         };
         let (small, large) = (p50("10k"), p50("1M"));
@@ -1184,6 +1187,27 @@ async fn report(
             fmt_opt(ratio, "x"),
         ));
     }
+    let search = |size: &str| {
+        rows.iter()
+            .find(|r| {
+                r.scenario.ends_with(size)
+                    && r.scenario
+                        .starts_with("ListUsers search, first page, skipTotalCount")
+            })
+            .map(|r| r.service.quantile(0.5).as_secs_f64())
+    };
+    let (small, large) = (search("10k"), search("1M"));
+    targets.push((
+        "ListUsers search, first page: p50 at 1M <= 20 ms".into(),
+        large.map(|l| l <= 0.020),
+        fmt_opt(large.map(|l| l * 1e3), " ms"),
+    ));
+    let ratio = small.zip(large).map(|(s, l)| l / s);
+    targets.push((
+        "ListUsers search, first page: p50 at 1M <= 2x p50 at 10k".into(),
+        ratio.map(|r| r <= 2.0),
+        fmt_opt(ratio, "x"),
+    ));
     let bulk_rate = rate("BatchUpsertUsers").map(|r| r.service.rate() * BATCH as f64);
     targets.push((
         "bulk >= 20,000 users/s".into(),
