@@ -209,6 +209,7 @@ impl<'a> From<&'a NewUser> for UserInsert<'a> {
 }
 
 /// [`UserChanges`] as `users` stores them: `None` leaves a column alone.
+/// Its fields but `updated_by` are the columns of [`sent_columns!`].
 #[derive(AsChangeset)]
 #[diesel(table_name = users)]
 struct UserChangeset<'a> {
@@ -255,35 +256,12 @@ type Condition<'a> = Box<
         + 'a,
 >;
 
-impl UserChangeset<'_> {
-    /// True on a row this changeset would change: a column it sets holds
-    /// another value. `None` when it sets no column (`updated_by` aside,
-    /// which is not a change of its own).
-    fn differs(&self) -> Option<Condition<'_>> {
-        use diesel::{BoolExpressionMethods, PgExpressionMethods};
-        // Every field by name, so that a new one cannot be left out here.
-        let Self {
-            email,
-            phone,
-            first_name,
-            last_name,
-            locale,
-            timezone,
-            is_opted_in,
-            active,
-            custom_data,
-            avatar_url,
-            updated_by: _,
-        } = self;
-        let mut differs: Vec<Condition<'_>> = Vec::new();
-        macro_rules! columns {
-            ($($column:ident),*) => {$(
-                if let Some(value) = *$column {
-                    differs.push(Box::new(users::$column.is_distinct_from(value)));
-                }
-            )*};
-        }
-        columns!(
+/// Calls `$then!` with the columns a write sets from what its caller sent:
+/// all but the key, the id, the times and the actor. An update's changeset
+/// and an upsert's assignments both name them from here.
+macro_rules! sent_columns {
+    ($then:ident) => {
+        $then!(
             email,
             phone,
             first_name,
@@ -294,8 +272,30 @@ impl UserChangeset<'_> {
             active,
             custom_data,
             avatar_url
-        );
-        differs.into_iter().reduce(|a, b| Box::new(a.or(b)))
+        )
+    };
+}
+
+impl UserChangeset<'_> {
+    /// True on a row this changeset would change: a column it sets holds
+    /// another value. `None` when it sets no column (`updated_by` aside,
+    /// which is not a change of its own).
+    fn differs(&self) -> Option<Condition<'_>> {
+        use diesel::{BoolExpressionMethods, PgExpressionMethods};
+        macro_rules! differs {
+            ($($column:ident),*) => {
+                [$(
+                    self.$column.map(|value| -> Condition<'_> {
+                        Box::new(users::$column.is_distinct_from(value))
+                    })
+                ),*]
+            };
+        }
+        let differs = sent_columns!(differs);
+        differs
+            .into_iter()
+            .flatten()
+            .reduce(|a, b| Box::new(a.or(b)))
     }
 }
 
@@ -742,9 +742,8 @@ async fn upsert_all(
 ) -> diesel::QueryResult<Vec<UserRow>> {
     use diesel::upsert::{DecoratableTarget, excluded};
     use diesel::{BoolExpressionMethods, PgExpressionMethods};
-    // The columns an upsert sets from the row sent (all but the key, the id,
-    // the times and the actor): their assignments, and the condition that
-    // one of them changes.
+    // The assignments of the columns sent, and the condition that one of
+    // them changes.
     macro_rules! sent {
         ($first:ident $(, $column:ident)*) => {(
             (
@@ -755,18 +754,7 @@ async fn upsert_all(
                 $(.or(users::$column.is_distinct_from(excluded(users::$column))))*
         )};
     }
-    let (assigned, differs) = sent!(
-        email,
-        phone,
-        first_name,
-        last_name,
-        locale,
-        timezone,
-        is_opted_in,
-        active,
-        custom_data,
-        avatar_url
-    );
+    let (assigned, differs) = sent_columns!(sent);
     let statement = diesel::insert_into(users::table)
         .values(
             rows.iter()
