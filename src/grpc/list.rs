@@ -380,46 +380,47 @@ fn filter_size(filter: &pb::UserFilter, depth: usize) -> Result<usize, Beyond> {
     if depth > MAX_FILTER_DEPTH {
         return Err(Beyond::Depth);
     }
+    // Every field by name, so that a new one cannot be left uncounted.
+    let pb::UserFilter {
+        id,
+        reference,
+        email,
+        phone,
+        first_name,
+        last_name,
+        locale,
+        timezone,
+        tenant_id,
+        active,
+        is_opted_in,
+        created_at,
+        updated_at,
+        custom_data,
+        avatar_url,
+        delete_time,
+        expire_time,
+        and,
+        or,
+        not,
+        updated_by,
+    } = filter;
     let mut size = [
-        &filter.id,
-        &filter.reference,
-        &filter.email,
-        &filter.phone,
-        &filter.first_name,
-        &filter.last_name,
-        &filter.locale,
-        &filter.timezone,
-        &filter.tenant_id,
-        &filter.avatar_url,
+        id, reference, email, phone, first_name, last_name, locale, timezone, tenant_id, avatar_url,
     ]
     .into_iter()
     .map(string)
     .sum::<usize>()
-        + boolean(&filter.active)
-        + boolean(&filter.is_opted_in)
-        + [
-            &filter.created_at,
-            &filter.updated_at,
-            &filter.delete_time,
-            &filter.expire_time,
-        ]
-        .into_iter()
-        .map(time)
-        .sum::<usize>()
-        + usize::from(
-            filter
-                .custom_data
-                .as_ref()
-                .is_some_and(|f| f.contains.is_some()),
-        )
-        + filter.updated_by.as_ref().map_or(0, |f| {
+        + boolean(active)
+        + boolean(is_opted_in)
+        + [created_at, updated_at, delete_time, expire_time]
+            .into_iter()
+            .map(time)
+            .sum::<usize>()
+        + usize::from(custom_data.as_ref().is_some_and(|f| f.contains.is_some()))
+        + updated_by.as_ref().map_or(0, |f| {
             usize::from(f.api_key_id.is_some()) + usize::from(f.user_id.is_some())
         });
-    let nested = filter
-        .and
-        .iter()
-        .chain(&filter.or)
-        .chain(filter.not.as_deref());
+    let nested = and.iter().chain(or).chain(not.as_deref());
     for inner in nested {
         if size > MAX_FILTER_CONDITIONS {
             break;

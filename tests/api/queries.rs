@@ -5,8 +5,8 @@
 use tonic::Code;
 use users_service::auth::Role;
 use users_service::pb::v1::{
-    ActorFilter, BoolFilter, DeleteUserRequest, ListUsersRequest, SortDirection, TimestampFilter,
-    User, UserFilter, UserOrder, UserOrderField,
+    ActorFilter, BoolFilter, DeleteUserRequest, JsonFilter, ListUsersRequest, SortDirection,
+    TimestampFilter, User, UserFilter, UserOrder, UserOrderField,
 };
 
 use crate::helpers::{spawn_app, violated_fields};
@@ -22,6 +22,9 @@ fn named(reference: &str, first: &str, last: &str) -> User {
         ..Default::default()
     }
 }
+
+/// The most conditions a filter may have in all.
+const MAX: usize = 64;
 
 fn filtered(filter: UserFilter) -> ListUsersRequest {
     ListUsersRequest {
@@ -500,6 +503,138 @@ async fn composition_is_bounded_in_depth_and_in_conditions() {
         violated_fields(&status),
         ["filter.or[1].not.phone.equal_to"]
     );
+}
+
+/// One filter per operator of every field, each with a valid value.
+fn one_condition_each() -> Vec<UserFilter> {
+    let uuid = "01890000-0000-7000-8000-000000000000";
+    let mut filters = Vec::new();
+    for (field, value) in [
+        ("id", uuid),
+        ("reference", "r"),
+        ("email", "a@example.com"),
+        ("phone", "+1 555 000 1234"),
+        ("first_name", "Ada"),
+        ("last_name", "L"),
+        ("locale", "en-US"),
+        ("timezone", "Europe/Berlin"),
+        ("tenant_id", uuid),
+        ("avatar_url", "https://example.com/a.png"),
+    ] {
+        for op in [eq(value), ne(value), any_of(&[value]), none_of(&[value])] {
+            filters.push(on(field, op));
+        }
+        filters.push(on(field, like("%a%")));
+        filters.push(on(field, crate::list::ilike("%a%")));
+    }
+    let flags = [true, false].map(|value| BoolFilter {
+        equal_to: Some(value).filter(|v| *v),
+        not_equal_to: Some(value).filter(|v| !*v),
+    });
+    for flag in flags {
+        filters.push(UserFilter {
+            active: Some(flag),
+            ..Default::default()
+        });
+        filters.push(UserFilter {
+            is_opted_in: Some(flag),
+            ..Default::default()
+        });
+    }
+    let at = Some(prost_types::Timestamp {
+        seconds: 1_767_225_600,
+        nanos: 0,
+    });
+    let bounds = [
+        TimestampFilter {
+            equal_to: at,
+            ..Default::default()
+        },
+        TimestampFilter {
+            not_equal_to: at,
+            ..Default::default()
+        },
+        TimestampFilter {
+            less_than: at,
+            ..Default::default()
+        },
+        TimestampFilter {
+            less_than_equal: at,
+            ..Default::default()
+        },
+        TimestampFilter {
+            more_than: at,
+            ..Default::default()
+        },
+        TimestampFilter {
+            more_than_equal: at,
+            ..Default::default()
+        },
+    ];
+    for bound in bounds {
+        let bound = Some(bound);
+        filters.extend([
+            UserFilter {
+                created_at: bound,
+                ..Default::default()
+            },
+            UserFilter {
+                updated_at: bound,
+                ..Default::default()
+            },
+            UserFilter {
+                delete_time: bound,
+                ..Default::default()
+            },
+            UserFilter {
+                expire_time: bound,
+                ..Default::default()
+            },
+        ]);
+    }
+    filters.push(UserFilter {
+        custom_data: Some(JsonFilter {
+            contains: Some(prost_types::Struct::default()),
+        }),
+        ..Default::default()
+    });
+    filters.push(UserFilter {
+        updated_by: Some(ActorFilter {
+            api_key_id: Some("key".into()),
+            user_id: None,
+        }),
+        ..Default::default()
+    });
+    filters.push(UserFilter {
+        updated_by: Some(ActorFilter {
+            api_key_id: None,
+            user_id: Some(uuid.into()),
+        }),
+        ..Default::default()
+    });
+    filters
+}
+
+#[tokio::test]
+async fn every_operator_of_every_field_counts_as_one_condition() {
+    let mut app = spawn_app().await;
+    let filters = one_condition_each();
+    // 10 text fields of 6 operators, 2 flags of 2, 4 times of 6, custom
+    // data, and the two actors.
+    assert_eq!(filters.len(), 60 + 4 + 24 + 1 + 2);
+    for filter in filters {
+        // With 63 empty filters beside it (one condition each), 64 in all.
+        let mut within = filter.clone();
+        within.and = vec![UserFilter::default(); MAX - 1];
+        list(&mut app, filtered(within)).await;
+        let mut beyond = filter;
+        beyond.and = vec![UserFilter::default(); MAX];
+        let status = list_err(&mut app, filtered(beyond.clone())).await;
+        assert!(
+            status.message().contains("64 conditions"),
+            "{beyond:?}: {status:?}"
+        );
+    }
 }
 
 #[tokio::test]
