@@ -1102,9 +1102,12 @@ async fn list_users_searches_email_first_and_last_name_case_insensitively() {
     )
     .await;
 
-    let cases: [(&str, Vec<&User>); 8] = [
+    let cases: [(&str, Vec<&User>); 10] = [
         // First name of one, last name of another.
         ("ANNA", vec![&anna, &bob]),
+        // Never across two fields, though one index holds them together.
+        ("anna\nlee", vec![]),
+        ("example.com\nanna", vec![]),
         // Email only.
         ("EXAMPLE.ORG", vec![&bob]),
         // First name only.

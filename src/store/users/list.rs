@@ -200,10 +200,10 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
     match condition {
         Condition::Text(field, op) => match field {
             TextField::Reference => text_condition!(users::reference, op),
-            TextField::Email => email_condition(op),
+            TextField::Email => in_search_text(email_condition(op), op),
             TextField::Phone => text_condition!(users::phone, op),
-            TextField::FirstName => text_condition!(users::first_name, op),
-            TextField::LastName => text_condition!(users::last_name, op),
+            TextField::FirstName => in_search_text(text_condition!(users::first_name, op), op),
+            TextField::LastName => in_search_text(text_condition!(users::last_name, op), op),
             TextField::Locale => text_condition!(users::locale, op),
             TextField::Timezone => text_condition!(users::timezone, op),
             TextField::AvatarUrl => text_condition!(users::avatar_url, op),
@@ -238,12 +238,13 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
         Condition::UpdatedBy(actor) => Box::new(users::updated_by.eq(actor.as_str().to_owned())),
         Condition::Search(text) => {
             let pattern = format!("%{}%", escape_like(text));
-            Box::new(
-                users::email
-                    .ilike(pattern.clone())
-                    .or(users::first_name.ilike(pattern.clone()))
-                    .or(users::last_name.ilike(pattern)),
-            )
+            // The fields' own conditions decide; the search text's, which
+            // they imply, is what the index serves.
+            let fields = users::email
+                .ilike(pattern.clone())
+                .or(users::first_name.ilike(pattern.clone()))
+                .or(users::last_name.ilike(pattern.clone()));
+            Box::new(search_text_matches("ILIKE", pattern).and(fields))
         }
         Condition::All(conditions) => conditions
             .iter()
@@ -257,6 +258,32 @@ fn condition_expression(condition: &Condition) -> Boxed<users::table> {
             .unwrap_or_else(|| Box::new(diesel::dsl::sql::<Bool>("FALSE"))),
         Condition::Not(condition) => Box::new(diesel::dsl::not(condition_expression(condition))),
     }
+}
+
+/// The text `search` looks in: email, first name and last name joined by
+/// newlines, exactly the expression `users_search_text_idx` indexes (its
+/// trigrams), so that the planner matches the two.
+const SEARCH_TEXT: &str =
+    r#"("users"."email" || E'\n' || "users"."first_name" || E'\n' || "users"."last_name")"#;
+
+/// `SEARCH_TEXT LIKE pattern` (or `ILIKE`).
+fn search_text_matches(operator: &str, pattern: String) -> Boxed<users::table> {
+    Box::new(
+        diesel::dsl::sql::<Bool>(&format!("{SEARCH_TEXT} {operator} ")).bind::<Text, _>(pattern),
+    )
+}
+
+/// `condition` on email, first name or last name, and, when it is a pattern,
+/// what it implies: that the search text holds a match of the pattern. The
+/// two together mean what the field's condition means alone, and the second
+/// lets the search text's trigram index find the candidates.
+fn in_search_text(condition: Boxed<users::table>, op: &TextOp) -> Boxed<users::table> {
+    let implied = match op {
+        StringOp::Like(pattern) => search_text_matches("LIKE", format!("%{pattern}%")),
+        StringOp::ILike(pattern) => search_text_matches("ILIKE", format!("%{pattern}%")),
+        _ => return condition,
+    };
+    Box::new(implied.and(condition))
 }
 
 diesel::define_sql_function! {
