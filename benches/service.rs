@@ -777,7 +777,17 @@ async fn run(
         .await?;
     }
     if options.runs("search") {
-        query_scenarios(&mut rows, options, service, bench.small, SMALL, "10k", 150).await?;
+        query_scenarios(
+            &mut rows,
+            options,
+            service,
+            &pg,
+            bench.small,
+            SMALL,
+            "10k",
+            150,
+        )
+        .await?;
     }
     if options.runs("get") {
         rows.push(get_user(&bench).await);
@@ -835,7 +845,7 @@ async fn run(
             .await?;
         }
         if options.runs("search") {
-            query_scenarios(&mut rows, options, service, large, LARGE, "1M", 1500).await?;
+            query_scenarios(&mut rows, options, service, &pg, large, LARGE, "1M", 1500).await?;
         }
     }
     report(&rows, notes, server, calls, bulk_speedup, feed).await
@@ -1509,10 +1519,12 @@ async fn list_scenarios(
 /// `Last`, and a trigram index reads the whole list of users of every
 /// trigram of the term, so it shows what a term mostly made of trigrams
 /// that every user has costs.
+#[allow(clippy::too_many_arguments)]
 async fn query_scenarios(
     rows: &mut Vec<Row>,
     options: &Options,
     service: &Service,
+    pg: &tokio_postgres::Config,
     tenant: Uuid,
     users: i64,
     size: &str,
@@ -1544,8 +1556,26 @@ async fn query_scenarios(
         .await?
         .into_inner()
         .next_page_token;
+    // The raw side of a search: the statement the service sends, prepared
+    // on a connection of its own, and planned for each term (a generic plan
+    // cannot tell a rare term from a common one).
+    let raw = Arc::new(connect(pg).await?);
+    raw.batch_execute("SET plan_cache_mode = force_custom_plan")
+        .await?;
+    let raw_search = raw
+        .prepare(&format!(
+            "SELECT {COLUMNS} FROM users WHERE tenant_id = $1 AND delete_time IS NULL \
+             AND (email || E'\\n' || first_name || E'\\n' || last_name) ILIKE $2 \
+             AND (email ILIKE $2 OR first_name ILIKE $2 OR last_name ILIKE $2) \
+             ORDER BY created_at, id LIMIT {}",
+            PAGE + 1
+        ))
+        .await?;
     type Request = Box<dyn Fn(u64) -> pb::ListUsersRequest + Send + Sync>;
-    let cases: [(String, Request); 4] = [
+    type Term = Arc<dyn Fn(u64) -> String + Send + Sync>;
+    let number: Term = Arc::new(term);
+    let whole_name: Term = Arc::new(|n| WHOLE_NAMES[n as usize % WHOLE_NAMES.len()].to_owned());
+    let cases: [(String, Request, Option<Term>); 4] = [
         (
             format!("ListUsers search, first page, skipTotalCount, 1 call at a time, at {size}"),
             Box::new(move |n| pb::ListUsersRequest {
@@ -1555,6 +1585,7 @@ async fn query_scenarios(
                 skip_total_count: true,
                 ..Default::default()
             }),
+            Some(number),
         ),
         (
             format!("ListUsers search, first page + totalCount, 1 call at a time, at {size}"),
@@ -1564,6 +1595,7 @@ async fn query_scenarios(
                 search: term(n),
                 ..Default::default()
             }),
+            None,
         ),
         (
             format!(
@@ -1571,6 +1603,7 @@ async fn query_scenarios(
                 deep + 1
             ),
             Box::new(move |_| ordered(token.clone(), 0)),
+            None,
         ),
         (
             format!(
@@ -1583,9 +1616,10 @@ async fn query_scenarios(
                 skip_total_count: true,
                 ..Default::default()
             }),
+            Some(whole_name),
         ),
     ];
-    for (scenario, request) in cases {
+    for (scenario, request, raw_term) in cases {
         eprintln!("{scenario}");
         let request = Arc::new(request);
         let service = service.clone();
@@ -1601,10 +1635,30 @@ async fn query_scenarios(
             }
         })
         .await;
+        let raw_sample = match raw_term {
+            Some(raw_term) => {
+                let (raw, raw_search) = (Arc::clone(&raw), raw_search.clone());
+                Some(
+                    drive(1, run, move |_, n| {
+                        let (raw, raw_search) = (Arc::clone(&raw), raw_search.clone());
+                        // The n-th call's term, as the service's.
+                        let pattern = format!("%{}%", raw_term(n));
+                        async move {
+                            raw.query(&raw_search, &[&tenant, &pattern])
+                                .await
+                                .map_err(sql_code)?;
+                            Ok(())
+                        }
+                    })
+                    .await,
+                )
+            }
+            None => None,
+        };
         rows.push(Row {
             scenario,
             service: sample,
-            raw: None,
+            raw: raw_sample,
             ratio: None,
         });
     }
