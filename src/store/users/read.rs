@@ -80,16 +80,28 @@ impl Batch for FindUsers {
         conn: &mut AsyncPgConnection,
         items: Vec<Self::Item>,
     ) -> Result<Vec<Result<Option<UserRow>, StoreError>>, StoreError> {
-        let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
-        let rows: HashMap<Uuid, UserRow> = users::table
-            .filter(users::id.eq_any(ids))
-            .filter(users::delete_time.is_null())
-            .select(UserRow::as_select())
-            .load(conn)
-            .await?
-            .into_iter()
-            .map(|row| (row.id, row))
-            .collect();
+        let live = users::table.filter(users::delete_time.is_null());
+        let found: Vec<UserRow> = match items.as_slice() {
+            // A lone call: `id = $1`. Postgres plans its prepared statement
+            // once, for any id; `id = ANY($1)` it plans again at every
+            // call (a generic plan for an array of unknown length looks
+            // dearer than a plan for the array at hand), which costs more
+            // than the lookup itself on a table of many indexes.
+            [(id, _)] => {
+                live.filter(users::id.eq(*id))
+                    .select(UserRow::as_select())
+                    .load(conn)
+                    .await?
+            }
+            _ => {
+                let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
+                live.filter(users::id.eq_any(ids))
+                    .select(UserRow::as_select())
+                    .load(conn)
+                    .await?
+            }
+        };
+        let rows: HashMap<Uuid, UserRow> = found.into_iter().map(|row| (row.id, row)).collect();
         Ok(items
             .iter()
             .map(|(id, tenant)| {
