@@ -629,9 +629,48 @@ fn upserted(sent: &NewUser, stored: UserRow) -> Written {
     }
 }
 
+/// Inserts one user. Its values go column by column (`column = value`):
+/// a statement diesel prepares once and Postgres plans once, where an
+/// `Insertable` struct's values (each of which could be DEFAULT) make a new
+/// statement at every call, prepared and planned again, one more round trip.
 async fn insert(conn: &mut AsyncPgConnection, user: &NewUser) -> diesel::QueryResult<UserRow> {
+    let UserInsert {
+        tenant_id,
+        id,
+        reference,
+        email,
+        phone,
+        first_name,
+        last_name,
+        locale,
+        timezone,
+        is_opted_in,
+        active,
+        custom_data,
+        avatar_url,
+        created_at,
+        updated_at,
+        updated_by,
+    } = UserInsert::from(user);
     diesel::insert_into(users::table)
-        .values(UserInsert::from(user))
+        .values((
+            users::tenant_id.eq(tenant_id),
+            users::id.eq(id),
+            users::reference.eq(reference),
+            users::email.eq(email),
+            users::phone.eq(phone),
+            users::first_name.eq(first_name),
+            users::last_name.eq(last_name),
+            users::locale.eq(locale),
+            users::timezone.eq(timezone),
+            users::is_opted_in.eq(is_opted_in),
+            users::active.eq(active),
+            users::custom_data.eq(custom_data),
+            users::avatar_url.eq(avatar_url),
+            users::created_at.eq(created_at),
+            users::updated_at.eq(updated_at),
+            users::updated_by.eq(updated_by),
+        ))
         .returning(UserRow::as_returning())
         .get_results(conn)
         .await
