@@ -55,7 +55,8 @@ const LARGE: i64 = 1_000_000;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "service")]
 struct Options {
-    /// Smoke run: 10k users only, short scenarios (1.5 s each).
+    /// Smoke run: 10k users only, short scenarios (1 s each); with
+    /// `--only sweep`, under a minute.
     #[arg(long)]
     quick: bool,
     /// Concurrent calls.
@@ -64,7 +65,7 @@ struct Options {
     /// HTTP/2 connections the calls share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Seconds per run [default: 8, or 1.5 with --quick].
+    /// Seconds per run [default: 8, or 1 with --quick].
     #[arg(long)]
     seconds: Option<f64>,
     /// Database connections of the server and of the raw side [default: the
@@ -75,7 +76,9 @@ struct Options {
     #[arg(long)]
     keep: bool,
     /// Scenario groups to run (lists, search, get, create, update, safe,
-    /// bulk, feed, counts; feed is watch and outbox, its two halves; counts
+    /// bulk, sweep, feed, counts; sweep is GetUser, CreateUser and
+    /// UpdateUser at 1, 4, 16 and 64 calls at a time against raw statements
+    /// on one connection per call; feed is watch and outbox, its two halves; counts
     /// is the total from the counters and what their triggers cost the
     /// writes); all when not given.
     #[arg(long, value_delimiter = ',')]
@@ -94,7 +97,7 @@ struct Options {
 impl Options {
     /// How long each run lasts.
     fn run(&self) -> Duration {
-        Duration::from_secs_f64(self.seconds.unwrap_or(if self.quick { 1.5 } else { 8.0 }))
+        Duration::from_secs_f64(self.seconds.unwrap_or(if self.quick { 1.0 } else { 8.0 }))
     }
 
     fn pool(&self) -> usize {
@@ -790,11 +793,11 @@ async fn run(
         .await?;
     }
     if options.runs("get") {
-        rows.push(get_user(&bench).await);
+        rows.push(get_user(&bench, bench.calls, &bench.raw).await);
     }
     for (scenario, group) in [("CreateUser", "create"), ("UpdateUser", "update")] {
         if options.runs(group) {
-            rows.push(write_users(&bench, scenario).await);
+            rows.push(write_users(&bench, scenario, bench.calls, &bench.raw).await);
         }
     }
     if options.runs("safe") {
@@ -807,11 +810,13 @@ async fn run(
     } else {
         None
     };
-    let feed = if ["feed", "watch", "outbox"].iter().any(|g| options.runs(g)) {
-        Some(feed(&bench, server).await?)
-    } else {
-        None
-    };
+    let mut sections = Vec::new();
+    if options.runs("sweep") {
+        sections.push(sweep(&bench, &pg).await?);
+    }
+    if ["feed", "watch", "outbox"].iter().any(|g| options.runs(g)) {
+        sections.push(feed(&bench, server).await?);
+    }
     if options.runs("counts") {
         counts(&bench, url, &mut rows, &mut notes).await?;
     }
@@ -848,14 +853,14 @@ async fn run(
             query_scenarios(&mut rows, options, service, &pg, large, LARGE, "1M", 1500).await?;
         }
     }
-    report(&rows, notes, server, calls, bulk_speedup, feed).await
+    report(&rows, notes, server, calls, bulk_speedup, sections).await
 }
 
 /// GetUser of a random user against the raw lookup, A B A B: a single pair
 /// varies by +-15%.
-async fn get_user(bench: &Bench<'_>) -> Row {
-    eprintln!("GetUser");
-    let (service, raw, calls, run) = (bench.service, &bench.raw, bench.calls, bench.run);
+async fn get_user(bench: &Bench<'_>, calls: usize, raw: &Arc<Raw>) -> Row {
+    eprintln!("GetUser, {calls} calls at a time");
+    let (service, run) = (bench.service, bench.run);
     let mut runs = Pairs::default();
     for _ in 0..bench.pairs {
         let s = {
@@ -897,16 +902,26 @@ async fn get_user(bench: &Bench<'_>) -> Row {
     runs.row(format!("GetUser by id (A B x{})", bench.pairs))
 }
 
+/// A prefix of references and emails that no other run of this process
+/// uses.
+fn unique_prefix() -> String {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// CreateUser or UpdateUser against the raw statement, A B A B, median of
 /// the pair ratios.
-async fn write_users(bench: &Bench<'_>, scenario: &str) -> Row {
-    eprintln!("{scenario}");
-    let (service, raw, calls, run) = (bench.service, &bench.raw, bench.calls, bench.run);
+async fn write_users(bench: &Bench<'_>, scenario: &str, calls: usize, raw: &Arc<Raw>) -> Row {
+    eprintln!("{scenario}, {calls} calls at a time");
+    let (service, run) = (bench.service, bench.run);
     let writes = bench.writes;
-    let run_id = std::process::id();
     let mut runs = Pairs::default();
-    for pair in 0..bench.pairs {
-        let prefix = format!("{run_id}-{pair}");
+    for _ in 0..bench.pairs {
+        let prefix = unique_prefix();
         let s = if scenario == "CreateUser" {
             create_users(service, calls, run, format!("s{prefix}"), writes).await
         } else {
@@ -1141,7 +1156,7 @@ async fn report(
     server: &Server,
     calls: usize,
     bulk_speedup: Option<(usize, f64)>,
-    feed: Option<Feed>,
+    sections: Vec<Section>,
 ) -> Result<(), BoxError> {
     let peak = server.peak_rss_kib();
     for (batch, items, statements) in server.batches().await? {
@@ -1246,12 +1261,12 @@ async fn report(
         peak_mib.map(|m| m <= 64.0),
         fmt_opt(peak_mib, " MiB"),
     ));
-    if let Some(feed) = feed {
+    for section in sections {
         println!();
-        for line in &feed.lines {
+        for line in &section.lines {
             println!("{line}");
         }
-        targets.extend(feed.targets);
+        targets.extend(section.targets);
     }
     println!("\n| target | measured | result |\n|---|---:|---|");
     for (target, pass, measured) in targets {
@@ -1665,24 +1680,128 @@ async fn query_scenarios(
     Ok(())
 }
 
+// ---------------------------------------------------------------- the sweep
+
+/// Concurrencies of the sweep: many services each making a few calls at a
+/// time, up to the full load of the main table.
+const LEVELS: [usize; 4] = [1, 4, 16, 64];
+
+/// GetUser, CreateUser and UpdateUser against their raw statements at each
+/// of [`LEVELS`], A B A B, with the raw side on one connection per caller
+/// (the best a direct client does with as many connections as calls), and
+/// a health check's p50 at one call at a time: what a trivial gRPC call
+/// costs, which the single-caller targets allow on top of the raw lookup.
+async fn sweep(bench: &Bench<'_>, pg: &tokio_postgres::Config) -> Result<Section, BoxError> {
+    let raw = Arc::new(Raw::open(pg, LEVELS[LEVELS.len() - 1]).await?);
+    let health = health_check(bench).await?;
+    let health_p50 = health.quantile(0.5).as_secs_f64();
+    let mut section = Section::default();
+    section.lines.push(format!(
+        "Sweep ({} s runs, A B x{}; raw: one connection per call at a time, prepared statements). \
+         A gRPC health check, 1 call at a time: p50 {}.",
+        bench.run.as_secs_f64(),
+        bench.pairs,
+        ms(health.quantile(0.5))
+    ));
+    section.lines.push(String::new());
+    section
+        .lines
+        .push("| call | calls at a time | service p50 | raw p50 | service calls/s | raw calls/s | service/raw (median of pairs) |".into());
+    section
+        .lines
+        .push("|---|---:|---:|---:|---:|---:|---:|".into());
+    for calls in LEVELS {
+        for scenario in ["GetUser", "CreateUser", "UpdateUser"] {
+            // UpdateUser has targets at 16 and 64 only.
+            if scenario == "UpdateUser" && calls < 16 {
+                continue;
+            }
+            let row = if scenario == "GetUser" {
+                get_user(bench, calls, &raw).await
+            } else {
+                write_users(bench, scenario, calls, &raw).await
+            };
+            let raw_sample = row.raw.as_ref().expect("a raw side");
+            let ratio = row.ratio.expect("pairs");
+            let (p50, raw_p50) = (
+                row.service.quantile(0.5).as_secs_f64(),
+                raw_sample.quantile(0.5).as_secs_f64(),
+            );
+            section.lines.push(format!(
+                "| {scenario} | {calls} | {} | {} | {:.0} | {:.0} | {ratio:.2}x |",
+                ms(row.service.quantile(0.5)),
+                ms(raw_sample.quantile(0.5)),
+                row.service.rate(),
+                raw_sample.rate(),
+            ));
+            if calls == 1 {
+                let bound = 1.1 * (raw_p50 + health_p50);
+                section.targets.push((
+                    format!(
+                        "{scenario} p50 at 1 call at a time <= 1.1 x (raw p50 + health check p50)"
+                    ),
+                    Some(p50 <= bound),
+                    format!("{:.3} ms vs {:.3} ms", p50 * 1e3, bound * 1e3),
+                ));
+                continue;
+            }
+            let floor = match (scenario, calls) {
+                ("UpdateUser", _) => 0.8,
+                (_, 64) => 1.0,
+                _ => 0.8,
+            };
+            section.targets.push((
+                format!("{scenario} >= {floor:.1}x raw at {calls} calls at a time"),
+                Some(ratio >= floor),
+                format!("{ratio:.2}x"),
+            ));
+        }
+    }
+    Ok(section)
+}
+
+/// gRPC health checks of the users service, one at a time, for a run.
+async fn health_check(bench: &Bench<'_>) -> Result<Sample, BoxError> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    eprintln!("health check, 1 call at a time");
+    let channel = Channel::from_shared(bench.service.endpoint.clone())?
+        .connect()
+        .await?;
+    let client = HealthClient::new(channel);
+    let sample = drive(1, bench.run, move |_, _| {
+        let mut client = client.clone();
+        async move {
+            client
+                .check(HealthCheckRequest {
+                    service: "users.v1.UsersService".into(),
+                })
+                .await
+                .map(drop)
+                .map_err(code)
+        }
+    })
+    .await;
+    Ok(sample)
+}
+
 // ---------------------------------------------------------------- change feed
 
 /// A row of the report's list of targets: what, passed (`None`: not
 /// measured), the measured value.
 type Target = (String, Option<bool>, String);
 
-/// What the feed group measured: its tables and notes, printed with the
-/// report, and its targets.
+/// What a group measured beside the main table (the feed, the sweep): its
+/// tables and notes, printed with the report, and its targets.
 #[derive(Default)]
-struct Feed {
+struct Section {
     lines: Vec<String>,
     targets: Vec<Target>,
 }
 
 /// The change feed: delivery latency of WatchUsers under a steady stream
 /// of changes, then what the outbox triggers cost the writes (A/B).
-async fn feed(bench: &Bench<'_>, server: &Server) -> Result<Feed, BoxError> {
-    let mut feed = Feed::default();
+async fn feed(bench: &Bench<'_>, server: &Server) -> Result<Section, BoxError> {
+    let mut feed = Section::default();
     let options = bench.options;
     if options.runs("feed") || options.runs("watch") {
         delivery(bench, server, &mut feed).await?;
@@ -1824,7 +1943,7 @@ fn quantile_of(sorted: &[f64], q: f64) -> f64 {
 /// returned; and whether each watcher got every event once. Before the
 /// run: at least 10,000 events, analyzed, and one change every watcher has
 /// received.
-async fn delivery(bench: &Bench<'_>, server: &Server, out: &mut Feed) -> Result<(), BoxError> {
+async fn delivery(bench: &Bench<'_>, server: &Server, out: &mut Section) -> Result<(), BoxError> {
     let (service, options) = (bench.service, bench.options);
     let (watchers, rate) = (options.watchers, options.feed_rate);
     eprintln!("WatchUsers: {watchers} watchers, {rate} changes/s");
@@ -2290,7 +2409,11 @@ async fn feed_triggers(db: &PgClient, on: bool) -> Result<(), BoxError> {
 /// `user_events` analyzed before each pair, and each run begins once the
 /// server's feed reader has read every event before it. The reader looks
 /// at the table in both: after every batch of writes, and every 100 ms.
-async fn outbox_cost(bench: &Bench<'_>, server: &Server, out: &mut Feed) -> Result<(), BoxError> {
+async fn outbox_cost(
+    bench: &Bench<'_>,
+    server: &Server,
+    out: &mut Section,
+) -> Result<(), BoxError> {
     let (service, run, writes, db) = (bench.service, bench.run, bench.writes, &bench.db);
     // More pairs than the other A/B scenarios: the cost is about as large as
     // the spread of one pair.
