@@ -205,6 +205,35 @@ async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_ow
     }
 }
 
+#[tokio::test]
+async fn many_gets_that_wait_together_each_get_their_own_outcome() {
+    let mut app = app_with(|c| c.db_pool_size = Some(1)).await;
+    let taken = create(&mut app, user("taken", "taken@example.com")).await;
+    let held = create(&mut app, user("held", "held@example.com")).await;
+    let other_tenant = create_tenant(&mut app, "Other", "other").await;
+    let viewer = app
+        .create_key(Role::Viewer, Some(other_tenant.id.parse().unwrap()), None)
+        .await;
+    let viewer = app.users_as(Some(&viewer));
+    // The key is looked up once now, not while the pool is held.
+    let _ = get(viewer.clone(), taken.id.clone()).await;
+
+    // More calls than a batch looks up one by one: found, missing, and
+    // hidden from a viewer of another tenant, four of each.
+    let calls = (0..12).map(|i| match i % 3 {
+        0 => get(app.users.clone(), taken.id.clone()),
+        1 => get(app.users.clone(), uuid::Uuid::now_v7().to_string()),
+        _ => get(viewer.clone(), taken.id.clone()),
+    });
+    let outcomes = while_held(&app, &held.id, futures::future::join_all(calls)).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match i % 3 {
+            0 => assert_eq!(outcome.unwrap(), taken, "call {i}"),
+            _ => assert_eq!(outcome.unwrap_err().code(), Code::NotFound, "call {i}"),
+        }
+    }
+}
+
 /// A CreateUser whose statement waits for another transaction's insert of
 /// the same reference, while `rest` runs; that transaction then rolls back.
 async fn create_behind_an_open_insert(

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::try_join_all;
 use uuid::Uuid;
 
 use super::{Condition, in_scope, list::filtered};
@@ -67,6 +68,11 @@ pub async fn export_chunk(
 #[derive(Debug)]
 pub struct FindUsers;
 
+/// Batches of at most this many calls look each user up on its own (see
+/// [`FindUsers::run`]); larger ones with one `id = ANY($1)`, whose planning
+/// then costs less than that many lookups.
+const PIPELINED: usize = 8;
+
 impl Batch for FindUsers {
     type Item = (Uuid, Option<Uuid>);
     type Output = Option<UserRow>;
@@ -81,25 +87,27 @@ impl Batch for FindUsers {
         items: Vec<Self::Item>,
     ) -> Result<Vec<Result<Option<UserRow>, StoreError>>, StoreError> {
         let live = users::table.filter(users::delete_time.is_null());
-        let found: Vec<UserRow> = match items.as_slice() {
-            // A lone call: `id = $1`. Postgres plans its prepared statement
-            // once, for any id; `id = ANY($1)` it plans again at every
-            // call (a generic plan for an array of unknown length looks
-            // dearer than a plan for the array at hand), which costs more
-            // than the lookup itself on a table of many indexes.
-            [(id, _)] => {
+        let found: Vec<UserRow> = if items.len() <= PIPELINED {
+            // Each call its own `id = $1`, all sent at once on the
+            // connection (pipelined): one round trip, and a statement
+            // Postgres plans once, for any id. `id = ANY($1)` it plans
+            // again at every call (a generic plan for an array of unknown
+            // length looks dearer than a plan for the array at hand),
+            // which costs more than a few lookups on a table of many
+            // indexes.
+            let shared: &AsyncPgConnection = conn;
+            let lookups = items.iter().map(|(id, _)| {
                 live.filter(users::id.eq(*id))
                     .select(UserRow::as_select())
-                    .load(conn)
-                    .await?
-            }
-            _ => {
-                let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
-                live.filter(users::id.eq_any(ids))
-                    .select(UserRow::as_select())
-                    .load(conn)
-                    .await?
-            }
+                    .load::<UserRow>(&mut &*shared)
+            });
+            try_join_all(lookups).await?.into_iter().flatten().collect()
+        } else {
+            let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
+            live.filter(users::id.eq_any(ids))
+                .select(UserRow::as_select())
+                .load(conn)
+                .await?
         };
         let rows: HashMap<Uuid, UserRow> = found.into_iter().map(|row| (row.id, row)).collect();
         Ok(items
