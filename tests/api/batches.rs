@@ -88,6 +88,31 @@ async fn get(mut client: Users, id: String) -> Result<User, tonic::Status> {
         .map(|r| r.into_inner().user.unwrap())
 }
 
+/// What the lookups of a batch need: a user to find, a user whose row a
+/// test holds locked, and a viewer of another tenant, who finds neither.
+struct Lookups {
+    taken: User,
+    held: User,
+    viewer: Users,
+}
+
+async fn lookups(app: &mut TestApp) -> Lookups {
+    let taken = create(app, user("taken", "taken@example.com")).await;
+    let held = create(app, user("held", "held@example.com")).await;
+    let other_tenant = create_tenant(app, "Other", "other").await;
+    let viewer = app
+        .create_key(Role::Viewer, Some(other_tenant.id.parse().unwrap()), None)
+        .await;
+    let viewer = app.users_as(Some(&viewer));
+    // The key is looked up once now, not while the pool is held.
+    let _ = get(viewer.clone(), taken.id.clone()).await;
+    Lookups {
+        taken,
+        held,
+        viewer,
+    }
+}
+
 #[tokio::test]
 async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_own_outcomes() {
     let mut app = app_with(|c| {
@@ -95,20 +120,11 @@ async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_ow
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
-    let taken = create(&mut app, user("taken", "taken@example.com")).await;
-    let held = create(&mut app, user("held", "held@example.com")).await;
-    let other_tenant = create_tenant(&mut app, "Other", "other").await;
-    let viewer = app
-        .create_key(Role::Viewer, Some(other_tenant.id.parse().unwrap()), None)
-        .await;
-    let mut viewer = app.users_as(Some(&viewer));
-    // The key is looked up once now, not while the pool is held.
-    let _ = viewer
-        .get_user(GetUserRequest {
-            id: taken.id.clone(),
-            ..Default::default()
-        })
-        .await;
+    let Lookups {
+        taken,
+        held,
+        viewer,
+    } = lookups(&mut app).await;
 
     // A multi-row insert that skips the rows that clash, which then fail on
     // their own; and lookups, each seen through its caller's scope.
@@ -208,15 +224,11 @@ async fn creates_and_gets_that_wait_together_share_a_statement_and_keep_their_ow
 #[tokio::test]
 async fn many_gets_that_wait_together_each_get_their_own_outcome() {
     let mut app = app_with(|c| c.db_pool_size = Some(1)).await;
-    let taken = create(&mut app, user("taken", "taken@example.com")).await;
-    let held = create(&mut app, user("held", "held@example.com")).await;
-    let other_tenant = create_tenant(&mut app, "Other", "other").await;
-    let viewer = app
-        .create_key(Role::Viewer, Some(other_tenant.id.parse().unwrap()), None)
-        .await;
-    let viewer = app.users_as(Some(&viewer));
-    // The key is looked up once now, not while the pool is held.
-    let _ = get(viewer.clone(), taken.id.clone()).await;
+    let Lookups {
+        taken,
+        held,
+        viewer,
+    } = lookups(&mut app).await;
 
     // More calls than a batch looks up one by one: found, missing, and
     // hidden from a viewer of another tenant, four of each.
