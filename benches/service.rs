@@ -1588,8 +1588,7 @@ async fn query_scenarios(
         .await?;
     type Request = Box<dyn Fn(u64) -> pb::ListUsersRequest + Send + Sync>;
     type Term = Arc<dyn Fn(u64) -> String + Send + Sync>;
-    let number: Term = Arc::new(term);
-    let whole_name: Term = Arc::new(|n| WHOLE_NAMES[n as usize % WHOLE_NAMES.len()].to_owned());
+    let whole_name = |n: u64| WHOLE_NAMES[n as usize % WHOLE_NAMES.len()].to_owned();
     let cases: [(String, Request, Option<Term>); 4] = [
         (
             format!("ListUsers search, first page, skipTotalCount, 1 call at a time, at {size}"),
@@ -1600,7 +1599,7 @@ async fn query_scenarios(
                 skip_total_count: true,
                 ..Default::default()
             }),
-            Some(number),
+            Some(Arc::new(term)),
         ),
         (
             format!("ListUsers search, first page + totalCount, 1 call at a time, at {size}"),
@@ -1627,11 +1626,11 @@ async fn query_scenarios(
             Box::new(move |n| pb::ListUsersRequest {
                 limit: Some(PAGE as i32),
                 filter: tenant_filter(tenant),
-                search: WHOLE_NAMES[n as usize % WHOLE_NAMES.len()].to_owned(),
+                search: whole_name(n),
                 skip_total_count: true,
                 ..Default::default()
             }),
-            Some(whole_name),
+            Some(Arc::new(whole_name)),
         ),
     ];
     for (scenario, request, raw_term) in cases {
