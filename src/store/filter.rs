@@ -38,7 +38,7 @@ pub enum TimeOp {
 }
 
 /// Sort direction of one ordering term.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     Asc,
     Desc,

@@ -9,6 +9,7 @@ pub mod events;
 pub mod filter;
 pub mod models;
 pub mod page;
+pub mod prepared;
 pub mod requests;
 pub mod schema;
 pub mod tenants;

@@ -56,7 +56,7 @@ pub(super) fn limited(query: &ListQuery, total: i64) -> i64 {
 }
 
 /// The counted users a list selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Counter {
     Live,
     Active,

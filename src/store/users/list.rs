@@ -18,6 +18,7 @@ use crate::store::filter::{
 };
 use crate::store::models::UserRow;
 use crate::store::page::{CursorMismatch, Page};
+use crate::store::prepared::{Limit, Prepared, Shapes};
 use crate::store::schema::users;
 
 /// What a page of users is made of.
@@ -57,7 +58,14 @@ pub async fn list(
     query: &ListQuery,
 ) -> diesel::QueryResult<Result<(Page<UserRow>, Snapshot), CursorMismatch>> {
     let terms = query.terms();
-    let after = |values| keyset_condition(&terms, values);
+    let tenant = query
+        .conditions
+        .iter()
+        .find_map(|condition| match condition {
+            Condition::Uuid(UuidField::TenantId, StringOp::EqualTo(tenant)) => Some(*tenant),
+            _ => None,
+        });
+    let after = |values| keyset_condition(&terms, values, tenant);
     if query
         .after
         .as_ref()
@@ -70,11 +78,10 @@ pub async fn list(
         if let Some(after) = query.after.as_ref().and_then(|values| after(values)) {
             rows = rows.filter(after);
         }
-        // One row more than asked tells whether another page follows.
         rows.order(OrderBy(terms.clone()))
-            .limit(query.limit + 1)
-            .offset(query.offset)
     };
+    // One row more than asked tells whether another page follows.
+    let limit = query.limit + 1;
     let counter = super::count::counter(query);
     if !query.count_total || counter.is_some() {
         // One statement: the page, the snapshot it was read at and the
@@ -82,22 +89,31 @@ pub async fn list(
         // to carry them, and is read again below.
         let snapshot = || diesel::dsl::sql::<Text>(events::SNAPSHOT);
         let seq = || diesel::dsl::sql::<Nullable<BigInt>>(events::LAST_SEQ);
+        let prepared = prepared_shape(query).is_some_and(|shape| SHAPES.admit(shape));
+        // Prepared with its limit in its text, or sent afresh.
+        macro_rules! load_page {
+            ($page:expr) => {
+                if prepared {
+                    Prepared::when(true, Limit::new($page, limit))
+                        .load(conn)
+                        .await?
+                } else {
+                    Prepared::when(false, $page.limit(limit).offset(query.offset))
+                        .load(conn)
+                        .await?
+                }
+            };
+        }
         let rows: Vec<(UserRow, String, Option<i64>, Option<i64>)> = match counter {
             Some((tenant, counter)) => {
                 let total = diesel::dsl::sql::<Nullable<BigInt>>(&counter.subquery())
                     .bind::<diesel::sql_types::Uuid, _>(tenant)
                     .sql(")");
-                rows_query()
-                    .select((UserRow::as_select(), snapshot(), seq(), total))
-                    .load(conn)
-                    .await?
+                load_page!(rows_query().select((UserRow::as_select(), snapshot(), seq(), total)))
             }
             None => {
                 let total = diesel::dsl::sql::<Nullable<BigInt>>("NULL::bigint");
-                rows_query()
-                    .select((UserRow::as_select(), snapshot(), seq(), total))
-                    .load(conn)
-                    .await?
+                load_page!(rows_query().select((UserRow::as_select(), snapshot(), seq(), total)))
             }
         };
         if let Some((_, snapshot, seq, total)) = <[_]>::first(&rows) {
@@ -139,12 +155,57 @@ pub async fn list(
                 ),
             };
             let rows = rows_query()
+                .limit(limit)
+                .offset(query.offset)
                 .select(UserRow::as_select())
                 .load::<UserRow>(conn)
                 .await?;
             Ok(Ok((page_of(rows, query, &terms, total), snapshot)))
         })
         .await
+}
+
+/// The shapes of list statements that connections keep prepared.
+static SHAPES: Shapes = Shapes::new(64);
+
+/// What makes the text of the page statement of `query`, when it is one a
+/// connection may keep prepared (up to [`SHAPES`]): the first page or a
+/// page by token of the live users of one tenant (named once, or twice: by
+/// the filter and by a tenant-bound caller's scope), maybe only its active
+/// or inactive ones, in the order of one field or none. Each such order
+/// has its index, whose plan is as good for any tenant and cursor, so the
+/// plan is made once (a page by token holds the tenant in its bound: see
+/// [`keyset_condition`]). `None` for any other list (another filter, an
+/// order of several fields, an offset), sent afresh and planned for its
+/// values.
+fn prepared_shape(query: &ListQuery) -> Option<impl std::hash::Hash> {
+    let mut kinds = Vec::with_capacity(query.conditions.len());
+    let (mut live, mut tenant, mut active) = (0, 0, 0);
+    for condition in &query.conditions {
+        let (kind, count) = match condition {
+            Condition::Live => (0u8, &mut live),
+            Condition::Uuid(UuidField::TenantId, StringOp::EqualTo(_)) => (1, &mut tenant),
+            Condition::Bool(BoolField::Active, _) => (2, &mut active),
+            _ => return None,
+        };
+        *count += 1;
+        kinds.push(kind);
+    }
+    let fits = query.order.len() <= 1
+        && query.offset == 0
+        && live == 1
+        && (1..=2).contains(&tenant)
+        && active <= 1;
+    fits.then(|| {
+        let counter = super::count::counter(query).map(|(_, counter)| counter);
+        (
+            kinds,
+            query.order.clone(),
+            query.after.is_some(),
+            counter,
+            query.limit,
+        )
+    })
 }
 
 /// A page from the rows read (one more than asked, when there are).
@@ -441,9 +502,20 @@ enum Cmp {
 /// `k1 > v1 OR (k1 = v1 AND k2 > v2) OR ...` (with `<` for descending terms),
 /// plus the redundant `k1 >= v1`, which lets Postgres start the index scan at
 /// the cursor instead of filtering every earlier row.
+///
+/// In a list of one `tenant` ordered first by `created_at` or `id`, the
+/// redundant bound is `(tenant_id, k1) >= (tenant, v1)`: it holds the
+/// tenant, so that only the tenant's index of `k1` can start at it. `k1 >=
+/// v1` alone also fits the index of `k1` across tenants, on which Postgres
+/// may plan the page (it cannot know that the tenant's users end soon after
+/// the cursor) and then read every later user of every tenant to find the
+/// few of this one. Other fields have no index across tenants, and keep
+/// `k1 >= v1`, which their tenant's index serves best (the row comparison
+/// leads Postgres to misjudge how many rows follow the cursor there).
 fn keyset_condition(
     terms: &[(OrderField, Direction)],
     values: &[CursorValue],
+    tenant: Option<Uuid>,
 ) -> Option<Boxed<users::table>> {
     if terms.len() != values.len() {
         return None;
@@ -468,9 +540,12 @@ fn keyset_condition(
         });
     }
     let (first, direction) = terms[0];
-    let bound = match direction {
-        Direction::Asc => compare(first, Cmp::AtOrAfter, &values[0])?,
-        Direction::Desc => {
+    let bound = match (tenant, direction) {
+        (Some(tenant), _) if matches!(first, OrderField::CreatedAt | OrderField::Id) => {
+            tenant_bound(tenant, first, direction, &values[0])?
+        }
+        (_, Direction::Asc) => compare(first, Cmp::AtOrAfter, &values[0])?,
+        (_, Direction::Desc) => {
             // `k1 <= v1` for descending order.
             let before = compare(first, Cmp::Before, &values[0])?;
             let equal = compare(first, Cmp::Eq, &values[0])?;
@@ -478,6 +553,50 @@ fn keyset_condition(
         }
     };
     Some(Box::new(diesel::BoolExpressionMethods::and(bound, any?)))
+}
+
+/// `(tenant_id, field) >= (tenant, value)` (`<=` for a descending term), or
+/// `None` when the value has the wrong type for the field.
+fn tenant_bound(
+    tenant: Uuid,
+    field: OrderField,
+    direction: Direction,
+    value: &CursorValue,
+) -> Option<Boxed<users::table>> {
+    use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
+    let key = if field.is_read_by_people() {
+        format!(r#""users"."{}" COLLATE "{COLLATION}""#, field.column())
+    } else {
+        format!(r#""users"."{}""#, field.column())
+    };
+    let cmp = match direction {
+        Direction::Asc => ">=",
+        Direction::Desc => "<=",
+    };
+    let row = diesel::dsl::sql::<Bool>(&format!(r#"(("users"."tenant_id", {key}) {cmp} ("#))
+        .bind::<SqlUuid, _>(tenant)
+        .sql(", ");
+    Some(match (field, value) {
+        (OrderField::CreatedAt | OrderField::UpdatedAt, CursorValue::Micros(m)) => Box::new(
+            row.bind::<Timestamptz, _>(DateTime::<Utc>::from_timestamp_micros(*m)?)
+                .sql("))"),
+        ),
+        (OrderField::Active, CursorValue::Bool(b)) => Box::new(row.bind::<Bool, _>(*b).sql("))")),
+        (OrderField::Id, CursorValue::Text(s)) => {
+            Box::new(row.bind::<SqlUuid, _>(Uuid::parse_str(s).ok()?).sql("))"))
+        }
+        (
+            OrderField::Email
+            | OrderField::FirstName
+            | OrderField::LastName
+            | OrderField::Reference
+            | OrderField::Locale
+            | OrderField::Phone
+            | OrderField::Timezone,
+            CursorValue::Text(s),
+        ) => Box::new(row.bind::<Text, _>(s.clone()).sql("))")),
+        _ => return None,
+    })
 }
 
 /// The column of `field` in [`COLLATION`], as the list indexes hold it.
@@ -553,11 +672,29 @@ mod tests {
             CursorValue::Text(ID.into()),
         ];
         assert_eq!(
-            sql(keyset_condition(&terms, &values).unwrap()),
+            sql(keyset_condition(&terms, &values, None).unwrap()),
             format!(
                 "SELECT \"users\".\"id\" FROM \"users\" WHERE ((\"users\".\"last_name\" COLLATE \"und-x-icu\" >= $1) AND \
                  ((\"users\".\"last_name\" COLLATE \"und-x-icu\" > $2) OR ((\"users\".\"last_name\" COLLATE \"und-x-icu\" = $3) \
                  AND (\"users\".\"id\" > $4)))) -- binds: [\"Lovelace\", \"Lovelace\", \"Lovelace\", {ID}]"
+            )
+        );
+    }
+
+    #[test]
+    fn a_keyset_of_one_tenant_holds_the_tenant_in_its_bound() {
+        let terms = [
+            (OrderField::CreatedAt, Direction::Asc),
+            (OrderField::Id, Direction::Asc),
+        ];
+        let values = [CursorValue::Micros(1_000_000), CursorValue::Text(ID.into())];
+        let t = "1970-01-01T00:00:01Z";
+        assert_eq!(
+            sql(keyset_condition(&terms, &values, Some(Uuid::parse_str(ID).unwrap())).unwrap()),
+            format!(
+                "SELECT \"users\".\"id\" FROM \"users\" WHERE (((\"users\".\"tenant_id\", \"users\".\"created_at\") >= ($1, $2)) AND \
+                 ((\"users\".\"created_at\" > $3) OR ((\"users\".\"created_at\" = $4) \
+                 AND (\"users\".\"id\" > $5)))) -- binds: [{ID}, {t}, {t}, {t}, {ID}]"
             )
         );
     }
@@ -578,7 +715,7 @@ mod tests {
         //   OR (active = a AND created_at = t AND id > i))
         let t = "1970-01-01T00:00:01Z";
         assert_eq!(
-            sql(keyset_condition(&terms, &values).unwrap()),
+            sql(keyset_condition(&terms, &values, None).unwrap()),
             format!(
                 "SELECT \"users\".\"id\" FROM \"users\" WHERE (((\"users\".\"created_at\" < $1) OR \
                  (\"users\".\"created_at\" = $2)) AND (((\"users\".\"created_at\" < $3) OR \
@@ -596,29 +733,89 @@ mod tests {
             (OrderField::Id, Direction::Asc),
         ];
         // Too few values, a value of the wrong type, an id that is no UUID.
-        assert!(keyset_condition(&terms, &[CursorValue::Text(ID.into())]).is_none());
+        assert!(keyset_condition(&terms, &[CursorValue::Text(ID.into())], None).is_none());
         assert!(
             keyset_condition(
                 &terms,
-                &[CursorValue::Bool(true), CursorValue::Text(ID.into())]
+                &[CursorValue::Bool(true), CursorValue::Text(ID.into())],
+                None
             )
             .is_none()
         );
         assert!(
             keyset_condition(
                 &terms,
-                &[CursorValue::Text("a".into()), CursorValue::Text("x".into())]
+                &[CursorValue::Text("a".into()), CursorValue::Text("x".into())],
+                None
             )
             .is_none()
         );
         assert!(
             keyset_condition(
                 &[(OrderField::CreatedAt, Direction::Asc)],
-                &[CursorValue::Micros(i64::MAX)]
+                &[CursorValue::Micros(i64::MAX)],
+                Some(Uuid::parse_str(ID).unwrap())
             )
             .is_none(),
             "a time out of range"
         );
+    }
+
+    #[test]
+    fn only_a_tenants_live_users_in_one_order_make_a_statement_kept_prepared() {
+        let tenant = Condition::Uuid(
+            UuidField::TenantId,
+            StringOp::EqualTo(Uuid::parse_str(ID).unwrap()),
+        );
+        let query = |conditions: Vec<Condition>, order: Vec<(OrderField, Direction)>| ListQuery {
+            conditions,
+            order,
+            ..ListQuery::default()
+        };
+        let by_last_name = vec![(OrderField::LastName, Direction::Desc)];
+        let active = Condition::Bool(BoolField::Active, true);
+        let reused = |query: &ListQuery| prepared_shape(query).is_some();
+        assert!(reused(&query(
+            vec![tenant.clone(), Condition::Live],
+            vec![]
+        )));
+        assert!(reused(&query(
+            vec![
+                tenant.clone(),
+                active.clone(),
+                Condition::Live,
+                tenant.clone()
+            ],
+            by_last_name.clone()
+        )));
+        // Deleted users too, another field, a second order term, an offset.
+        assert!(!reused(&query(vec![tenant.clone()], vec![])));
+        assert!(!reused(&query(
+            vec![
+                tenant.clone(),
+                Condition::Live,
+                Condition::Text(TextField::Email, StringOp::EqualTo("a@b.c".into())),
+            ],
+            vec![]
+        )));
+        let mut two_terms = by_last_name;
+        two_terms.push((OrderField::Email, Direction::Asc));
+        assert!(!reused(&query(
+            vec![tenant.clone(), Condition::Live],
+            two_terms
+        )));
+        assert!(!reused(&ListQuery {
+            offset: 50,
+            ..query(vec![tenant.clone(), Condition::Live], vec![])
+        }));
+        let by_token = |order| ListQuery {
+            after: Some(vec![]),
+            ..query(vec![tenant.clone(), Condition::Live], order)
+        };
+        assert!(reused(&by_token(vec![(
+            OrderField::LastName,
+            Direction::Asc
+        )])));
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub enum Condition {
 }
 
 /// A column users can be ordered by. `Id` is the final tie-breaker of every order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OrderField {
     CreatedAt,
     UpdatedAt,
