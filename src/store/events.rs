@@ -37,6 +37,7 @@ use prost::Message;
 use uuid::Uuid;
 
 use super::db;
+use super::prepared::Prepared;
 
 /// Tells the feed's reader that a write committed events, so that it reads
 /// them now rather than at its next poll. Cheap, and never blocks: a count
@@ -434,6 +435,10 @@ fn unseen(event: &str, cond: &str, stragglers_below: Option<&str>) -> String {
 /// From [`Position::At`], the events are read at the statement's own
 /// snapshot, which the page's end names; from [`Position::Within`], at the
 /// snapshot it names.
+///
+/// The hub reads after every commit, so its statement is prepared once per
+/// connection: its text is one of six (the position's kind, whether
+/// stragglers are read, [`Filter::heads_only`]), whatever the values.
 pub async fn read(
     conn: &mut AsyncPgConnection,
     position: &Position,
@@ -477,7 +482,7 @@ pub async fn read(
         .bind::<BigInt, _>(from.seq.unwrap_or(0));
     let (rows, to) = match position {
         Position::At(_) => {
-            let rows: Vec<EventRow> = query.load(conn).await?;
+            let rows: Vec<EventRow> = Prepared::when(true, query).load(conn).await?;
             let first = <[EventRow]>::first(&rows);
             let to = snapshot_of(
                 first.and_then(|row| row.snapshot.as_deref()).unwrap_or(""),
@@ -486,13 +491,12 @@ pub async fn read(
             (rows, to)
         }
         Position::Within { to, after, .. } => {
-            let rows: Vec<EventRow> = query
+            let query = query
                 .bind::<Text, _>(to.xmax.to_string())
                 .bind::<Text, _>(to.to_text())
                 .bind::<BigInt, _>(to.seq.unwrap_or(i64::MAX))
-                .bind::<BigInt, _>(*after)
-                .load(conn)
-                .await?;
+                .bind::<BigInt, _>(*after);
+            let rows: Vec<EventRow> = Prepared::when(true, query).load(conn).await?;
             (rows, to.clone())
         }
     };
@@ -547,12 +551,13 @@ struct Now {
 
 /// The current snapshot: a position right after every event committed now.
 pub async fn now(conn: &mut AsyncPgConnection) -> diesel::QueryResult<Snapshot> {
-    let row: Now = diesel::sql_query(format!(
+    let now = diesel::sql_query(format!(
         "SELECT {SNAPSHOT} AS snapshot, {LAST_SEQ} AS last_seq"
-    ))
-    .get_results(conn)
-    .await
-    .and_then(db::single)?;
+    ));
+    let row: Now = Prepared::when(true, now)
+        .get_results(conn)
+        .await
+        .and_then(db::single)?;
     snapshot_of(&row.snapshot, row.last_seq)
 }
 

@@ -48,6 +48,7 @@ use crate::store::db;
 use crate::store::error::StoreError;
 use crate::store::filter::Boxed;
 use crate::store::models::{Actor, Etag, NewUser, UserChanges, UserRow};
+use crate::store::prepared::Update;
 use crate::store::requests;
 use crate::store::schema::users;
 
@@ -210,8 +211,6 @@ impl<'a> From<&'a NewUser> for UserInsert<'a> {
 
 /// [`UserChanges`] as `users` stores them: `None` leaves a column alone.
 /// Its fields but `updated_by` are the columns of [`sent_columns!`].
-#[derive(AsChangeset)]
-#[diesel(table_name = users)]
 struct UserChangeset<'a> {
     email: Option<&'a str>,
     phone: Option<&'a str>,
@@ -250,12 +249,6 @@ impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
     }
 }
 
-/// A condition on `users` rows, borrowing its values.
-type Condition<'a> = Box<
-    dyn diesel::BoxableExpression<users::table, diesel::pg::Pg, SqlType = diesel::sql_types::Bool>
-        + 'a,
->;
-
 /// Calls `$then!` with the columns a write sets from what its caller sent:
 /// all but the key, the id, the times and the actor. An update's changeset
 /// and an upsert's assignments both name them from here.
@@ -277,25 +270,13 @@ macro_rules! sent_columns {
 }
 
 impl UserChangeset<'_> {
-    /// True on a row this changeset would change: a column it sets holds
-    /// another value. `None` when it sets no column (`updated_by` aside,
-    /// which is not a change of its own).
-    fn differs(&self) -> Option<Condition<'_>> {
-        use diesel::{BoolExpressionMethods, PgExpressionMethods};
-        macro_rules! differs {
-            ($($column:ident),*) => {
-                [$(
-                    self.$column.map(|value| -> Condition<'_> {
-                        Box::new(users::$column.is_distinct_from(value))
-                    })
-                ),*]
-            };
+    /// Whether it sets a column (`updated_by` aside, which is not a change
+    /// of its own).
+    fn sets_any(&self) -> bool {
+        macro_rules! any_set {
+            ($($column:ident),*) => { false $(|| self.$column.is_some())* };
         }
-        let differs = sent_columns!(differs);
-        differs
-            .into_iter()
-            .flatten()
-            .reduce(|a, b| Box::new(a.or(b)))
+        sent_columns!(any_set)
     }
 }
 
@@ -583,11 +564,11 @@ where
     C: AsChangeset<Target = users::table>,
     C::Changeset: diesel::query_builder::QueryFragment<diesel::pg::Pg> + Send,
 {
-    diesel::update(users::table)
-        .filter(users::tenant_id.eq(current.tenant_id))
-        .filter(users::id.eq(current.id))
-        .set(changes)
-        .returning(UserRow::as_returning())
+    use diesel::BoolExpressionMethods;
+    let target = users::tenant_id
+        .eq(current.tenant_id)
+        .and(users::id.eq(current.id));
+    Update::new(users::table, changes, target, UserRow::as_returning())
         .get_results(conn)
         .await
         .and_then(db::single)
@@ -855,6 +836,11 @@ async fn update(
 
 /// The statement of [`update`]: the user after it, or `None` when it wrote
 /// nothing (no statement at all when `changes` set no field).
+///
+/// Its text is the same whatever `changes` sets (per scope and etag), so
+/// that a connection prepares it once: every column is set to the value
+/// sent, or to its own when none was sent, and the statement writes only
+/// when one of them differs from the stored value.
 async fn update_row(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -862,30 +848,48 @@ async fn update_row(
     changes: &UserChanges,
     etag: Option<Etag>,
 ) -> diesel::QueryResult<Option<UserRow>> {
-    let changeset = UserChangeset::from(changes);
-    let Some(differs) = changeset.differs() else {
+    use diesel::{BoolExpressionMethods, PgExpressionMethods};
+    let sent = UserChangeset::from(changes);
+    if !sent.sets_any() {
         return Ok(None);
-    };
+    }
+    // Each column's value, and the condition that one of them changes.
+    macro_rules! kept_unless_sent {
+        ($first:ident $(, $column:ident)*) => {(
+            (
+                users::$first.eq(coalesce(sent.$first, users::$first)),
+                $(users::$column.eq(coalesce(sent.$column, users::$column)),)*
+            ),
+            users::$first.is_distinct_from(coalesce(sent.$first, users::$first))
+                $(.or(users::$column.is_distinct_from(coalesce(sent.$column, users::$column))))*
+        )};
+    }
+    let (assigned, differs) = sent_columns!(kept_unless_sent);
     let version: Boxed<users::table> = match etag {
         Some(etag) => Box::new(users::updated_at.eq(etag.time())),
         None => Box::new(users::updated_at.is_not_null()),
     };
-    let target = users::table
-        .filter(users::id.eq(id))
-        .filter(in_scope(tenant))
-        .filter(users::delete_time.is_null())
-        .filter(version)
-        .filter(differs);
-    diesel::update(target)
-        .set((
-            UserChangeset::from(changes),
-            users::updated_at.eq(after(changes.at)),
-        ))
-        .returning(UserRow::as_returning())
+    let target = users::id
+        .eq(id)
+        .and(in_scope(tenant))
+        .and(users::delete_time.is_null())
+        .and(version)
+        .and(differs);
+    let changed = (
+        assigned,
+        users::updated_at.eq(after(changes.at)),
+        users::updated_by.eq(sent.updated_by),
+    );
+    Update::new(users::table, changed, target, UserRow::as_returning())
         .get_results(conn)
         .await
         .and_then(db::single)
         .optional()
+}
+
+diesel::define_sql_function! {
+    /// The first of its values that is not NULL (Postgres' COALESCE).
+    fn coalesce<T: diesel::sql_types::SingleValue>(sent: diesel::sql_types::Nullable<T>, kept: T) -> T;
 }
 
 /// The type of [`after`].
