@@ -44,6 +44,8 @@ const COLUMNS: &str = "tenant_id, id, reference, email, phone, first_name, last_
                        timezone, is_opted_in, active, custom_data, avatar_url, created_at, updated_at, \
                        delete_time, expire_time, updated_by";
 const PAGE: i64 = 50;
+/// The order by last name as people read it (the service's collation).
+const BY_LAST_NAME: &str = "ORDER BY last_name COLLATE \"und-x-icu\", id LIMIT 50";
 const BATCH: usize = 1000;
 /// `total_count_limit` of the bounded-count scenario.
 const COUNT_LIMIT: i32 = 10_000;
@@ -76,9 +78,11 @@ struct Options {
     #[arg(long)]
     keep: bool,
     /// Scenario groups to run (lists, search, get, create, update, safe,
-    /// bulk, sweep, feed, counts; sweep is GetUser, CreateUser and
-    /// UpdateUser at 1, 4, 16 and 64 calls at a time against raw statements
-    /// on one connection per call; feed is watch and outbox, its two halves; counts
+    /// bulk, sweep, feed, counts, transfer; sweep is GetUser, CreateUser and
+    /// UpdateUser at 1, 4, 16 and 64 calls at a time and ListUsers pages at
+    /// 16 and 64 against raw statements on one connection per call;
+    /// transfer is ExportUsers, export and import against their targets
+    /// with 100 watchers open; feed is watch and outbox, its two halves; counts
     /// is the total from the counters and what their triggers cost the
     /// writes); all when not given.
     #[arg(long, value_delimiter = ',')]
@@ -246,6 +250,8 @@ struct Conn {
     update: Statement,
     first_page: Statement,
     after: Statement,
+    by_last_name: Statement,
+    by_last_name_after: Statement,
     offset: Statement,
     count: Statement,
     count_up_to: Statement,
@@ -303,6 +309,12 @@ impl Raw {
                 first_page: client.prepare(&format!("{list} {order}")).await?,
                 after: client
                     .prepare(&format!("{list} AND (created_at, id) > ($2, $3) {order}"))
+                    .await?,
+                by_last_name: client.prepare(&format!("{list} {BY_LAST_NAME}")).await?,
+                by_last_name_after: client
+                    .prepare(&format!(
+                        "{list} AND (last_name COLLATE \"und-x-icu\", id) > ($2, $3) {BY_LAST_NAME}"
+                    ))
                     .await?,
                 offset: client.prepare(&format!("{list} {order} OFFSET $2")).await?,
                 count: client
@@ -817,13 +829,21 @@ async fn run(
     if ["feed", "watch", "outbox"].iter().any(|g| options.runs(g)) {
         sections.push(feed(&bench, server).await?);
     }
+    // Users in bulk at 10k in a quick run; at 1M below otherwise.
+    if options.quick && options.runs("transfer") {
+        sections.push(transfer(&bench, &pg, bench.small, SMALL, "10k").await?);
+    }
     if options.runs("counts") {
         counts(&bench, url, &mut rows, &mut notes).await?;
     }
     // Lists at 1M; the rows of the write scenarios go first, without
     // events either (a purge event per user, and their earlier events
     // erased), as in `load_tenant`.
-    if !options.quick && (options.runs("lists") || options.runs("search")) {
+    if !options.quick
+        && ["lists", "search", "sweep", "transfer"]
+            .iter()
+            .any(|g| options.runs(g))
+    {
         bench
             .db
             .batch_execute("SET session_replication_role = replica")
@@ -851,6 +871,20 @@ async fn run(
         }
         if options.runs("search") {
             query_scenarios(&mut rows, options, service, &pg, large, LARGE, "1M", 1500).await?;
+        }
+        if options.runs("sweep") {
+            let raw = Arc::new(Raw::open(&pg, LIST_LEVELS[LIST_LEVELS.len() - 1]).await?);
+            let mut section = Section::default();
+            section
+                .lines
+                .push("The list sweep at 1M users (as above):".into());
+            section.lines.push(String::new());
+            section.lines.extend(SWEEP_HEADER.map(String::from));
+            list_sweep(&bench, &raw, large, "1M", 1000, &mut section).await?;
+            sections.push(section);
+        }
+        if options.runs("transfer") {
+            sections.push(transfer(&bench, &pg, large, LARGE, "1M").await?);
         }
     }
     report(&rows, notes, server, calls, bulk_speedup, sections).await
@@ -1703,12 +1737,7 @@ async fn sweep(bench: &Bench<'_>, pg: &tokio_postgres::Config) -> Result<Section
         ms(health.quantile(0.5))
     ));
     section.lines.push(String::new());
-    section
-        .lines
-        .push("| call | calls at a time | service p50 | raw p50 | service calls/s | raw calls/s | service/raw (median of pairs) |".into());
-    section
-        .lines
-        .push("|---|---:|---:|---:|---:|---:|---:|".into());
+    section.lines.extend(SWEEP_HEADER.map(String::from));
     for calls in LEVELS {
         // The ceiling of any gRPC call at this concurrency on this machine.
         let ceiling = if calls == 1 {
@@ -1767,7 +1796,383 @@ async fn sweep(bench: &Bench<'_>, pg: &tokio_postgres::Config) -> Result<Section
             ));
         }
     }
+    list_sweep(bench, &raw, bench.small, "10k", 200, &mut section).await?;
     Ok(section)
+}
+
+/// Streams the bench's watchers hold open during the export.
+const IDLE_WATCHERS: usize = 100;
+
+/// Users in bulk, at `size` (`tenant` holds `users`): ExportUsers to a
+/// client that reads as fast as it can, and `users-service export` to a
+/// file, each with [`IDLE_WATCHERS`] WatchUsers streams open; then
+/// `users-service import` of `users` new users against the physical limit,
+/// the same rows by multi-row INSERTs (1,000 rows each, as many at a time
+/// as the import sends) straight into the same table.
+async fn transfer(
+    bench: &Bench<'_>,
+    pg: &tokio_postgres::Config,
+    tenant: Uuid,
+    users: i64,
+    size: &str,
+) -> Result<Section, BoxError> {
+    let service = bench.service;
+    let mut section = Section::default();
+    let binary = std::env::var_os("BENCH_SERVER")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_users-service").into());
+    let token = service
+        .auth
+        .to_str()?
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    let cli = |command: &str| {
+        let mut cli = Command::new(&binary);
+        cli.arg(command)
+            .args(["--server", &service.endpoint, "--token", &token])
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cli
+    };
+    let dir = std::env::temp_dir().join(format!("users-bench-transfer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    eprintln!("{IDLE_WATCHERS} watchers, ExportUsers at {size}");
+    let mut watchers = Vec::new();
+    for _ in 0..IDLE_WATCHERS {
+        watchers.push(open_watch(service).await?);
+    }
+    let started = Instant::now();
+    let mut stream = service
+        .client(0)
+        .export_users(service.request(pb::ExportUsersRequest {
+            filter: tenant_filter(tenant),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    let mut exported = 0;
+    while let Some(chunk) = stream.message().await? {
+        exported += chunk.users.len() as i64;
+    }
+    let export_rate = exported as f64 / started.elapsed().as_secs_f64();
+    if exported != users {
+        return Err(format!("ExportUsers sent {exported} of {users} users").into());
+    }
+
+    eprintln!("users-service export at {size}");
+    let file = dir.join("export.jsonl");
+    let started = Instant::now();
+    let status = cli("export")
+        .args(["--tenant", &tenant.to_string(), "--output"])
+        .arg(&file)
+        .status()?;
+    let cli_rate = users as f64 / started.elapsed().as_secs_f64();
+    let lines =
+        std::io::BufRead::lines(std::io::BufReader::new(std::fs::File::open(&file)?)).count();
+    if !status.success() || lines as i64 != users {
+        return Err(format!("export: {status}, {lines} of {users} lines").into());
+    }
+    drop(watchers);
+
+    eprintln!("users-service import of {users} users, and the raw INSERTs");
+    let import_tenant = load_tenant(&bench.db, "benchimport", 0).await?;
+    let file = dir.join("import.jsonl");
+    {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        for n in 0..users {
+            writeln!(
+                out,
+                r#"{{"tenantId":"{import_tenant}","reference":"imp-{n}","email":"imp{n}@bench.example","firstName":"First{n}","lastName":"Last{n}","locale":"en-US","customData":{{"n":{n}}}}}"#
+            )?;
+        }
+    }
+    let started = Instant::now();
+    let status = cli("import").arg(&file).status()?;
+    let import_rate = users as f64 / started.elapsed().as_secs_f64();
+    let imported: i64 = bench
+        .db
+        .query_one(
+            "SELECT count(*) FROM users WHERE tenant_id = $1",
+            &[&import_tenant],
+        )
+        .await?
+        .get(0);
+    if !status.success() || imported != users {
+        return Err(format!("import: {status}, {imported} of {users} users").into());
+    }
+    let raw_tenant = load_tenant(&bench.db, "benchrawimport", 0).await?;
+    let raw_rate = raw_import(pg, raw_tenant, users).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    section.lines.push(format!(
+        "Users in bulk at {size}: ExportUsers {export_rate:.0} users/s and `users-service export` \
+         to a file {cli_rate:.0} users/s, each with {IDLE_WATCHERS} WatchUsers streams open; \
+         `users-service import` of {users} users {import_rate:.0} users/s, the same rows by \
+         multi-row INSERTs {raw_rate:.0} users/s ({:.2}x).",
+        import_rate / raw_rate
+    ));
+    if users >= LARGE {
+        section.targets.extend([
+            (
+                format!("ExportUsers at {size} >= 200,000 users/s"),
+                Some(export_rate >= 200_000.0),
+                format!("{export_rate:.0} users/s"),
+            ),
+            (
+                format!("users-service export to a file at {size} >= 100,000 users/s"),
+                Some(cli_rate >= 100_000.0),
+                format!("{cli_rate:.0} users/s"),
+            ),
+        ]);
+    }
+    section.targets.push((
+        format!("import of {users} users >= 0.9x the same rows by multi-row INSERTs"),
+        Some(import_rate >= 0.9 * raw_rate),
+        format!("{:.2}x", import_rate / raw_rate),
+    ));
+    Ok(section)
+}
+
+/// `users` new users of `tenant`, as the import's rows, by INSERTs of 1,000
+/// rows each (`unnest` of one array per column, a prepared statement), as
+/// many at a time as the import sends: users/s.
+async fn raw_import(
+    pg: &tokio_postgres::Config,
+    tenant: Uuid,
+    users: i64,
+) -> Result<f64, BoxError> {
+    const AT_A_TIME: usize = 4;
+    const ROWS: i64 = 1000;
+    let mut clients = Vec::new();
+    for _ in 0..AT_A_TIME {
+        let client = connect(pg).await?;
+        let insert = client
+            .prepare(
+                "INSERT INTO users (tenant_id, id, reference, email, first_name, last_name, \
+                 locale, custom_data, created_at, updated_at) \
+                 SELECT $1, id, reference, email, first_name, last_name, 'en-US', custom_data, \
+                 now(), now() FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::jsonb[]) AS r(id, reference, email, first_name, last_name, custom_data)",
+            )
+            .await?;
+        clients.push((client, insert));
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (client, insert) in clients {
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(ROWS as u64, Ordering::Relaxed) as i64;
+                if first >= users {
+                    return Ok::<_, tokio_postgres::Error>(());
+                }
+                let rows = first..(first + ROWS).min(users);
+                let ids: Vec<Uuid> = rows.clone().map(|_| Uuid::now_v7()).collect();
+                let references: Vec<String> = rows.clone().map(|n| format!("raw-{n}")).collect();
+                let emails: Vec<String> = rows
+                    .clone()
+                    .map(|n| format!("raw{n}@bench.example"))
+                    .collect();
+                let first_names: Vec<String> = rows.clone().map(|n| format!("First{n}")).collect();
+                let last_names: Vec<String> = rows.clone().map(|n| format!("Last{n}")).collect();
+                let data: Vec<serde_json::Value> =
+                    rows.map(|n| serde_json::json!({ "n": n })).collect();
+                client
+                    .execute(
+                        &insert,
+                        &[
+                            &tenant,
+                            &ids,
+                            &references,
+                            &emails,
+                            &first_names,
+                            &last_names,
+                            &data,
+                        ],
+                    )
+                    .await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(users as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The head of a sweep's table.
+const SWEEP_HEADER: [&str; 2] = [
+    "| call | calls at a time | service p50 | raw p50 | service calls/s | raw calls/s | service/raw (median of pairs) |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+];
+
+/// The calls at a time of the list sweep.
+const LIST_LEVELS: [usize; 2] = [16, 64];
+
+/// ListUsers pages of 50 against the raw statement on one connection per
+/// call at a time (`raw`): the first page and page `deep` by token, in the
+/// default order and by last name, at 16 and 64 calls at a time (64 only,
+/// one pair, in a quick run); the service at least 0.6x raw.
+async fn list_sweep(
+    bench: &Bench<'_>,
+    raw: &Arc<Raw>,
+    tenant: Uuid,
+    size: &str,
+    deep: i64,
+    section: &mut Section,
+) -> Result<(), BoxError> {
+    let service = bench.service;
+    for by_last_name in [false, true] {
+        let order_name = if by_last_name {
+            "by lastName"
+        } else {
+            "default order"
+        };
+        let order = if by_last_name {
+            vec![pb::UserOrder {
+                field: pb::UserOrderField::LastName.into(),
+                direction: pb::SortDirection::Asc.into(),
+            }]
+        } else {
+            Vec::new()
+        };
+        let request = move |page_token: &str, offset: i64| pb::ListUsersRequest {
+            order: order.clone(),
+            ..list_request(tenant, page_token, offset as i32, false)
+        };
+        let token = service
+            .client(0)
+            .list_users(service.request(request("", (deep - 2) * PAGE)))
+            .await?
+            .into_inner()
+            .next_page_token;
+        // The raw side continues after the last row of page `deep - 1`.
+        let key = if by_last_name {
+            "users.last_name COLLATE \"und-x-icu\", users.id"
+        } else {
+            "users.created_at, users.id"
+        };
+        let last = bench
+            .db
+            .query_one(
+            &format!(
+                "SELECT {key}, (SELECT id FROM users WHERE tenant_id = $1 AND delete_time IS NULL                  ORDER BY {key} OFFSET $2 LIMIT 1) FROM users WHERE tenant_id = $1                  AND delete_time IS NULL ORDER BY {key} OFFSET $3 LIMIT 1"
+            ),
+            &[&tenant, &((deep - 1) * PAGE), &((deep - 1) * PAGE - 1)],
+        )
+        .await?;
+        let next: Uuid = last.get(2);
+        // Both sides must read the same page.
+        let page = service
+            .client(0)
+            .list_users(service.request(request(&token, 0)))
+            .await?
+            .into_inner()
+            .data;
+        if page.first().map(|u| u.id.as_str()) != Some(next.to_string().as_str()) {
+            return Err(format!("page {deep} {order_name} differs from raw SQL").into());
+        }
+        let after: (Option<DateTime<Utc>>, Option<String>, Uuid) = if by_last_name {
+            (None, Some(last.get(0)), last.get(1))
+        } else {
+            (Some(last.get(0)), None, last.get(1))
+        };
+        // A quick run: 64 calls at a time, one pair, to stay under a minute.
+        let (levels, pairs) = if bench.options.quick {
+            (&LIST_LEVELS[LIST_LEVELS.len() - 1..], 1)
+        } else {
+            (&LIST_LEVELS[..], bench.pairs)
+        };
+        for &calls in levels {
+            for deep_page in [false, true] {
+                let case = if deep_page {
+                    format!("page {deep} by token")
+                } else {
+                    "first page".to_owned()
+                };
+                eprintln!("ListUsers {case} {order_name} at {size}, {calls} calls at a time");
+                let message = request(if deep_page { &token } else { "" }, 0);
+                let mut runs = Pairs::default();
+                for _ in 0..pairs {
+                    let s = {
+                        let (service, message) = (service.clone(), message.clone());
+                        drive(calls, bench.run, move |w, _| {
+                            let (service, message) = (service.clone(), message.clone());
+                            async move {
+                                let page = service
+                                    .client(w)
+                                    .list_users(service.request(message))
+                                    .await
+                                    .map_err(code)?
+                                    .into_inner();
+                                match page.data.len() {
+                                    50 => Ok(()),
+                                    _ => Err("short_page".into()),
+                                }
+                            }
+                        })
+                        .await
+                    };
+                    let r = {
+                        let (raw, after) = (Arc::clone(raw), after.clone());
+                        drive(calls, bench.run, move |_, _| {
+                            let (raw, after) = (Arc::clone(&raw), after.clone());
+                            async move {
+                                let c = raw.lease().await;
+                                let rows = match (by_last_name, deep_page) {
+                                    (false, false) => {
+                                        c.client.query(&c.first_page, &[&tenant]).await
+                                    }
+                                    (false, true) => {
+                                        c.client
+                                            .query(&c.after, &[&tenant, &after.0, &after.2])
+                                            .await
+                                    }
+                                    (true, false) => {
+                                        c.client.query(&c.by_last_name, &[&tenant]).await
+                                    }
+                                    (true, true) => {
+                                        c.client
+                                            .query(
+                                                &c.by_last_name_after,
+                                                &[&tenant, &after.1, &after.2],
+                                            )
+                                            .await
+                                    }
+                                };
+                                match rows.map_err(sql_code)?.len() {
+                                    50 => Ok(()),
+                                    _ => Err("short_page".into()),
+                                }
+                            }
+                        })
+                        .await
+                    };
+                    runs.add(s, r);
+                }
+                let ratio = median(runs.ratios.clone());
+                section.lines.push(format!(
+                    "| ListUsers {case}, {order_name}, at {size} | {calls} | {} | {} | {:.0} | {:.0} | {ratio:.2}x |",
+                    ms(runs.service.quantile(0.5)),
+                    ms(runs.raw.quantile(0.5)),
+                    runs.service.rate(),
+                    runs.raw.rate(),
+                ));
+                section.targets.push((
+                    format!(
+                        "ListUsers {case}, {order_name}, at {size} >= 0.6x raw at {calls} calls at a time"
+                    ),
+                    Some(ratio >= 0.6),
+                    format!("{ratio:.2}x"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// gRPC health checks of the users service, `calls` at a time, for a run,
@@ -1824,6 +2229,26 @@ async fn feed(bench: &Bench<'_>, server: &Server) -> Result<Section, BoxError> {
         outbox_cost(bench, server, &mut feed).await?;
     }
     Ok(feed)
+}
+
+/// A watch of every change from now, on a connection of its own (as a
+/// separate consumer's would be), confirmed: its first response, which
+/// has no events, has arrived.
+async fn open_watch(
+    service: &Service,
+) -> Result<tonic::Streaming<pb::WatchUsersResponse>, BoxError> {
+    let channel = Channel::from_shared(service.endpoint.clone())?
+        .connect()
+        .await?;
+    let mut stream = UsersServiceClient::new(channel)
+        .watch_users(service.request(pb::WatchUsersRequest::default()))
+        .await?
+        .into_inner();
+    let first = stream.message().await?.ok_or("a watch ended at once")?;
+    if !first.events.is_empty() {
+        return Err("the first response of a watch has events".into());
+    }
+    Ok(stream)
 }
 
 /// One event as a watcher received it; times in microseconds since the
@@ -1979,17 +2404,7 @@ async fn delivery(bench: &Bench<'_>, server: &Server, out: &mut Section) -> Resu
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (mut tasks, mut counts) = (Vec::new(), Vec::new());
     for _ in 0..watchers {
-        let channel = Channel::from_shared(service.endpoint.clone())?
-            .connect()
-            .await?;
-        let mut stream = UsersServiceClient::new(channel)
-            .watch_users(service.request(pb::WatchUsersRequest::default()))
-            .await?
-            .into_inner();
-        let first = stream.message().await?.ok_or("a watch ended at once")?;
-        if !first.events.is_empty() {
-            return Err("the first response of a watch has events".into());
-        }
+        let stream = open_watch(service).await?;
         let count = Arc::new(AtomicU64::new(0));
         counts.push(Arc::clone(&count));
         tasks.push(tokio::spawn(collect(stream, count, stopped.clone())));
