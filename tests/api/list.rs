@@ -2302,3 +2302,92 @@ async fn list_users_with_an_offset_and_a_page_token_is_invalid_argument() {
     .await;
     assert_eq!(next.data.len(), 1);
 }
+
+/// A page by token of one tenant in creation order starts at the tenant and
+/// the cursor together (`tenant_id <= t AND (tenant_id, created_at) >= (t,
+/// c)`, without `tenant_id = t`): with users of tenants on both sides of it
+/// created in between, ties in creation time within and across tenants, and
+/// the tenant named by the filter, by a tenant-bound key, or by both.
+#[tokio::test]
+async fn a_tenants_pages_by_token_in_creation_order_hold_exactly_its_users() {
+    let mut app = spawn_app().await;
+    let mut tenants = vec![app.default_tenant().await];
+    for name in ["second", "third"] {
+        tenants.push(create_tenant(&mut app, name, name).await.id);
+    }
+    let mut created: Vec<User> = Vec::new();
+    for round in 0..4 {
+        for (i, tenant) in tenants.iter().enumerate() {
+            for copy in 0..2 {
+                created.push(
+                    create(
+                        &mut app,
+                        User {
+                            tenant_id: tenant.clone(),
+                            ..user(&format!("r{round}-{i}-{copy}"), "")
+                        },
+                    )
+                    .await,
+                );
+            }
+        }
+        // Every other round shares its creation time with the one before.
+        if round % 2 == 1 {
+            app.clock.advance(Duration::from_millis(3));
+        }
+    }
+    let admin = app.users.clone();
+    for tenant in &tenants {
+        let bound: uuid::Uuid = tenant.parse().unwrap();
+        let key = app
+            .create_key(users_service::auth::Role::Viewer, Some(bound), None)
+            .await;
+        for direction in [SortDirection::Asc, SortDirection::Desc] {
+            let mut expected: Vec<&User> =
+                created.iter().filter(|u| &u.tenant_id == tenant).collect();
+            expected.sort_by(|x, y| {
+                let keys =
+                    key_of(x, UserOrderField::CreatedAt).cmp(&key_of(y, UserOrderField::CreatedAt));
+                let keys = if direction == SortDirection::Desc {
+                    keys.reverse()
+                } else {
+                    keys
+                };
+                keys.then_with(|| x.id.cmp(&y.id))
+            });
+            let expected: Vec<String> = expected.iter().map(|u| u.id.clone()).collect();
+            let request = ListUsersRequest {
+                limit: Some(3),
+                order: vec![order(UserOrderField::CreatedAt, direction)],
+                ..Default::default()
+            };
+            let by_filter = ListUsersRequest {
+                filter: Some(on("tenant_id", eq(tenant))),
+                ..request.clone()
+            };
+            app.users = admin.clone();
+            let pages = walk(&mut app, by_filter.clone()).await;
+            assert_eq!(pages.concat(), expected, "{tenant} {direction:?}");
+            assert_eq!(pages.len(), 3, "{tenant} {direction:?}");
+            app.users = app.users_as(Some(&key));
+            let pages = walk(&mut app, request).await;
+            assert_eq!(pages.concat(), expected, "{tenant} {direction:?} bound");
+            let pages = walk(&mut app, by_filter).await;
+            assert_eq!(pages.concat(), expected, "{tenant} {direction:?} both");
+            // Bound to one tenant, a filter on another finds nothing.
+            let other = tenants.iter().find(|t| *t != tenant).unwrap();
+            let page = list(
+                &mut app,
+                ListUsersRequest {
+                    filter: Some(on("tenant_id", eq(other))),
+                    limit: Some(3),
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert!(page.data.is_empty(), "{tenant} {direction:?} {other}");
+        }
+    }
+    app.users = admin;
+    assert_eq!(app.user_count().await, created.len() as i64);
+}

@@ -65,7 +65,21 @@ pub async fn list(
             Condition::Uuid(UuidField::TenantId, StringOp::EqualTo(tenant)) => Some(*tenant),
             _ => None,
         });
-    let after = |values| keyset_condition(&terms, values, tenant);
+    // A page by token of one tenant in the order of `created_at` or `id`
+    // starts at the tenant and the cursor together (see `keyset_condition`).
+    let keyed = match (&query.after, tenant) {
+        (Some(_), Some(tenant)) => {
+            matches!(terms[0].0, OrderField::CreatedAt | OrderField::Id)
+                && query.conditions.iter().all(|condition| match condition {
+                    Condition::Uuid(UuidField::TenantId, StringOp::EqualTo(other)) => {
+                        *other == tenant
+                    }
+                    _ => true,
+                })
+        }
+        _ => false,
+    };
+    let after = |values| keyset_condition(&terms, values, tenant.filter(|_| keyed));
     if query
         .after
         .as_ref()
@@ -74,11 +88,24 @@ pub async fn list(
         return Ok(Err(CursorMismatch));
     }
     let rows_query = || {
-        let mut rows = filtered(&query.conditions);
+        let mut rows = if keyed {
+            // The tenant is in the bound instead.
+            filtered(query.conditions.iter().filter(|condition| {
+                !matches!(
+                    condition,
+                    Condition::Uuid(UuidField::TenantId, StringOp::EqualTo(_))
+                )
+            }))
+        } else {
+            filtered(&query.conditions)
+        };
         if let Some(after) = query.after.as_ref().and_then(|values| after(values)) {
             rows = rows.filter(after);
         }
-        rows.order(OrderBy(terms.clone()))
+        rows.order(OrderBy {
+            by_tenant: keyed,
+            terms: terms.clone(),
+        })
     };
     // One row more than asked tells whether another page follows.
     let limit = query.limit + 1;
@@ -249,7 +276,9 @@ impl<Q: diesel::query_builder::QueryFragment<Pg>> diesel::query_builder::QueryFr
 }
 
 /// The rows matching every condition, unordered.
-pub(super) fn filtered(conditions: &[Condition]) -> users::BoxedQuery<'static, Pg> {
+pub(super) fn filtered<'a>(
+    conditions: impl IntoIterator<Item = &'a Condition>,
+) -> users::BoxedQuery<'static, Pg> {
     let mut query = users::table.into_boxed();
     for condition in conditions {
         query = query.filter(condition_expression(condition));
@@ -395,13 +424,19 @@ fn email_condition(op: &TextOp) -> Boxed<users::table> {
     }
 }
 
-/// The `ORDER BY` list of a user list, written out term by term.
+/// The `ORDER BY` list of a user list, written out term by term, after
+/// `tenant_id` (in the first term's direction) when `by_tenant`: a page
+/// whose bound holds the tenant instead of `tenant_id = t`, which the
+/// tenant's index then serves in this order.
 ///
 /// diesel's `then_order_by` nests one more tuple per term, and walking a
 /// nested tuple walks each level twice (once to ask whether it is empty), so
 /// its cost doubles with every term. This walks the terms once.
 #[derive(Debug, Clone)]
-struct OrderBy(Vec<(OrderField, Direction)>);
+struct OrderBy {
+    by_tenant: bool,
+    terms: Vec<(OrderField, Direction)>,
+}
 
 impl diesel::Expression for OrderBy {
     type SqlType = diesel::expression::expression_types::NotSelectable;
@@ -414,7 +449,13 @@ impl diesel::query_builder::QueryFragment<Pg> for OrderBy {
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
     ) -> diesel::QueryResult<()> {
-        for (i, (field, direction)) in self.0.iter().enumerate() {
+        if let (true, Some((_, direction))) = (self.by_tenant, <[_]>::first(&self.terms)) {
+            out.push_sql(match direction {
+                Direction::Asc => r#""users"."tenant_id" ASC, "#,
+                Direction::Desc => r#""users"."tenant_id" DESC, "#,
+            });
+        }
+        for (i, (field, direction)) in self.terms.iter().enumerate() {
             if i > 0 {
                 out.push_sql(", ");
             }
@@ -503,15 +544,20 @@ enum Cmp {
 /// plus the redundant `k1 >= v1`, which lets Postgres start the index scan at
 /// the cursor instead of filtering every earlier row.
 ///
-/// In a list of one `tenant` ordered first by `created_at` or `id`, the
-/// redundant bound is `(tenant_id, k1) >= (tenant, v1)`: it holds the
-/// tenant, so that only the tenant's index of `k1` can start at it. `k1 >=
-/// v1` alone also fits the index of `k1` across tenants, on which Postgres
-/// may plan the page (it cannot know that the tenant's users end soon after
-/// the cursor) and then read every later user of every tenant to find the
-/// few of this one. Other fields have no index across tenants, and keep
-/// `k1 >= v1`, which their tenant's index serves best (the row comparison
-/// leads Postgres to misjudge how many rows follow the cursor there).
+/// With a `tenant` (a list of one tenant ordered first by `created_at` or
+/// `id`, whose caller drops `tenant_id = t` and orders by `tenant_id`
+/// first), the redundant bound is `tenant_id <= t AND (tenant_id, k1) >=
+/// (t, v1)` (`>=` and `<=` swapped for a descending term). `k1 >= v1` alone
+/// also fits the index of `k1` across tenants, on which Postgres may plan
+/// the page (it cannot know that the tenant's users end soon after the
+/// cursor) and then read every later user of every tenant to find the few
+/// of this one. With `tenant_id = t` beside the row comparison, the index
+/// scan starts at the tenant's first user (an equality is the start key
+/// of its column), and a deep page costs its position. The row comparison
+/// alone starts the scan at the cursor, and `tenant_id <= t` ends it at the
+/// tenant's last user. Other fields have no index across tenants, and keep
+/// `tenant_id = t` and `k1 >= v1`, which start their tenant's index at the
+/// cursor.
 fn keyset_condition(
     terms: &[(OrderField, Direction)],
     values: &[CursorValue],
@@ -555,8 +601,9 @@ fn keyset_condition(
     Some(Box::new(diesel::BoolExpressionMethods::and(bound, any?)))
 }
 
-/// `(tenant_id, field) >= (tenant, value)` (`<=` for a descending term), or
-/// `None` when the value has the wrong type for the field.
+/// `tenant_id <= tenant AND (tenant_id, field) >= (tenant, value)` (`>=`
+/// and `<=` swapped for a descending term), or `None` when the value has
+/// the wrong type for the field.
 fn tenant_bound(
     tenant: Uuid,
     field: OrderField,
@@ -569,11 +616,13 @@ fn tenant_bound(
     } else {
         format!(r#""users"."{}""#, field.column())
     };
-    let cmp = match direction {
-        Direction::Asc => ">=",
-        Direction::Desc => "<=",
+    let (within, cmp) = match direction {
+        Direction::Asc => ("<=", ">="),
+        Direction::Desc => (">=", "<="),
     };
-    let row = diesel::dsl::sql::<Bool>(&format!(r#"(("users"."tenant_id", {key}) {cmp} ("#))
+    let row = diesel::dsl::sql::<Bool>(&format!(r#"("users"."tenant_id" {within} "#))
+        .bind::<SqlUuid, _>(tenant)
+        .sql(&format!(r#" AND ("users"."tenant_id", {key}) {cmp} ("#))
         .bind::<SqlUuid, _>(tenant)
         .sql(", ");
     Some(match (field, value) {
@@ -692,9 +741,10 @@ mod tests {
         assert_eq!(
             sql(keyset_condition(&terms, &values, Some(Uuid::parse_str(ID).unwrap())).unwrap()),
             format!(
-                "SELECT \"users\".\"id\" FROM \"users\" WHERE (((\"users\".\"tenant_id\", \"users\".\"created_at\") >= ($1, $2)) AND \
-                 ((\"users\".\"created_at\" > $3) OR ((\"users\".\"created_at\" = $4) \
-                 AND (\"users\".\"id\" > $5)))) -- binds: [{ID}, {t}, {t}, {t}, {ID}]"
+                "SELECT \"users\".\"id\" FROM \"users\" WHERE ((\"users\".\"tenant_id\" <= $1 AND \
+                 (\"users\".\"tenant_id\", \"users\".\"created_at\") >= ($2, $3)) AND \
+                 ((\"users\".\"created_at\" > $4) OR ((\"users\".\"created_at\" = $5) \
+                 AND (\"users\".\"id\" > $6)))) -- binds: [{ID}, {ID}, {t}, {t}, {t}, {ID}]"
             )
         );
     }
@@ -820,11 +870,14 @@ mod tests {
 
     #[test]
     fn the_order_by_is_written_once_per_term() {
-        let order = OrderBy(vec![
-            (OrderField::LastName, Direction::Desc),
-            (OrderField::Email, Direction::Asc),
-            (OrderField::Id, Direction::Asc),
-        ]);
+        let order = OrderBy {
+            by_tenant: false,
+            terms: vec![
+                (OrderField::LastName, Direction::Desc),
+                (OrderField::Email, Direction::Asc),
+                (OrderField::Id, Direction::Asc),
+            ],
+        };
         let query = users::table.into_boxed().select(users::id).order(order);
         assert_eq!(
             diesel::debug_query::<Pg, _>(&query).to_string(),
