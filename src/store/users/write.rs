@@ -250,11 +250,13 @@ impl<'a> From<&'a UserChanges> for UserChangeset<'a> {
 }
 
 /// Calls `$then!` with the columns a write sets from what its caller sent:
-/// all but the key, the id, the times and the actor. An update's changeset
-/// and an upsert's assignments both name them from here.
+/// all but the key, the id, the times and the actor (after `$arg;` when
+/// given). An update's changeset and an upsert's assignments both name them
+/// from here.
 macro_rules! sent_columns {
-    ($then:ident) => {
+    ($then:ident $(, $arg:ident)?) => {
         $then!(
+            $($arg;)?
             email,
             phone,
             first_name,
@@ -267,6 +269,19 @@ macro_rules! sent_columns {
             avatar_url
         )
     };
+}
+
+/// `((column = value, ...), condition)` for the columns given: each set to
+/// `$value!(column)`, and the condition that one of them changes.
+macro_rules! assigned_and_differs {
+    ($value:ident; $first:ident $(, $column:ident)*) => {(
+        (
+            users::$first.eq($value!($first)),
+            $(users::$column.eq($value!($column)),)*
+        ),
+        users::$first.is_distinct_from($value!($first))
+            $(.or(users::$column.is_distinct_from($value!($column))))*
+    )};
 }
 
 impl UserChangeset<'_> {
@@ -762,19 +777,13 @@ async fn upsert_all(
 ) -> diesel::QueryResult<Vec<UserRow>> {
     use diesel::upsert::{DecoratableTarget, excluded};
     use diesel::{BoolExpressionMethods, PgExpressionMethods};
-    // The assignments of the columns sent, and the condition that one of
-    // them changes.
+    // Each column sent takes the row's value.
     macro_rules! sent {
-        ($first:ident $(, $column:ident)*) => {(
-            (
-                users::$first.eq(excluded(users::$first)),
-                $(users::$column.eq(excluded(users::$column)),)*
-            ),
-            users::$first.is_distinct_from(excluded(users::$first))
-                $(.or(users::$column.is_distinct_from(excluded(users::$column))))*
-        )};
+        ($column:ident) => {
+            excluded(users::$column)
+        };
     }
-    let (assigned, differs) = sent_columns!(sent);
+    let (assigned, differs) = sent_columns!(assigned_and_differs, sent);
     let statement = diesel::insert_into(users::table)
         .values(
             rows.iter()
@@ -853,18 +862,13 @@ async fn update_row(
     if !sent.sets_any() {
         return Ok(None);
     }
-    // Each column's value, and the condition that one of them changes.
+    // Each column takes the value sent, or keeps its own.
     macro_rules! kept_unless_sent {
-        ($first:ident $(, $column:ident)*) => {(
-            (
-                users::$first.eq(coalesce(sent.$first, users::$first)),
-                $(users::$column.eq(coalesce(sent.$column, users::$column)),)*
-            ),
-            users::$first.is_distinct_from(coalesce(sent.$first, users::$first))
-                $(.or(users::$column.is_distinct_from(coalesce(sent.$column, users::$column))))*
-        )};
+        ($column:ident) => {
+            coalesce(sent.$column, users::$column)
+        };
     }
-    let (assigned, differs) = sent_columns!(kept_unless_sent);
+    let (assigned, differs) = sent_columns!(assigned_and_differs, kept_unless_sent);
     let version: Boxed<users::table> = match etag {
         Some(etag) => Box::new(users::updated_at.eq(etag.time())),
         None => Box::new(users::updated_at.is_not_null()),
