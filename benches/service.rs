@@ -1306,7 +1306,7 @@ async fn report(
     for (target, pass, measured) in targets {
         let result = match pass {
             Some(true) => "PASS",
-            Some(false) => "FAIL",
+            Some(false) => "MISS",
             None => "not measured",
         };
         println!("| {target} | {measured} | {result} |");
@@ -3284,7 +3284,7 @@ async fn count_latency(
                 ms(sample.quantile(0.5)),
                 ms(without),
                 ms(raw.quantile(0.5)),
-                if cost <= 0.001 { "PASS" } else { "FAIL" }
+                if cost <= 0.001 { "PASS" } else { "MISS" }
             ));
         }
         rows.push(Row {
@@ -3358,7 +3358,7 @@ async fn count_trigger_cost(bench: &Bench<'_>, notes: &mut Vec<String>) -> Resul
              A {} users/s, B {} users/s; A / B median {ratio:.3}x (target >= 0.95: {}){}",
             on.join(", "),
             off.join(", "),
-            if ratio >= 0.95 { "PASS" } else { "FAIL" },
+            if ratio >= 0.95 { "PASS" } else { "MISS" },
             if errors.is_empty() {
                 String::new()
             } else {
