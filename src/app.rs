@@ -243,6 +243,12 @@ impl Application {
             stop_probe.subscribe(),
         ));
 
+        // A key revoked or changed through any replica is forgotten here
+        // at once.
+        let key_changes = tokio::spawn(
+            Arc::clone(&self.authenticator).follow_key_changes(self.database.config.clone()),
+        );
+
         let relay = self.config.nats_url.clone().map(|url| {
             Ok::<_, StartError>(tokio::spawn(crate::relay::run(
                 own_connection()?,
@@ -361,6 +367,7 @@ impl Application {
         // cancelled in Postgres, and the process waits for the cancels so
         // that nothing it started runs on after it has gone.
         drop(server);
+        key_changes.abort();
         if !db::cancels_answered(WAIT_FOR_CANCELS).await {
             tracing::warn!("some statements could not be cancelled in time");
         }

@@ -1,7 +1,9 @@
 //! Verifies bearer tokens. API keys are looked up in the database at most
-//! once per key and cache period (so a revoked key stops working within that
-//! period on every replica); JWTs are verified locally, and their user's
-//! active flag is looked up as keys are.
+//! once per key and cache period; a key that changes (revoked, demoted) is
+//! forgotten at once on every replica, which Postgres tells of it
+//! ([`Authenticator::follow_key_changes`]), or within the cache period when
+//! a replica cannot listen. JWTs are verified locally, and their user's
+//! active flag is looked up as keys are (within the cache period).
 //!
 //! Failed authentications are counted per address (an IPv4 address, or the
 //! /64 of an IPv6 one). A key id this replica has never seen costs a
@@ -86,7 +88,31 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// The channel on which Postgres tells the id of a key that changed (see
+/// the migration `api_keys_notify`).
+const KEY_CHANGES: &str = "api_keys";
+
 impl Authenticator {
+    /// Forgets each key that Postgres tells has changed (revoked, another
+    /// role, tenant, secret or rate limit, deleted), by whichever replica or
+    /// operator, so that its next call looks it up again; and every key
+    /// whenever it starts listening (changes told meanwhile were lost).
+    /// While it cannot listen, a key is trusted for the cache period at
+    /// most, as without it. Runs until aborted.
+    pub async fn follow_key_changes(self: Arc<Self>, config: tokio_postgres::Config) {
+        let (keys, all) = (self.keys.clone(), self.keys.clone());
+        db::listen(
+            config,
+            KEY_CHANGES,
+            move || all.invalidate_all(),
+            move |id| {
+                let (keys, id) = (keys.clone(), id.to_owned());
+                tokio::spawn(async move { keys.invalidate(&id).await });
+            },
+        )
+        .await;
+    }
+
     pub fn new(
         pool: DbPool,
         jwt: Option<JwtVerifier>,

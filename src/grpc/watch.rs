@@ -307,38 +307,21 @@ async fn tell_others(pool: &DbPool, me: &str) -> Result<(), Error> {
 }
 
 /// LISTENs for other hubs' notifications on a connection of its own, and
-/// pokes `elsewhere` on each; reconnects after a failure, for ever.
+/// pokes `elsewhere` on each, and whenever it starts listening again.
 async fn listen_for_others(config: tokio_postgres::Config, me: String, elsewhere: Committed) {
-    use futures_util::StreamExt;
-    loop {
-        if let Ok((client, mut connection)) = config.connect(tokio_postgres::NoTls).await {
-            let me = me.clone();
-            let poke = elsewhere.clone();
-            let driver = tokio::spawn(async move {
-                let mut messages =
-                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                while let Some(Ok(message)) = messages.next().await {
-                    if let tokio_postgres::AsyncMessage::Notification(note) = message
-                        && note.payload() != me
-                    {
-                        poke.poke();
-                    }
-                }
-            });
-            if client
-                .batch_execute(&format!("LISTEN {CHANNEL}"))
-                .await
-                .is_ok()
-            {
-                // Whatever was missed while away.
-                elsewhere.poke();
-                let _ = driver.await;
-            } else {
-                driver.abort();
+    let poke = elsewhere.clone();
+    db::listen(
+        config,
+        CHANNEL,
+        // Whatever was missed while away.
+        move || elsewhere.poke(),
+        move |sender| {
+            if sender != me {
+                poke.poke();
             }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        },
+    )
+    .await;
 }
 
 /// What a watcher asked for, checked.

@@ -314,3 +314,55 @@ pub async fn cancels_answered(timeout: Duration) -> bool {
         }
     }
 }
+
+/// LISTENs on `channel` on a connection of its own, for ever: calls `told`
+/// with each notification's payload, and `listening` each time it starts
+/// to listen (notifications sent while it was away are lost, so what
+/// depends on them must look again). Reconnects a second after a failure,
+/// and logs once when it stops listening and once when it listens again.
+pub async fn listen(
+    config: tokio_postgres::Config,
+    channel: &'static str,
+    listening: impl Fn() + Send,
+    told: impl Fn(&str) + Send + Sync + 'static,
+) {
+    use futures_util::StreamExt;
+    let told = std::sync::Arc::new(told);
+    let mut away = false;
+    loop {
+        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            let told = std::sync::Arc::clone(&told);
+            let driver = tokio::spawn(async move {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(message)) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(note) = message {
+                        told(note.payload());
+                    }
+                }
+            });
+            if client
+                .batch_execute(&format!("LISTEN {channel}"))
+                .await
+                .is_ok()
+            {
+                if away {
+                    tracing::info!(channel, "listening to the database again");
+                    away = false;
+                }
+                listening();
+                let _ = driver.await;
+            } else {
+                driver.abort();
+            }
+        }
+        if !away {
+            tracing::warn!(
+                channel,
+                "cannot listen to the database; trying again every second"
+            );
+            away = true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
