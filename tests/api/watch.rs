@@ -745,7 +745,18 @@ async fn metrics_count_watchers_and_events() {
             .unwrap();
     }
     events(&mut stream, 3).await;
-    let scraped = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
+    // A watcher may get events from the table before the hub has read
+    // (and counted) them: the count follows within moments.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let scraped = loop {
+        let scraped = crate::metrics::scrape(app.metrics_addr.unwrap()).await;
+        if scraped.contains("\nusers_service_events_total 3\n")
+            || tokio::time::Instant::now() > deadline
+        {
+            break scraped;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         scraped.contains("\nusers_service_watchers 1\n"),
         "{scraped}"
