@@ -23,7 +23,8 @@ use crate::pb::{
     self,
     v1::{tenants_service_server::TenantsServiceServer, users_service_server::UsersServiceServer},
 };
-use crate::quota::Quotas;
+use crate::quota::{CallerQuotas, Quotas};
+use crate::shared_quota::{SharedQuotas, SharedSettings};
 use crate::store::{
     database::{Database, OpenError, Sharing},
     db, tenants,
@@ -68,7 +69,7 @@ pub struct Application {
     state: AppState,
     database: Database,
     authenticator: Arc<Authenticator>,
-    limits: Option<Arc<Quotas<String>>>,
+    limits: Option<Arc<CallerQuotas>>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<TcpListener>,
     /// Asks the health probe to look at the database now.
@@ -89,13 +90,6 @@ impl Application {
             .map(|settings| JwtVerifier::new(&settings))
             .transpose()
             .map_err(StartError::Config)?;
-        let limits = NonZeroU32::new(config.rate_limit_per_second).map(|per_second| {
-            let burst = config
-                .rate_limit_burst
-                .and_then(NonZeroU32::new)
-                .unwrap_or(per_second);
-            Arc::new(Quotas::new(per_second, burst))
-        });
 
         // The embedded cluster's supervisor wakes the health probe when
         // postgres dies and when it is back; the pool wakes it when a
@@ -116,6 +110,30 @@ impl Application {
         )
         .map_err(StartError::Database)?;
         let metrics = Arc::new(Metrics::new());
+        let limits = NonZeroU32::new(config.rate_limit_per_second)
+            .map(|per_second| {
+                let burst = config
+                    .rate_limit_burst
+                    .and_then(NonZeroU32::new)
+                    .unwrap_or(per_second);
+                let Some(url) = config.redis_url.clone() else {
+                    return Ok(Arc::new(CallerQuotas::Local(Quotas::new(
+                        per_second, burst,
+                    ))));
+                };
+                let settings = SharedSettings {
+                    url,
+                    timeout: config.redis_timeout,
+                    replicas: config.replicas_hint,
+                };
+                let metrics = Arc::clone(&metrics);
+                SharedQuotas::new(per_second, burst, settings, move |shared| {
+                    metrics.rate_limits_shared(shared)
+                })
+                .map(|quotas| Arc::new(CallerQuotas::Shared(Box::new(quotas))))
+                .map_err(|error| StartError::Config(format!("--redis-url: {error}")))
+            })
+            .transpose()?;
         let state = {
             let mut conn = pool
                 .get()

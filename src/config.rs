@@ -271,6 +271,21 @@ pub struct Config {
     #[arg(long, global = true, env = "RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
 
+    /// Redis that keeps the per-caller rate limits of every replica (one
+    /// count per caller across replicas); none: each replica limits alone.
+    #[arg(long, global = true, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Longest wait for Redis' answer to a rate-limit check; slower counts as
+    /// down, and the replica limits alone meanwhile.
+    #[arg(long, global = true, env = "REDIS_TIMEOUT", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Replicas that share the rate limits: while Redis is down, each limits
+    /// a caller alone at the rate over this.
+    #[arg(long, global = true, env = "REPLICAS_HINT", default_value_t = NonZeroU32::MIN)]
+    pub replicas_hint: NonZeroU32,
+
     /// Calls in progress at once, over all callers; more are shed with UNAVAILABLE.
     #[arg(long, global = true, env = "MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,
@@ -397,6 +412,9 @@ impl Config {
             metrics_listen: None,
             rate_limit_per_second: DEFAULT_RATE_LIMIT,
             rate_limit_burst: None,
+            redis_url: None,
+            redis_timeout: Duration::from_millis(5),
+            replicas_hint: NonZeroU32::MIN,
             max_in_flight: 512,
             max_request_bytes: 4 * 1024 * 1024,
             max_call_duration: Duration::from_secs(30),

@@ -20,6 +20,7 @@ pub mod pb; // generated protobuf code
 pub mod purge; // erases what has passed its expire_time
 pub mod quota; // per-caller call quotas (GCRA)
 pub mod relay; // the change feed, relayed to NATS JetStream
+pub mod shared_quota; // per-caller quotas shared by replicas through Redis
 pub mod store; // Postgres: schema, queries, pool, embedded cluster
 pub mod telemetry; // logging
 pub mod transfer; // the `import` and `export` commands: users in bulk over gRPC

@@ -91,6 +91,7 @@ pub struct Metrics {
     refused_connections: Counter,
     database_ready: Gauge,
     database_outages: Counter,
+    rate_limits_shared: Gauge,
     events: Counter,
     watchers: Gauge,
     relay_lag_events: Gauge,
@@ -124,6 +125,7 @@ impl Metrics {
         let refused_connections = Counter::default();
         let database_ready = Gauge::default();
         let database_outages = Counter::default();
+        let rate_limits_shared = Gauge::default();
         let events = Counter::default();
         let watchers = Gauge::default();
         let relay_lag_events = Gauge::default();
@@ -180,6 +182,11 @@ impl Metrics {
             database_ready.clone(),
         );
         registry.register(
+            "users_service_rate_limits_shared",
+            "With --redis-url: 1 while the rate limits are counted in Redis for every replica, 0 while this replica limits alone",
+            rate_limits_shared.clone(),
+        );
+        registry.register(
             "users_service_database_outages",
             "Times the database stopped answering (readiness turned NOT_SERVING)",
             database_outages.clone(),
@@ -221,6 +228,7 @@ impl Metrics {
             refused_connections,
             database_ready,
             database_outages,
+            rate_limits_shared,
             events,
             watchers,
             relay_lag_events,
@@ -246,6 +254,11 @@ impl Metrics {
     }
 
     /// Readiness changed: the database answers (`true`) or stopped (`false`).
+    /// Whether the rate limits are shared through Redis now.
+    pub fn rate_limits_shared(&self, shared: bool) {
+        self.rate_limits_shared.set(i64::from(shared));
+    }
+
     pub fn database_ready(&self, ready: bool) {
         self.database_ready.set(i64::from(ready));
         if !ready {

@@ -68,6 +68,24 @@ impl<K: Hash + Eq + Send + Sync + 'static> Quotas<K> {
     }
 }
 
+/// The quotas of callers: this replica's own, or shared by every replica
+/// through Redis.
+#[derive(Debug)]
+pub enum CallerQuotas {
+    Local(Quotas<String>),
+    Shared(Box<crate::shared_quota::SharedQuotas>),
+}
+
+impl CallerQuotas {
+    /// Counts one call of `caller`, as [`Quotas::check`].
+    pub async fn check(&self, caller: String, own: Option<NonZeroU32>) -> Result<(), Duration> {
+        match self {
+            Self::Local(quotas) => quotas.check(caller, own),
+            Self::Shared(quotas) => quotas.check(caller, own).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,9 +24,9 @@ use crate::auth::{
     authenticator::{AuthFailure, Authenticator},
 };
 use crate::metrics::{Metrics, Rejection};
-use crate::quota::Quotas;
+use crate::quota::CallerQuotas;
 
-type RateLimits = Quotas<String>;
+type RateLimits = CallerQuotas;
 
 /// Paths that need a caller.
 const PROTECTED_PREFIX: &str = "/users.v1.";
@@ -111,10 +111,13 @@ where
                     if let Some(slot) = request.extensions().get::<CallerSlot>() {
                         slot.set(caller_info(&authenticated.principal));
                     }
-                    if let Some(wait) = layer.over_quota(
-                        || authenticated.principal.rate_key(),
-                        authenticated.rate_limit_per_second,
-                    ) {
+                    if let Some(wait) = layer
+                        .over_quota(
+                            || authenticated.principal.rate_key(),
+                            authenticated.rate_limit_per_second,
+                        )
+                        .await
+                    {
                         return Ok(exhausted(wait));
                     }
                     request.extensions_mut().insert(authenticated.principal);
@@ -128,7 +131,7 @@ where
                     // Unauthenticated callers share a quota per address, which
                     // bounds how fast anyone can guess.
                     let peer = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
-                    if let Some(wait) = layer.over_quota(|| format!("peer:{peer}"), None) {
+                    if let Some(wait) = layer.over_quota(|| format!("peer:{peer}"), None).await {
                         return Ok(exhausted(wait));
                     }
                     let status = match failure {
@@ -146,12 +149,12 @@ where
 
 impl AuthLayer {
     /// `caller` names the quota's owner; it is built only when limits are on.
-    fn over_quota(
+    async fn over_quota(
         &self,
         caller: impl FnOnce() -> String,
         own: Option<std::num::NonZeroU32>,
     ) -> Option<Duration> {
-        let wait = self.limits.as_ref()?.check(caller(), own).err()?;
+        let wait = self.limits.as_ref()?.check(caller(), own).await.err()?;
         self.metrics.rejected(Rejection::RateLimit);
         Some(wait)
     }

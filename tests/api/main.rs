@@ -22,6 +22,7 @@ mod relay;
 mod resilience;
 mod safe_writes;
 mod schema;
+mod shared_limits;
 mod tenant_deletion;
 mod tenants;
 mod transfer;
