@@ -37,8 +37,8 @@ redis.call('SET', KEYS[1], tat, 'PX', math.floor((tat - now) / 1000) + 1)
 return {1, 0}
 ";
 
-/// The longest Redis gets to answer while it is thought down (to connect
-/// again, or one probe a second).
+/// While Redis is thought down, how long between two tries of it (one
+/// caller's check each time; the others limit alone meanwhile).
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// How to reach Redis, and how to limit when it cannot be reached.

@@ -613,3 +613,65 @@ pub async fn raw_call(
     .await
     .map(tonic::Response::into_inner)
 }
+
+/// A server program of the test's own (nats-server, redis-server) on a free
+/// port of 127.0.0.1; killed when dropped.
+pub struct ChildServer {
+    pub port: u16,
+    program: String,
+    args: Vec<String>,
+    process: Option<std::process::Child>,
+}
+
+impl ChildServer {
+    /// Starts `program` with `args(port)` on a free port; waits until it
+    /// accepts connections.
+    pub fn start(program: &str, args: impl FnOnce(u16) -> Vec<String>) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            port,
+            program: program.to_owned(),
+            args: args(port),
+            process: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// (Re)starts the program on the same port with the same arguments;
+    /// waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let process = std::process::Command::new(&self.program)
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts (install Debian's package): {e}", self.program));
+        self.process = Some(process);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} does not listen on {}", self.program, self.port);
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

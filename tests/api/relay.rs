@@ -2,9 +2,7 @@
 //! `nats-server -js` of the test's own, restarted under load.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -14,76 +12,42 @@ use users_service::pb::v1::{
     BatchUpsertUsersRequest, DeleteUserRequest, PurgeUserRequest, User, UserEvent, UserEventType,
 };
 
-use crate::helpers::{TestApp, fresh_database, scratch_dir, server, spawn_with, test_config};
+use crate::helpers::{
+    ChildServer, TestApp, fresh_database, scratch_dir, server, spawn_with, test_config,
+};
 use crate::safe_writes::{create, places_holding};
 
 /// A `nats-server` with JetStream, on a port of its own, storing in a
 /// directory of its own; killed when dropped.
-struct Nats {
-    port: u16,
-    store: PathBuf,
-    process: Option<Child>,
-}
+struct Nats(ChildServer);
 
 impl Nats {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut nats = Self {
-            port,
-            store: scratch_dir("nats"),
-            process: None,
-        };
-        nats.restart();
-        nats
+        let store = scratch_dir("nats");
+        Self(ChildServer::start(nats_server(), |port| {
+            vec![
+                "-js".into(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-sd".into(),
+                store.display().to_string(),
+            ]
+        }))
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.0.port)
     }
 
     fn stop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
+        self.0.stop();
     }
 
-    /// (Re)starts the server on the same port and store; waits until it
-    /// accepts connections.
+    /// (Re)starts the server on the same port and store.
     fn restart(&mut self) {
-        self.stop();
-        let process = Command::new(nats_server())
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts (install Debian's nats-server)");
-        self.process = Some(process);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nats-server does not listen on {}", self.port);
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.restart();
     }
 }
 

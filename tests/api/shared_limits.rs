@@ -1,77 +1,38 @@
 //! Per-caller rate limits shared by replicas through a `redis-server` of the
 //! test's own, stopped and started again under calls.
 
-use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use tonic::Code;
 use users_service::{auth::Role, pb::v1::GetUserRequest};
 
-use crate::helpers::{TestApp, drop_database, fresh_database, server, spawn_with, test_config};
+use crate::helpers::{
+    ChildServer, TestApp, drop_database, fresh_database, server, spawn_with, test_config,
+};
 
 /// A `redis-server` on a port of its own that keeps nothing on disk;
 /// killed when dropped.
-struct Redis {
-    port: u16,
-    process: Option<Child>,
+fn redis_server() -> ChildServer {
+    ChildServer::start("redis-server", |port| {
+        [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "local",
+        ]
+        .map(String::from)
+        .to_vec()
+    })
 }
 
-impl Redis {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            port,
-            process: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
-
-    /// (Re)starts the server on the same port, empty; waits until it
-    /// accepts connections.
-    fn restart(&mut self) {
-        self.stop();
-        let process = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "local"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts (install Debian's redis-server)");
-        self.process = Some(process);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server does not listen on {}", self.port);
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
+fn url(redis: &ChildServer) -> String {
+    format!("redis://127.0.0.1:{}", redis.port)
 }
 
 /// `calls` GetUser calls at once with `key`, round-robin over `replicas`:
@@ -107,13 +68,13 @@ async fn burst(replicas: &[TestApp], key: &str, calls: usize) -> (usize, usize) 
 /// back, the limit is shared again.
 #[tokio::test]
 async fn replicas_share_a_callers_limit_through_redis_and_answer_while_it_is_down() {
-    let mut redis = Redis::start();
+    let mut redis = redis_server();
     let name = fresh_database().await;
     let config = || {
         let mut config = test_config(Some(server().url(&name)));
         config.rate_limit_per_second = 5;
         config.rate_limit_burst = Some(5);
-        config.redis_url = Some(redis.url());
+        config.redis_url = Some(url(&redis));
         // A loaded test machine must not pass for a slow Redis.
         config.redis_timeout = Duration::from_millis(500);
         config.replicas_hint = std::num::NonZeroU32::new(3).unwrap();
@@ -134,7 +95,7 @@ async fn replicas_share_a_callers_limit_through_redis_and_answer_while_it_is_dow
         (5..=6).contains(&passed),
         "{passed} passed, {limited} limited"
     );
-    let client = redis::Client::open(redis.url()).unwrap();
+    let client = redis::Client::open(url(&redis)).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let counted: Vec<String> = redis::cmd("KEYS")
         .arg("users-service:quota:*")
