@@ -1414,6 +1414,25 @@ fn key_of(user: &User, field: UserOrderField) -> String {
     }
 }
 
+/// The ids of `users` in the order of `field` in `direction`, ties by id.
+fn in_order<'a>(
+    users: impl Iterator<Item = &'a User>,
+    field: UserOrderField,
+    direction: SortDirection,
+) -> Vec<String> {
+    let mut users: Vec<&User> = users.collect();
+    users.sort_by(|x, y| {
+        let keys = key_of(x, field).cmp(&key_of(y, field));
+        let keys = if direction == SortDirection::Desc {
+            keys.reverse()
+        } else {
+            keys
+        };
+        keys.then_with(|| x.id.cmp(&y.id))
+    });
+    users.iter().map(|u| u.id.clone()).collect()
+}
+
 #[tokio::test]
 async fn list_users_orders_and_pages_by_every_order_field_in_both_directions() {
     let mut app = spawn_app().await;
@@ -1501,17 +1520,7 @@ async fn list_users_orders_and_pages_by_every_order_field_in_both_directions() {
     ];
     for field in fields {
         for direction in [SortDirection::Asc, SortDirection::Desc] {
-            let mut expected: Vec<&User> = created.iter().collect();
-            expected.sort_by(|x, y| {
-                let keys = key_of(x, field).cmp(&key_of(y, field));
-                let keys = if direction == SortDirection::Desc {
-                    keys.reverse()
-                } else {
-                    keys
-                };
-                keys.then_with(|| x.id.cmp(&y.id))
-            });
-            let expected: Vec<String> = expected.iter().map(|u| u.id.clone()).collect();
+            let expected = in_order(created.iter(), field, direction);
             let request = ListUsersRequest {
                 order: vec![order(field, direction)],
                 ..Default::default()
@@ -2343,19 +2352,11 @@ async fn a_tenants_pages_by_token_in_creation_order_hold_exactly_its_users() {
             .create_key(users_service::auth::Role::Viewer, Some(bound), None)
             .await;
         for direction in [SortDirection::Asc, SortDirection::Desc] {
-            let mut expected: Vec<&User> =
-                created.iter().filter(|u| &u.tenant_id == tenant).collect();
-            expected.sort_by(|x, y| {
-                let keys =
-                    key_of(x, UserOrderField::CreatedAt).cmp(&key_of(y, UserOrderField::CreatedAt));
-                let keys = if direction == SortDirection::Desc {
-                    keys.reverse()
-                } else {
-                    keys
-                };
-                keys.then_with(|| x.id.cmp(&y.id))
-            });
-            let expected: Vec<String> = expected.iter().map(|u| u.id.clone()).collect();
+            let expected = in_order(
+                created.iter().filter(|u| &u.tenant_id == tenant),
+                UserOrderField::CreatedAt,
+                direction,
+            );
             let request = ListUsersRequest {
                 limit: Some(3),
                 order: vec![order(UserOrderField::CreatedAt, direction)],
