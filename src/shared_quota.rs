@@ -53,7 +53,8 @@ pub struct SharedSettings {
 
 pub struct SharedQuotas {
     client: redis::Client,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// Made at the first check; it reconnects by itself after a failure.
+    connection: tokio::sync::OnceCell<ConnectionManager>,
     script: redis::Script,
     per_second: NonZeroU32,
     burst: NonZeroU32,
@@ -95,7 +96,7 @@ impl SharedQuotas {
         on_state(false);
         Ok(Self {
             client,
-            connection: tokio::sync::Mutex::new(None),
+            connection: tokio::sync::OnceCell::new(),
             script: redis::Script::new(GCRA),
             per_second,
             burst,
@@ -161,17 +162,12 @@ impl SharedQuotas {
         per_second: NonZeroU32,
         burst: NonZeroU32,
     ) -> redis::RedisResult<u64> {
-        let mut connection = {
-            let mut held = self.connection.lock().await;
-            match held.as_ref() {
-                Some(connection) => connection.clone(),
-                None => {
-                    let connection = ConnectionManager::new(self.client.clone()).await?;
-                    *held = Some(connection.clone());
-                    connection
-                }
-            }
-        };
+        // No lock once made: every call takes its own handle.
+        let mut connection = self
+            .connection
+            .get_or_try_init(|| ConnectionManager::new(self.client.clone()))
+            .await?
+            .clone();
         let interval = 1_000_000 / u64::from(per_second.get());
         let ahead = interval * u64::from(burst.get() - 1);
         let (passed, wait): (i64, i64) = self
