@@ -4,7 +4,9 @@
 //!
 //! Redis is a help, not a dependency: while it is down or slower than the
 //! timeout, each replica limits its callers alone at its share of the rate
-//! (the rate over `--replicas-hint`), and the service keeps answering. It
+//! (the rate over `--replicas-hint`), and the service keeps answering. The
+//! replica's own limiter counts the calls that pass while Redis answers,
+//! so that a fall back gives no caller a fresh burst. It
 //! tries Redis again at most once a second meanwhile, and logs each change
 //! of state once.
 
@@ -40,6 +42,13 @@ return {1, 0}
 /// While Redis is thought down, how long between two tries of it (one
 /// caller's check each time; the others limit alone meanwhile).
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Answers later than the timeout in a row that make Redis count as down.
+/// One late answer is a hiccup (a busy machine): that call is decided by
+/// the replica's own limiter, and Redis still counts it when the script
+/// runs. Falling back for a hiccup would cost more: what passes here while
+/// alone, Redis never counts, so each fall back lets a caller through at
+/// more than its rate for a moment.
+const LATE_IN_A_ROW: u32 = 3;
 
 /// How to reach Redis, and how to limit when it cannot be reached.
 #[derive(Debug, Clone)]
@@ -71,6 +80,8 @@ struct State {
     shared: Option<bool>,
     /// While not shared: when to try Redis again.
     retry_at: Instant,
+    /// Answers in a row that came too late.
+    late: u32,
 }
 
 impl std::fmt::Debug for SharedQuotas {
@@ -108,6 +119,7 @@ impl SharedQuotas {
             state: Mutex::new(State {
                 shared: None,
                 retry_at: Instant::now(),
+                late: 0,
             }),
             on_state: Box::new(on_state),
         })
@@ -128,12 +140,25 @@ impl SharedQuotas {
                 Ok(Ok(wait)) => {
                     self.set_shared(true, None);
                     return match wait {
-                        0 => Ok(()),
+                        0 => {
+                            // The replica's own limiter counts what passed
+                            // here too (and refuses nothing meanwhile): if
+                            // Redis goes, a caller that was using its
+                            // burst does not get a fresh one.
+                            let _ = self
+                                .alone
+                                .check(caller, own.map(|rate| share(rate, self.settings.replicas)));
+                            Ok(())
+                        }
                         micros => Err(Duration::from_micros(micros)),
                     };
                 }
                 Ok(Err(error)) => self.set_shared(false, Some(&error)),
-                Err(_) => self.set_shared(false, None),
+                Err(_) => {
+                    if self.late() >= LATE_IN_A_ROW {
+                        self.set_shared(false, None);
+                    }
+                }
             }
         }
         self.alone
@@ -184,8 +209,16 @@ impl SharedQuotas {
         })
     }
 
+    /// Counts one answer that came too late; how many in a row now.
+    fn late(&self) -> u32 {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.late += 1;
+        state.late
+    }
+
     fn set_shared(&self, shared: bool, error: Option<&redis::RedisError>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.late = 0;
         if state.shared == Some(shared) {
             return;
         }
