@@ -26,8 +26,12 @@ use crate::pb::{
 use crate::quota::{CallerQuotas, Quotas};
 use crate::shared_quota::{SharedQuotas, SharedSettings};
 use crate::store::{
+    coalesce::{Batch, Coalescer},
     database::{Database, OpenError, Sharing},
-    db, tenants,
+    db,
+    standby::{self, Standby, Standbys},
+    tenants,
+    users::FindUsers,
 };
 
 pub use crate::store::database::EMBEDDED_DATABASE;
@@ -152,6 +156,7 @@ impl Application {
                 ));
             }
             state.watch_heartbeat = config.watch_heartbeat;
+            state.standbys = Arc::new(standbys(config, &metrics)?);
             if let Some(path) = keys::bootstrap(&mut conn, &config.data_dir, state.now())
                 .await
                 .map_err(StartError::Database)?
@@ -258,14 +263,33 @@ impl Application {
             self.database.config.clone(),
             self.state.committed.clone(),
             move |events| metrics.events_read(events),
+            {
+                let metrics = Arc::clone(&self.metrics);
+                move || metrics.notified(crate::grpc::watch::CHANNEL)
+            },
             stop_probe.subscribe(),
         ));
 
         // A key revoked or changed through any replica is forgotten here
         // at once.
+        let metrics = Arc::clone(&self.metrics);
         let key_changes = tokio::spawn(
-            Arc::clone(&self.authenticator).follow_key_changes(self.database.config.clone()),
+            Arc::clone(&self.authenticator)
+                .follow_key_changes(self.database.config.clone(), move || {
+                    metrics.notified(crate::auth::authenticator::KEY_CHANGES)
+                }),
         );
+
+        // Which standbys reads may go to, measured all along.
+        let metrics = Arc::clone(&self.metrics);
+        let standbys_monitor = (!self.state.standbys.is_empty()).then(|| {
+            tokio::spawn(Arc::clone(&self.state.standbys).monitor(
+                self.database.config.clone(),
+                self.config.max_replica_lag,
+                self.config.db_connect_timeout,
+                move |name, lag, usable| metrics.replica(name, lag, usable),
+            ))
+        });
 
         let relay = self.config.nats_url.clone().map(|url| {
             Ok::<_, StartError>(tokio::spawn(crate::relay::run(
@@ -386,6 +410,9 @@ impl Application {
         // that nothing it started runs on after it has gone.
         drop(server);
         key_changes.abort();
+        if let Some(monitor) = standbys_monitor {
+            monitor.abort();
+        }
         if !db::cancels_answered(WAIT_FOR_CANCELS).await {
             tracing::warn!("some statements could not be cancelled in time");
         }
@@ -394,11 +421,39 @@ impl Application {
             let _ = metrics_server.await;
         }
         self.state.pool.close();
+        for standby in self.state.standbys.iter() {
+            standby.pool.close();
+        }
         self.database
             .close()
             .await
             .map_err(|e| StartError::Serve(e.into()))
     }
+}
+
+/// The standbys of `--database-replica-url`, each with its own pool.
+fn standbys(config: &Config, metrics: &Metrics) -> Result<Standbys, StartError> {
+    let list = config
+        .database_replica_urls
+        .iter()
+        .map(|url| {
+            let parsed = std::str::FromStr::from_str(url).map_err(|e| {
+                StartError::Config(format!(
+                    "--database-replica-url is not a valid Postgres connection string: {e}"
+                ))
+            })?;
+            let name = standby::describe(&parsed);
+            let pool = db::build_pool(parsed.clone(), &config.pool_settings(), None)
+                .map_err(StartError::Database)?;
+            let finds = Coalescer::new(
+                FindUsers,
+                pool.clone(),
+                metrics.batch_items(FindUsers::NAME),
+            );
+            Ok(Standby::new(name, parsed, pool, finds))
+        })
+        .collect::<Result<_, StartError>>()?;
+    Ok(Standbys::new(list))
 }
 
 /// The retention periods of the configuration.

@@ -4,6 +4,8 @@
 //! |---|---|---|
 //! | `--listen` | `LISTEN_ADDR` | `127.0.0.1:50051` |
 //! | `--database-url` | `DATABASE_URL` | none: run an embedded Postgres |
+//! | `--database-replica-url` | `DATABASE_REPLICA_URLS` | none: every read from the primary |
+//! | `--max-replica-lag` | `MAX_REPLICA_LAG` | `1s` |
 //! | `--data-dir` | `DATA_DIR` | `./.users-service` |
 //! | `--db-pool-size` | `DB_POOL_SIZE` | 2 x CPU cores, at least 4 |
 //! | `--db-connect-timeout` | `DB_CONNECT_TIMEOUT` | `3s` |
@@ -180,6 +182,23 @@ pub struct Config {
     /// runs its own Postgres from the installed binaries, in --data-dir.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// A streaming-replication standby of the database that GetUser,
+    /// ListUsers and ExportUsers may read from while its replay lag is under
+    /// --max-replica-lag (repeatable; in the environment, comma-separated).
+    #[arg(
+        long = "database-replica-url",
+        global = true,
+        env = "DATABASE_REPLICA_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub database_replica_urls: Vec<String>,
+
+    /// Reads go to a standby only while it is at most this far behind the
+    /// primary; otherwise to the primary.
+    #[arg(long, global = true, env = "MAX_REPLICA_LAG", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub max_replica_lag: Duration,
 
     /// Directory of the embedded Postgres cluster (used without DATABASE_URL).
     #[arg(long, global = true, env = "DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -391,6 +410,8 @@ impl Config {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             database_url: None,
+            database_replica_urls: Vec::new(),
+            max_replica_lag: Duration::from_secs(1),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             db_pool_size: None,
             db_connect_timeout: Duration::from_secs(3),

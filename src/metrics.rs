@@ -63,6 +63,21 @@ struct BatchLabels {
 const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StandbyLabels {
+    standby: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    from: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabels {
+    channel: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -96,6 +111,10 @@ pub struct Metrics {
     watchers: Gauge,
     relay_lag_events: Gauge,
     relay_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    replica_lag: Family<StandbyLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    replica_usable: Family<StandbyLabels, Gauge>,
+    reads: Family<ReadLabels, Counter>,
+    notifications: Family<ChannelLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,6 +149,11 @@ impl Metrics {
         let watchers = Gauge::default();
         let relay_lag_events = Gauge::default();
         let relay_lag_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let replica_lag =
+            Family::<StandbyLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let replica_usable = Family::<StandbyLabels, Gauge>::default();
+        let reads = Family::<ReadLabels, Counter>::default();
+        let notifications = Family::<ChannelLabels, Counter>::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -212,6 +236,26 @@ impl Metrics {
             relay_lag_seconds.clone(),
         );
         registry.register(
+            "users_service_replica_lag_seconds",
+            "With --database-replica-url: how far each standby's replay is behind the primary, as last measured",
+            replica_lag.clone(),
+        );
+        registry.register(
+            "users_service_replica_usable",
+            "With --database-replica-url: 1 while a standby is read from (reachable, replaying, within --max-replica-lag), else 0",
+            replica_usable.clone(),
+        );
+        registry.register(
+            "users_service_reads",
+            "GetUser, ListUsers and ExportUsers calls by the server they read from (primary or standby)",
+            reads.clone(),
+        );
+        registry.register(
+            "users_service_notifications",
+            "Database notifications received, by channel (user_events: the change feed; api_keys: key revocations and changes)",
+            notifications.clone(),
+        );
+        registry.register(
             "users_service_build_info",
             "Always 1; the labels describe the running build",
             build,
@@ -233,7 +277,40 @@ impl Metrics {
             watchers,
             relay_lag_events,
             relay_lag_seconds,
+            replica_lag,
+            replica_usable,
+            reads,
+            notifications,
         }
+    }
+
+    /// A standby's replay lag, when it could be measured, and whether
+    /// reads go to it.
+    pub fn replica(&self, standby: &str, lag: Option<Duration>, usable: bool) {
+        let labels = StandbyLabels {
+            standby: standby.to_owned(),
+        };
+        if let Some(lag) = lag {
+            self.replica_lag
+                .get_or_create(&labels)
+                .set(lag.as_secs_f64());
+        }
+        self.replica_usable
+            .get_or_create(&labels)
+            .set(i64::from(usable));
+    }
+
+    /// A read went to a standby (`true`) or to the primary.
+    pub fn read_from(&self, standby: bool) {
+        let from = if standby { "standby" } else { "primary" };
+        self.reads.get_or_create(&ReadLabels { from }).inc();
+    }
+
+    /// A notification arrived on `channel`.
+    pub fn notified(&self, channel: &'static str) {
+        self.notifications
+            .get_or_create(&ChannelLabels { channel })
+            .inc();
     }
 
     /// The change feed read this many new events.

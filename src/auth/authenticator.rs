@@ -90,7 +90,7 @@ impl std::fmt::Debug for Authenticator {
 
 /// The channel on which Postgres tells the id of a key that changed (see
 /// the migration `api_keys_notify`).
-const KEY_CHANGES: &str = "api_keys";
+pub const KEY_CHANGES: &str = "api_keys";
 
 impl Authenticator {
     /// Forgets each key that Postgres tells has changed (revoked, another
@@ -98,14 +98,20 @@ impl Authenticator {
     /// operator, so that its next call looks it up again; and every key
     /// whenever it starts listening (changes told meanwhile were lost).
     /// While it cannot listen, a key is trusted for the cache period at
-    /// most, as without it. Runs until aborted.
-    pub async fn follow_key_changes(self: Arc<Self>, config: tokio_postgres::Config) {
+    /// most, as without it. `notified` counts each notification. Runs until
+    /// aborted.
+    pub async fn follow_key_changes(
+        self: Arc<Self>,
+        config: tokio_postgres::Config,
+        notified: impl Fn() + Send + Sync + 'static,
+    ) {
         let (keys, all) = (self.keys.clone(), self.keys.clone());
         db::listen(
             config,
             KEY_CHANGES,
             move || all.invalidate_all(),
             move |id| {
+                notified();
                 let (keys, id) = (keys.clone(), id.to_owned());
                 tokio::spawn(async move { keys.invalidate(&id).await });
             },

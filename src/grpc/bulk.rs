@@ -170,6 +170,7 @@ pub async fn export(
     state: &AppState,
     principal: &Principal,
     deadline: tokio::time::Instant,
+    after: Option<crate::store::standby::Lsn>,
     request: pb::ExportUsersRequest,
 ) -> Result<ExportStream, Error> {
     let scope = super::authz::list_users(principal)?;
@@ -182,7 +183,11 @@ pub async fn export(
     // however many users there are.
     let (tx, rx) = mpsc::channel(2);
     let (end_tx, end_rx) = oneshot::channel();
-    let pool = state.pool.clone();
+    // From a standby fresh enough, as the other reads; the whole stream
+    // from where it started.
+    let standby = state.standbys.pick(after).await;
+    state.metrics.read_from(standby.is_some());
+    let pool = standby.map_or_else(|| state.pool.clone(), |standby| standby.pool.clone());
     let stall_timeout = state.stream_stall_timeout;
     let mut abandon = state.abandon.subscribe();
     tokio::spawn(async move {

@@ -22,6 +22,7 @@ use diesel_async::AsyncPgConnection;
 use crate::store::{
     coalesce::{Batch, Coalescer},
     db::{self, DbPool},
+    standby::{Lsn, Standbys, WalPosition},
     users::{FindUsers, InsertUsers},
 };
 
@@ -53,6 +54,11 @@ pub struct AppState {
     pub hub: Arc<watch::Hub>,
     /// A watch stream sends a response at least this often.
     pub watch_heartbeat: std::time::Duration,
+    /// The standbys reads may go to (none: every read from the primary).
+    pub standbys: Arc<Standbys>,
+    /// The primary's WAL position after a write: its consistency token.
+    pub wal: Arc<Coalescer<WalPosition>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How long the service keeps what it keeps for a while.
@@ -90,7 +96,7 @@ impl AppState {
     pub fn new(
         pool: DbPool,
         default_tenant: Uuid,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         clock: Clock,
         max_watchers: usize,
     ) -> Self {
@@ -109,6 +115,13 @@ impl AppState {
                 pool.clone(),
                 metrics.batch_items(InsertUsers::NAME),
             ),
+            wal: Coalescer::new(
+                WalPosition,
+                pool.clone(),
+                metrics.batch_items(WalPosition::NAME),
+            ),
+            standbys: Arc::default(),
+            metrics: Arc::clone(metrics),
             pool,
             default_tenant,
             clock,
@@ -134,6 +147,41 @@ impl AppState {
         work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     ) -> Result<T, Error> {
         db::run(&self.pool, work).await?.map_err(Into::into)
+    }
+
+    /// Runs a read on a standby that has what it must see (the writes up
+    /// to `after`, or else any within the lag allowed), given its pool and
+    /// its GetUser batches; on the primary when there is none, or when the
+    /// standby fails with UNAVAILABLE (it is then left alone until the
+    /// monitor finds it well again).
+    pub async fn read<T, F>(
+        &self,
+        after: Option<Lsn>,
+        work: impl Fn(DbPool, Arc<Coalescer<FindUsers>>) -> F,
+    ) -> Result<T, Error>
+    where
+        F: std::future::Future<Output = Result<T, Error>>,
+    {
+        if let Some(standby) = self.standbys.pick(after).await {
+            match work(standby.pool.clone(), Arc::clone(&standby.finds)).await {
+                Err(Error::Unavailable(cause)) => {
+                    tracing::warn!(standby = %standby.name, error = %cause, "a read failed on the standby; reading from the primary");
+                    standby.failed();
+                }
+                answer => {
+                    self.metrics.read_from(true);
+                    return answer;
+                }
+            }
+        }
+        self.metrics.read_from(false);
+        work(self.pool.clone(), Arc::clone(&self.finds)).await
+    }
+
+    /// The consistency token of every write that has committed by now: the
+    /// primary's WAL position.
+    pub async fn written(&self) -> Result<Lsn, Error> {
+        self.wal.submit(()).await.map_err(Error::from)
     }
 
     /// [`AppState::db`] for work that writes users: the change feed is

@@ -15,8 +15,10 @@ use crate::layers::deadline::{CallDeadline, parse_grpc_timeout};
 /// always does; this bounds a handler called some other way).
 const DEFAULT_STREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::pb::v1::{self as pb, users_service_server::UsersService};
+use crate::store::db;
 use crate::store::events::Position;
 use crate::store::models::{Actor, Etag};
+use crate::store::standby::{CONSISTENCY_HEADER, Lsn};
 use crate::store::users::{self, Write, Written};
 
 #[derive(Debug, Clone)]
@@ -74,22 +76,23 @@ impl UsersApi {
     async fn get(
         &self,
         principal: &Principal,
+        after: Option<Lsn>,
         request: pb::GetUserRequest,
     ) -> Result<pb::User, Error> {
         let scope = authz::read_user(principal);
         let id = convert::parse_id("id", &request.id)?;
         scope.check_user(id)?;
-        let row = if request.show_deleted {
-            self.state
-                .db(async |conn| users::find(conn, id, scope.tenant()).await)
-                .await?
-        } else {
-            self.state
-                .finds
-                .submit((id, scope.tenant()))
-                .await
-                .map_err(Error::from)?
-        };
+        let (tenant, show_deleted) = (scope.tenant(), request.show_deleted);
+        let row = self
+            .state
+            .read(after, |pool, finds| async move {
+                if show_deleted {
+                    Ok(db::run(&pool, async |conn| users::find(conn, id, tenant).await).await??)
+                } else {
+                    finds.submit((id, tenant)).await.map_err(Error::from)
+                }
+            })
+            .await?;
         row.map(Into::into).ok_or(Error::NotFound("user"))
     }
 
@@ -259,14 +262,18 @@ impl UsersApi {
     async fn list(
         &self,
         principal: &Principal,
+        after: Option<Lsn>,
         request: pb::ListUsersRequest,
     ) -> Result<pb::ListUsersResponse, Error> {
         let scope = authz::list_users(principal)?;
         let mut list = list::user_list(&request)?;
         scope.confine(&mut list.query.conditions);
+        let query = &list.query;
         let page = self
             .state
-            .db(async |conn| users::list(conn, &list.query).await)
+            .read(after, |pool, _| async move {
+                Ok(db::run(&pool, async |conn| users::list(conn, query).await).await??)
+            })
             .await?
             .map_err(|_| Error::invalid("page_token", "does not match this request"))?;
         let (page, snapshot) = page;
@@ -282,6 +289,49 @@ impl UsersApi {
             watch_token: Position::At(snapshot).encode(),
         })
     }
+}
+
+impl UsersApi {
+    /// A write's response, with the consistency token of its commit in
+    /// its metadata when reads may go to standbys (it costs a query, shared
+    /// by the writes of the moment; without standbys no read needs it).
+    /// The write is done whatever happens here: when the primary's
+    /// position cannot be read, it answers without one.
+    async fn written<T>(&self, response: T) -> Result<Response<T>, Status> {
+        let mut response = Response::new(response);
+        if self.state.standbys.is_empty() {
+            return Ok(response);
+        }
+        match self.state.written().await {
+            Ok(lsn) => {
+                if let Ok(token) = lsn.to_string().parse() {
+                    response.metadata_mut().insert(CONSISTENCY_HEADER, token);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "a write answers without its consistency token");
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// The consistency token a read sent: it must see the writes up to there.
+fn consistency<T>(request: &Request<T>) -> Result<Option<Lsn>, Error> {
+    let Some(token) = request.metadata().get(CONSISTENCY_HEADER) else {
+        return Ok(None);
+    };
+    token
+        .to_str()
+        .ok()
+        .and_then(Lsn::parse)
+        .map(Some)
+        .ok_or_else(|| {
+            Error::invalid(
+                CONSISTENCY_HEADER,
+                "is not a consistency token: send back the x-users-consistency of a write's response",
+            )
+        })
 }
 
 /// One write of one user through the write path, inside the caller's
@@ -328,9 +378,8 @@ impl UsersService for UsersApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        Ok(Response::new(
-            self.create(&principal, request.into_inner()).await?,
-        ))
+        let response = self.create(&principal, request.into_inner()).await?;
+        self.written(response).await
     }
 
     async fn get_user(
@@ -338,7 +387,8 @@ impl UsersService for UsersApi {
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        let user = self.get(&principal, request.into_inner()).await?;
+        let after = consistency(&request)?;
+        let user = self.get(&principal, after, request.into_inner()).await?;
         Ok(Response::new(pb::GetUserResponse { user: Some(user) }))
     }
 
@@ -347,9 +397,8 @@ impl UsersService for UsersApi {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        Ok(Response::new(
-            self.update(&principal, request.into_inner()).await?,
-        ))
+        let response = self.update(&principal, request.into_inner()).await?;
+        self.written(response).await
     }
 
     async fn deactivate_user(
@@ -364,7 +413,7 @@ impl UsersService for UsersApi {
                 pb::DeactivateUserResponse { user: Some(user) }
             })
             .await?;
-        Ok(Response::new(response))
+        self.written(response).await
     }
 
     async fn reactivate_user(
@@ -379,7 +428,7 @@ impl UsersService for UsersApi {
                 pb::ReactivateUserResponse { user: Some(user) }
             })
             .await?;
-        Ok(Response::new(response))
+        self.written(response).await
     }
 
     async fn delete_user(
@@ -387,9 +436,8 @@ impl UsersService for UsersApi {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        Ok(Response::new(
-            self.delete(&principal, request.into_inner()).await?,
-        ))
+        let response = self.delete(&principal, request.into_inner()).await?;
+        self.written(response).await
     }
 
     async fn undelete_user(
@@ -397,9 +445,8 @@ impl UsersService for UsersApi {
         request: Request<pb::UndeleteUserRequest>,
     ) -> Result<Response<pb::UndeleteUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        Ok(Response::new(
-            self.undelete(&principal, request.into_inner()).await?,
-        ))
+        let response = self.undelete(&principal, request.into_inner()).await?;
+        self.written(response).await
     }
 
     async fn purge_user(
@@ -407,9 +454,8 @@ impl UsersService for UsersApi {
         request: Request<pb::PurgeUserRequest>,
     ) -> Result<Response<pb::PurgeUserResponse>, Status> {
         let principal = authz::principal(&request)?;
-        Ok(Response::new(
-            self.purge(&principal, request.into_inner()).await?,
-        ))
+        let response = self.purge(&principal, request.into_inner()).await?;
+        self.written(response).await
     }
 
     async fn list_users(
@@ -417,8 +463,9 @@ impl UsersService for UsersApi {
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let principal = authz::principal(&request)?;
+        let after = consistency(&request)?;
         Ok(Response::new(
-            self.list(&principal, request.into_inner()).await?,
+            self.list(&principal, after, request.into_inner()).await?,
         ))
     }
 
@@ -428,7 +475,7 @@ impl UsersService for UsersApi {
     ) -> Result<Response<pb::BatchUpsertUsersResponse>, Status> {
         let principal = authz::principal(&request)?;
         let response = bulk::batch_upsert(&self.state, &principal, request.into_inner()).await?;
-        Ok(Response::new(response))
+        self.written(response).await
     }
 
     type WatchUsersStream = watch::WatchStream;
@@ -468,7 +515,15 @@ impl UsersService for UsersApi {
             || tokio::time::Instant::now() + DEFAULT_STREAM_LIFE,
             |d| d.0,
         );
-        let stream = bulk::export(&self.state, &principal, deadline, request.into_inner()).await?;
+        let after = consistency(&request)?;
+        let stream = bulk::export(
+            &self.state,
+            &principal,
+            deadline,
+            after,
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(stream))
     }
 }

@@ -187,13 +187,14 @@ impl Hub {
         listen: tokio_postgres::Config,
         committed: Committed,
         written: impl Fn(u64) + Send + Sync,
+        notified: impl Fn() + Send + Sync + 'static,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut commits = committed.subscribe();
         let elsewhere = Committed::default();
         let mut others = elsewhere.subscribe();
         let me = Uuid::new_v4().to_string();
-        let listener = tokio::spawn(listen_for_others(listen, me.clone(), elsewhere));
+        let listener = tokio::spawn(listen_for_others(listen, me.clone(), elsewhere, notified));
         let mut at: Option<Position> = None;
         let mut failing = false;
         let mut local = false;
@@ -290,7 +291,7 @@ impl Hub {
 }
 
 /// The channel hubs tell each other of new events on.
-const CHANNEL: &str = "user_events";
+pub const CHANNEL: &str = "user_events";
 
 /// Tells the other replicas' hubs that events committed here.
 async fn tell_others(pool: &DbPool, me: &str) -> Result<(), Error> {
@@ -307,8 +308,14 @@ async fn tell_others(pool: &DbPool, me: &str) -> Result<(), Error> {
 }
 
 /// LISTENs for other hubs' notifications on a connection of its own, and
-/// pokes `elsewhere` on each, and whenever it starts listening again.
-async fn listen_for_others(config: tokio_postgres::Config, me: String, elsewhere: Committed) {
+/// pokes `elsewhere` on each, and whenever it starts listening again;
+/// `notified` counts each notification.
+async fn listen_for_others(
+    config: tokio_postgres::Config,
+    me: String,
+    elsewhere: Committed,
+    notified: impl Fn() + Send + Sync + 'static,
+) {
     let poke = elsewhere.clone();
     db::listen(
         config,
@@ -316,6 +323,7 @@ async fn listen_for_others(config: tokio_postgres::Config, me: String, elsewhere
         // Whatever was missed while away.
         move || elsewhere.poke(),
         move |sender| {
+            notified();
             if sender != me {
                 poke.poke();
             }

@@ -62,6 +62,12 @@ pub(crate) const OUTAGE_MESSAGES: &[&str] = &[
     "the database system is not yet accepting connections",
     // 57014 query_canceled, from the pool's statement_timeout.
     "canceling statement due to statement timeout",
+    // A standby's replay needed what a read held (hot standby).
+    "canceling statement due to conflict with recovery",
+    // A server that was the primary is a standby now.
+    "cannot execute INSERT in a read-only transaction",
+    "cannot execute UPDATE in a read-only transaction",
+    "cannot execute DELETE in a read-only transaction",
     // The driver's own words for a connection that closed under a statement.
     "connection closed",
     // 53100 disk_full, and any file Postgres cannot write for want of room

@@ -12,6 +12,7 @@ pub mod page;
 pub mod prepared;
 pub mod requests;
 pub mod schema;
+pub mod standby;
 pub mod tenants;
 pub mod users;
 
