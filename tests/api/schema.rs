@@ -111,3 +111,92 @@ async fn schema_rs_matches_the_migrated_database() {
         assert_eq!(declared_key, &key, "the primary key of {table}");
     }
 }
+
+/// Migrations from this one on run against tables that hold users in
+/// production; the ones before made the schema.
+const FIRST_ON_LIVE_TABLES: &str = "2026-12-05-090000";
+
+/// Why `sql` (one migration's up.sql, comments removed) could block writes
+/// for long on a large table or break the release before it, by the rules
+/// of the README's "Rolling deploys".
+fn long_locks(sql: &str, in_transaction: bool) -> Vec<String> {
+    let mut found = Vec::new();
+    for statement in sql.split(';').map(|s| {
+        s.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_uppercase()
+    }) {
+        let has = |words: &str| statement.contains(words);
+        let rule = if (has("CREATE INDEX") || has("CREATE UNIQUE INDEX") || has("DROP INDEX"))
+            && !has("CONCURRENTLY")
+        {
+            Some("an index is built or dropped without CONCURRENTLY")
+        } else if has("CONCURRENTLY") && in_transaction {
+            Some("CONCURRENTLY needs run_in_transaction = false in metadata.toml")
+        } else if has("ALTER TABLE") && has(" TYPE ") {
+            Some("a column's type changes (the table is rewritten)")
+        } else if has("SET NOT NULL") {
+            Some("SET NOT NULL scans the table under an exclusive lock")
+        } else if has("ADD CONSTRAINT") && !has("NOT VALID") && !has("USING INDEX") {
+            Some("a constraint is added without NOT VALID (it scans the table under lock)")
+        } else if has("ADD COLUMN") && has("NOT NULL") && !has("DEFAULT") {
+            Some("a NOT NULL column is added without a default")
+        } else if has("DROP COLUMN") || has("RENAME") {
+            Some(
+                "a column is dropped or renamed that the release before still uses (contract in a later release)",
+            )
+        } else if has("LOCK TABLE") || has("VACUUM FULL") || has("CLUSTER ") {
+            Some("the table is locked for the whole operation")
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            found.push(format!("{rule}: {statement}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn migrations_on_live_tables_take_no_long_locks() {
+    // The checker itself refuses what it must.
+    for bad in [
+        "CREATE INDEX users_x_idx ON users (email)",
+        "ALTER TABLE users ALTER COLUMN email TYPE varchar(500)",
+        "ALTER TABLE users ALTER COLUMN locale SET NOT NULL",
+        "ALTER TABLE users ADD CONSTRAINT c CHECK (email <> '')",
+        "ALTER TABLE users DROP COLUMN reference",
+    ] {
+        assert!(!long_locks(bad, false).is_empty(), "{bad}");
+    }
+    assert!(!long_locks("CREATE INDEX CONCURRENTLY i ON users (email)", true).is_empty());
+    assert!(long_locks("CREATE INDEX CONCURRENTLY i ON users (email)", false).is_empty());
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.as_str() < FIRST_ON_LIVE_TABLES {
+            continue;
+        }
+        let up = std::fs::read_to_string(entry.path().join("up.sql")).unwrap();
+        let sql: String = up
+            .lines()
+            .map(|line| line.split("--").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let in_transaction = !std::fs::read_to_string(entry.path().join("metadata.toml"))
+            .unwrap_or_default()
+            .contains("run_in_transaction = false");
+        failures.extend(
+            long_locks(&sql, in_transaction)
+                .into_iter()
+                .map(|f| format!("{name}: {f}")),
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no migration on live tables was found");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
