@@ -295,8 +295,9 @@ pub struct Config {
     #[arg(long, global = true, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// Longest wait for Redis' answer to a rate-limit check; slower counts as
-    /// down, and the replica limits alone meanwhile.
+    /// Longest wait for Redis' answer to a rate-limit check; a later one is
+    /// decided by the replica alone, and three in a row count as Redis down
+    /// (the replica limits alone until Redis answers in time again).
     #[arg(long, global = true, env = "REDIS_TIMEOUT", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
