@@ -9,7 +9,8 @@
 //! Options: `--calls N` concurrent calls (64), `--connections M` HTTP/2
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
-//! `--keep` to keep the database, `--only get,create,update,safe,bulk,feed,lists,search,counts` to
+//! `--keep` to keep the database, `--standby-self` to have writes answer with
+//! their consistency token (an A/B of its cost), `--only get,create,update,safe,bulk,feed,lists,search,counts` to
 //! run some scenario groups (`feed` is `watch` and `outbox`: the change feed's
 //! delivery latency and the cost of its triggers); `--watchers W` and
 //! `--feed-rate R` for the delivery run (16 WatchUsers streams, 2000 changes/s). `BENCH_SERVER` is a server binary to run instead of
@@ -93,6 +94,12 @@ struct Options {
     /// Changes per second the writers of the delivery run make.
     #[arg(long, default_value_t = 2000.0)]
     feed_rate: f64,
+    /// Give the server its own database as a standby
+    /// (`--database-replica-url`): writes then answer with their
+    /// consistency token, and reads stay on the primary (a server not in
+    /// recovery is not read from). For an A/B of what the token costs.
+    #[arg(long)]
+    standby_self: bool,
     /// Passed by `cargo bench` to harness-less benchmarks.
     #[arg(long, hide = true)]
     bench: bool,
@@ -389,6 +396,13 @@ impl Server {
             .arg(options.pool().to_string())
             .arg("--metrics-listen")
             .arg(metrics.to_string())
+            .args(
+                options
+                    .standby_self
+                    .then_some(["--database-replica-url", url])
+                    .into_iter()
+                    .flatten(),
+            )
             .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
             .stderr(log)

@@ -33,6 +33,7 @@ use tokio_postgres::{NoTls, types::PgLsn};
 use super::coalesce::{Batch, Coalescer};
 use super::db::{self, DbPool};
 use super::error::StoreError;
+use super::prepared::Prepared;
 use super::users::FindUsers;
 
 /// How often the monitor measures each standby's lag.
@@ -89,9 +90,12 @@ impl Batch for WalPosition {
         items: Vec<()>,
     ) -> Result<Vec<Result<Lsn, StoreError>>, StoreError> {
         use diesel_async::RunQueryDsl;
-        let position = diesel::select(diesel::dsl::sql::<Text>("pg_current_wal_lsn()::text"))
-            .load::<String>(conn)
-            .await?;
+        let position = Prepared::when(
+            true,
+            diesel::select(diesel::dsl::sql::<Text>("pg_current_wal_lsn()::text")),
+        )
+        .load::<String>(conn)
+        .await?;
         let lsn = <[_]>::first(&position)
             .and_then(|text| Lsn::parse(text))
             .ok_or_else(|| StoreError::Unavailable("the WAL position could not be read".into()))?;
@@ -157,9 +161,12 @@ impl Standby {
         loop {
             let replayed = db::run(&self.pool, async |conn| {
                 use diesel_async::RunQueryDsl;
-                diesel::select(diesel::dsl::sql::<Nullable<Text>>(
-                    "pg_last_wal_replay_lsn()::text",
-                ))
+                Prepared::when(
+                    true,
+                    diesel::select(diesel::dsl::sql::<Nullable<Text>>(
+                        "pg_last_wal_replay_lsn()::text",
+                    )),
+                )
                 .load::<Option<String>>(conn)
                 .await
             })
