@@ -451,22 +451,7 @@ impl TestApp {
         tenant: Option<uuid::Uuid>,
         rate_limit: Option<u32>,
     ) -> String {
-        let (client, connection) = self.db_config.connect(NoTls).await.unwrap();
-        let mut conn =
-            diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
-                .await
-                .unwrap();
-        let (_, token) = keys::create(
-            &mut conn,
-            role,
-            tenant,
-            "test",
-            rate_limit.and_then(std::num::NonZeroU32::new),
-            chrono::Utc::now(),
-        )
-        .await
-        .unwrap();
-        token.reveal()
+        create_key(&self.db_config, role, tenant, rate_limit).await
     }
 
     /// Stops the server gracefully and waits for it.
@@ -674,4 +659,67 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A `redis-server` on a port of its own that keeps nothing on disk;
+/// killed when dropped.
+pub fn redis_server() -> ChildServer {
+    ChildServer::start("redis-server", |port| {
+        [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "local",
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+}
+
+/// The text of a `/metrics` endpoint.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
+
+/// Creates an API key in the database of `config`; its token.
+pub async fn create_key(
+    config: &tokio_postgres::Config,
+    role: users_service::auth::Role,
+    tenant: Option<uuid::Uuid>,
+    rate_limit: Option<u32>,
+) -> String {
+    let (client, connection) = config.connect(NoTls).await.unwrap();
+    let mut conn =
+        diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .unwrap();
+    let (_, token) = users_service::auth::keys::create(
+        &mut conn,
+        role,
+        tenant,
+        "test",
+        rate_limit.and_then(std::num::NonZeroU32::new),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    token.reveal()
 }

@@ -1,26 +1,12 @@
 //! The Prometheus endpoint counts calls per method and code.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use users_service::pb::v1::{CreateUserRequest, GetUserRequest, User};
 
 use crate::helpers::{server, spawn_with, test_config};
 use crate::users::{create, roq_user};
 
-pub async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response
-}
+pub use crate::helpers::scrape;
 
 /// The value of the sample `name` whose labels include all of `labels`.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

@@ -227,23 +227,7 @@ impl ServiceProcess {
             !self.database.is_empty(),
             "the database is not on the tests' server"
         );
-        let config = server().config(&self.database);
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-        let mut conn =
-            diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
-                .await
-                .unwrap();
-        let (_, token) = users_service::auth::keys::create(
-            &mut conn,
-            role,
-            tenant,
-            "test",
-            rate_limit.and_then(std::num::NonZeroU32::new),
-            chrono::Utc::now(),
-        )
-        .await
-        .unwrap();
-        token.reveal()
+        crate::helpers::create_key(&server().config(&self.database), role, tenant, rate_limit).await
     }
 
     /// Resident memory, in bytes.

@@ -7,29 +7,9 @@ use tonic::Code;
 use users_service::{auth::Role, pb::v1::GetUserRequest};
 
 use crate::helpers::{
-    ChildServer, TestApp, drop_database, fresh_database, server, spawn_with, test_config,
+    ChildServer, TestApp, drop_database, fresh_database, redis_server, server, spawn_with,
+    test_config,
 };
-
-/// A `redis-server` on a port of its own that keeps nothing on disk;
-/// killed when dropped.
-fn redis_server() -> ChildServer {
-    ChildServer::start("redis-server", |port| {
-        [
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--enable-debug-command",
-            "local",
-        ]
-        .map(String::from)
-        .to_vec()
-    })
-}
 
 fn url(redis: &ChildServer) -> String {
     format!("redis://127.0.0.1:{}", redis.port)

@@ -39,7 +39,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Code, Request};
 use users_service::{auth::Role, code::code_name, pb::v1 as pb};
 
@@ -82,35 +81,12 @@ impl Replica {
 
     /// The sum of the samples of `metric` whose labels contain `labels`.
     async fn metric(&self, metric: &str, labels: &str) -> f64 {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
+        let body = helpers::scrape(self.metrics).await;
         body.lines()
             .filter(|line| line.starts_with(metric) && line.contains(labels))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
-}
-
-fn redis_server() -> ChildServer {
-    ChildServer::start("redis-server", |port| {
-        [
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .map(String::from)
-        .to_vec()
-    })
 }
 
 async fn start_replicas(pair: &Pair, redis: &ChildServer) -> Vec<Replica> {
@@ -348,27 +324,13 @@ async fn read_your_writes(replicas: &[Replica], pair: &Pair) -> Vec<String> {
 }
 
 async fn shared_limit(replicas: &[Replica], pair: &Pair) -> Vec<String> {
-    let (client, connection) = pair
-        .primary
-        .config(DATABASE)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let mut conn =
-        diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
-            .await
-            .unwrap();
-    let (_, key) = users_service::auth::keys::create(
-        &mut conn,
+    let key = helpers::create_key(
+        &pair.primary.config(DATABASE),
         Role::Admin,
         None,
-        "limited",
-        std::num::NonZeroU32::new(LIMIT),
-        chrono::Utc::now(),
+        Some(LIMIT),
     )
-    .await
-    .unwrap();
-    let key = key.reveal();
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
     let counting = Arc::new(AtomicBool::new(false));
     let passed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -653,7 +615,7 @@ async fn failover(mut replicas: Vec<Replica>, mut pair: Pair) -> Vec<String> {
 #[tokio::main]
 async fn main() {
     let started = Instant::now();
-    let redis = redis_server();
+    let redis = helpers::redis_server();
     let dir = helpers::scratch_dir("replication");
     let pair = Pair::start(&dir).await;
     let replicas = start_replicas(&pair, &redis).await;
