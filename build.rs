@@ -11,6 +11,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "users/v1/users.proto",
     "users/v1/tenants.proto",
+    "users/v1/keys.proto",
     "google/rpc/error_details.proto",
     "google/rpc/status.proto",
 ];

@@ -11,7 +11,7 @@ use tower::ServiceBuilder;
 use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
 use crate::clock::{self, Clock};
 use crate::config::Config;
-use crate::grpc::{AppState, tenants::TenantsApi, users::UsersApi};
+use crate::grpc::{AppState, keys::KeysApi, tenants::TenantsApi, users::UsersApi};
 use crate::health;
 use crate::layers::{
     auth::AuthLayer, call_log::CallLogLayer, deadline::DeadlineLayer,
@@ -21,7 +21,10 @@ use crate::metrics::{self, Metrics};
 use crate::net;
 use crate::pb::{
     self,
-    v1::{tenants_service_server::TenantsServiceServer, users_service_server::UsersServiceServer},
+    v1::{
+        keys_service_server::KeysServiceServer, tenants_service_server::TenantsServiceServer,
+        users_service_server::UsersServiceServer,
+    },
 };
 use crate::quota::{CallerQuotas, Quotas};
 use crate::shared_quota::{SharedQuotas, SharedSettings};
@@ -312,9 +315,12 @@ impl Application {
             .max_decoding_message_size(max_request);
         let tenants = TenantsServiceServer::new(TenantsApi::new(self.state.clone()))
             .max_decoding_message_size(max_request);
+        let keys = KeysServiceServer::new(KeysApi::new(self.state.clone()))
+            .max_decoding_message_size(max_request);
         let mut routes = Routes::new(health_service)
             .add_service(users)
-            .add_service(tenants);
+            .add_service(tenants)
+            .add_service(keys);
         if !self.config.disable_reflection {
             let failed = |e: tonic_reflection::server::Error| StartError::Serve(e.into());
             routes = routes

@@ -40,9 +40,24 @@ async fn run(database: &Database, command: KeysCommand) -> Result<(), BoxError> 
             tenant,
             name,
             rate_limit,
+            expire_in,
         } => {
-            let (row, token) =
-                keys::create(&mut conn, role, tenant, &name, rate_limit, now).await?;
+            let expire_time = expire_in
+                .map(|after| chrono::Duration::from_std(after).map(|after| now + after))
+                .transpose()
+                .map_err(|_| "--expire-in is too long")?;
+            let (row, token) = keys::create(
+                &mut conn,
+                keys::KeySpec {
+                    role,
+                    tenant,
+                    name: &name,
+                    rate_limit,
+                    expire_time,
+                },
+                now,
+            )
+            .await?;
             eprintln!(
                 "created {} key {}; the token is shown only this once",
                 row.role, row.id
@@ -69,6 +84,8 @@ async fn run(database: &Database, command: KeysCommand) -> Result<(), BoxError> 
                         .map_or_else(|| "*".to_owned(), |t| t.to_string()),
                     if key.revoked_at.is_some() {
                         "revoked"
+                    } else if key.expire_time.is_some_and(|t| t <= now) {
+                        "expired"
                     } else {
                         "active"
                     },

@@ -160,6 +160,10 @@ pub enum KeysCommand {
         /// Calls per second for this key, instead of --rate-limit-per-second.
         #[arg(long)]
         rate_limit: Option<std::num::NonZeroU32>,
+        /// The key stops working this long from now (e.g. 90days); never
+        /// when not given.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expire_in: Option<Duration>,
     },
     /// List the keys (never their secrets).
     List,

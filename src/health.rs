@@ -24,7 +24,11 @@ use tokio_postgres::NoTls;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 /// The health entries that follow the database.
-pub const READINESS: [&str; 2] = ["users.v1.UsersService", "users.v1.TenantsService"];
+pub const READINESS: [&str; 3] = [
+    "users.v1.UsersService",
+    "users.v1.TenantsService",
+    "users.v1.KeysService",
+];
 
 /// The shortest time between two probes that a wake asks for.
 const MIN_PROBE_GAP: Duration = Duration::from_millis(50);

@@ -87,7 +87,7 @@ done
 echo "ok: the bootstrap admin key is in admin.key, mode 0600"
 
 services=$(grpcurl -plaintext "$ADDR" list)
-for s in users.v1.UsersService users.v1.TenantsService grpc.health.v1.Health; do
+for s in users.v1.UsersService users.v1.TenantsService users.v1.KeysService grpc.health.v1.Health; do
   grep -qx "$s" <<<"$services" || fail "reflection does not list $s"
 done
 echo "ok: reflection lists the services"
@@ -256,6 +256,25 @@ if out=$(call users.v1.UsersService/GetUser "{\"id\": \"$tenant_id\"}" 2>&1); th
 grep -q "NotFound" <<<"$out" || fail "expected NotFound, got: $out"
 echo "ok: unknown id is NOT_FOUND"
 
+# Keys over the API: a viewer key of the default tenant that expires in a day.
+expires=$(date -u -d '+1 day' +%Y-%m-%dT%H:%M:%SZ)
+made=$(call users.v1.KeysService/CreateKey "{\"name\": \"dashboard\", \"role\": \"KEY_ROLE_VIEWER\", \"tenantId\": \"$default_tenant\", \"expireTime\": \"$expires\"}")
+viewer_token=$(field '.token' <<<"$made")
+viewer_id=$(field '.key.id' <<<"$made")
+grpcurl -plaintext -H "authorization: Bearer $viewer_token" -d '{}' "$ADDR" users.v1.UsersService/ListUsers >/dev/null \
+  || fail "the key made over the API does not work"
+expect "ListKeys shows the key made" \
+  "$(call users.v1.KeysService/ListKeys '{"pageSize": 1000}' | jq -r --arg id "$viewer_id" '.keys[] | select(.id == $id) | .name')" "dashboard"
+call users.v1.KeysService/RevokeKey "{\"id\": \"$viewer_id\"}" >/dev/null
+for _ in $(seq 1 50); do
+  grpcurl -plaintext -H "authorization: Bearer $viewer_token" -d '{}' "$ADDR" users.v1.UsersService/ListUsers >/dev/null 2>&1 || break
+  sleep 0.1
+done
+if grpcurl -plaintext -H "authorization: Bearer $viewer_token" -d '{}' "$ADDR" users.v1.UsersService/ListUsers >/dev/null 2>&1; then
+  fail "a revoked key still works"
+fi
+echo "ok: a key revoked over the API is refused"
+
 if out=$(grpcurl -plaintext -d '{}' "$ADDR" users.v1.UsersService/ListUsers 2>&1); then
   fail "a call without credentials was answered"
 fi
@@ -269,5 +288,6 @@ PID=
 expect "SIGTERM exits 0" "$status" "0"
 grep -q "grpc.method" "$LOG" || fail "no per-call log line"
 if grep -q "$(cut -d_ -f3 "$DATA_DIR/admin.key")" "$LOG"; then fail "the admin token is in the log"; fi
+if grep -q "$(cut -d_ -f3 <<<"$viewer_token")" "$LOG"; then fail "a token made by CreateKey is in the log"; fi
 echo "ok: no token in the log"
 echo "grpcurl end-to-end: all checks passed"

@@ -47,6 +47,8 @@ pub enum AuthFailure {
 struct CachedKey {
     secret_sha256: Vec<u8>,
     revoked: bool,
+    /// It stops working then, cached or not.
+    expire_time: Option<chrono::DateTime<chrono::Utc>>,
     authenticated: Authenticated,
 }
 
@@ -237,7 +239,10 @@ impl Authenticator {
                 }
             }
         };
-        if !key.revoked && token.matches(&key.secret_sha256) {
+        let expired = key
+            .expire_time
+            .is_some_and(|expire_time| (self.clock)() >= expire_time);
+        if !key.revoked && !expired && token.matches(&key.secret_sha256) {
             Ok(key.authenticated.clone())
         } else {
             Err(AuthFailure::Unauthenticated)
@@ -275,6 +280,7 @@ impl Authenticator {
         Ok(Arc::new(CachedKey {
             secret_sha256: row.secret_sha256,
             revoked: row.revoked_at.is_some() || tenant_deleted,
+            expire_time: row.expire_time,
             authenticated: Authenticated {
                 principal,
                 rate_limit_per_second: row

@@ -15,57 +15,74 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a new key is.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec<'a> {
+    pub role: Role,
+    /// The tenant of an editor or viewer key; none for an admin key.
+    pub tenant: Option<Uuid>,
+    /// Who uses it.
+    pub name: &'a str,
+    /// Its own calls per second, instead of the server's default.
+    pub rate_limit: Option<NonZeroU32>,
+    /// When it stops working.
+    pub expire_time: Option<DateTime<Utc>>,
+}
+
+/// Why a key could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("admin keys act for every tenant: drop --tenant")]
+    AdminWithTenant,
+    #[error("{0} keys need --tenant")]
+    NoTenant(&'static str),
+    #[error("no tenant has this id")]
+    UnknownTenant,
+    #[error(transparent)]
+    Database(#[from] DieselError),
+}
+
 /// Creates a key; returns its row and the token, which exists nowhere else.
 pub async fn create(
     conn: &mut AsyncPgConnection,
-    role: Role,
-    tenant: Option<Uuid>,
-    name: &str,
-    rate_limit: Option<NonZeroU32>,
+    spec: KeySpec<'_>,
     now: DateTime<Utc>,
-) -> Result<(ApiKeyRow, ApiKeyToken), BoxError> {
-    match (role, tenant) {
-        (Role::Admin, Some(_)) => {
-            return Err("admin keys act for every tenant: drop --tenant".into());
-        }
+) -> Result<(ApiKeyRow, ApiKeyToken), CreateError> {
+    match (spec.role, spec.tenant) {
+        (Role::Admin, Some(_)) => return Err(CreateError::AdminWithTenant),
         (Role::Editor | Role::Viewer, None) => {
-            return Err(format!("{} keys need --tenant", role.as_str()).into());
+            return Err(CreateError::NoTenant(spec.role.as_str()));
         }
         _ => {}
     }
     let token = ApiKeyToken::generate();
-    let row = api_keys::insert(
-        conn,
-        &new_key(&token, role, tenant, name, rate_limit, false, now),
-    )
-    .await
-    .map_err(|e| match e {
-        DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => {
-            BoxError::from("no tenant has this id")
-        }
-        other => other.into(),
-    })?;
+    let row = api_keys::insert(conn, &new_key(&token, spec, false, now))
+        .await
+        .map_err(|e| match e {
+            DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => {
+                CreateError::UnknownTenant
+            }
+            other => other.into(),
+        })?;
     Ok((row, token))
 }
 
 fn new_key(
     token: &ApiKeyToken,
-    role: Role,
-    tenant: Option<Uuid>,
-    name: &str,
-    rate_limit: Option<NonZeroU32>,
+    spec: KeySpec<'_>,
     is_bootstrap: bool,
     now: DateTime<Utc>,
 ) -> NewApiKey {
     NewApiKey {
         id: token.id().to_owned(),
-        name: name.to_owned(),
-        role: role.as_str().to_owned(),
-        tenant_id: tenant,
+        name: spec.name.to_owned(),
+        role: spec.role.as_str().to_owned(),
+        tenant_id: spec.tenant,
         secret_sha256: token.secret_sha256(),
-        rate_limit_per_second: rate_limit.and_then(|n| i32::try_from(n.get()).ok()),
+        rate_limit_per_second: spec.rate_limit.and_then(|n| i32::try_from(n.get()).ok()),
         is_bootstrap,
         created_at: now,
+        expire_time: spec.expire_time,
     }
 }
 
@@ -81,7 +98,14 @@ pub async fn bootstrap(
         return Ok(None);
     }
     let token = ApiKeyToken::generate();
-    let key = new_key(&token, Role::Admin, None, "bootstrap", None, true, now);
+    let spec = KeySpec {
+        role: Role::Admin,
+        tenant: None,
+        name: "bootstrap",
+        rate_limit: None,
+        expire_time: None,
+    };
+    let key = new_key(&token, spec, true, now);
     match api_keys::insert(conn, &key).await {
         Ok(_) => {}
         // Another replica bootstrapped at the same moment.

@@ -165,3 +165,11 @@ pub fn manage_tenants(principal: &Principal) -> Result<(), Error> {
         _ => Err(Error::PermissionDenied("only admin keys manage tenants")),
     }
 }
+
+/// Every KeysService call.
+pub fn manage_keys(principal: &Principal) -> Result<(), Error> {
+    match principal {
+        Principal::Admin { .. } => Ok(()),
+        _ => Err(Error::PermissionDenied("only admin keys manage keys")),
+    }
+}

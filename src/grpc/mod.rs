@@ -6,6 +6,7 @@ pub mod bulk;
 pub mod convert;
 pub mod idempotent;
 pub mod json;
+pub mod keys;
 pub mod list;
 pub mod tenants;
 pub mod users;

@@ -22,6 +22,7 @@ pub struct ApiKeyRow {
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub expire_time: Option<DateTime<Utc>>,
 }
 
 /// A key to insert.
@@ -36,6 +37,7 @@ pub struct NewApiKey {
     pub rate_limit_per_second: Option<i32>,
     pub is_bootstrap: bool,
     pub created_at: DateTime<Utc>,
+    pub expire_time: Option<DateTime<Utc>>,
 }
 
 pub async fn insert(conn: &mut AsyncPgConnection, key: &NewApiKey) -> QueryResult<ApiKeyRow> {
@@ -70,6 +72,34 @@ pub async fn list(conn: &mut AsyncPgConnection) -> QueryResult<Vec<ApiKeyRow>> {
         .select(ApiKeyRow::as_select())
         .load(conn)
         .await
+}
+
+/// A page of keys in id order, after the key `after`: at most `limit`,
+/// and whether more follow. Revoked and expired keys only when `revoked`.
+pub async fn page(
+    conn: &mut AsyncPgConnection,
+    after: &str,
+    limit: i64,
+    revoked: bool,
+    now: DateTime<Utc>,
+) -> QueryResult<(Vec<ApiKeyRow>, bool)> {
+    let mut query = api_keys::table
+        .filter(api_keys::id.gt(after))
+        .order_by(api_keys::id.asc())
+        .limit(limit + 1)
+        .select(ApiKeyRow::as_select())
+        .into_boxed();
+    if !revoked {
+        query = query.filter(api_keys::revoked_at.is_null()).filter(
+            api_keys::expire_time
+                .is_null()
+                .or(api_keys::expire_time.gt(now)),
+        );
+    }
+    let mut rows = query.load(conn).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    Ok((rows, more))
 }
 
 /// Revokes a key; `None` when no key has this id. Revoking twice keeps the

@@ -52,6 +52,7 @@ diesel::table! {
         created_at -> Timestamptz,
         last_used_at -> Nullable<Timestamptz>,
         revoked_at -> Nullable<Timestamptz>,
+        expire_time -> Nullable<Timestamptz>,
     }
 }
 

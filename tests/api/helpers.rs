@@ -711,15 +711,15 @@ pub async fn create_key(
         diesel_async::AsyncPgConnection::try_from_client_and_connection(client, connection)
             .await
             .unwrap();
-    let (_, token) = users_service::auth::keys::create(
-        &mut conn,
+    let spec = users_service::auth::keys::KeySpec {
         role,
         tenant,
-        "test",
-        rate_limit.and_then(std::num::NonZeroU32::new),
-        chrono::Utc::now(),
-    )
-    .await
-    .unwrap();
+        name: "test",
+        rate_limit: rate_limit.and_then(std::num::NonZeroU32::new),
+        expire_time: None,
+    };
+    let (_, token) = users_service::auth::keys::create(&mut conn, spec, chrono::Utc::now())
+        .await
+        .unwrap();
     token.reveal()
 }

@@ -80,6 +80,29 @@ async fn keys_commands_work_beside_a_running_embedded_server() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 
+    // A key with an expiry: stored as now plus the duration.
+    let expiring = keys(
+        &["create", "--role", "admin", "--expire-in", "90days"],
+        &config.data_dir,
+    );
+    assert!(expiring.status.success());
+    let expiring_id = String::from_utf8(expiring.stdout)
+        .unwrap()
+        .split('_')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let expires_in: f64 = app
+        .db
+        .query_one(
+            "SELECT extract(epoch FROM expire_time - now())::float8 FROM api_keys WHERE id = $1",
+            &[&expiring_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((expires_in - 90.0 * 86_400.0).abs() < 60.0, "{expires_in}");
+
     let bad = keys(&["create", "--role", "editor"], &config.data_dir);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--tenant"));

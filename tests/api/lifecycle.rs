@@ -111,7 +111,12 @@ async fn health_is_serving_and_turns_not_serving_on_shutdown() {
         .await
         .unwrap();
     let mut health = HealthClient::new(channel);
-    for service in ["", "users.v1.UsersService", "users.v1.TenantsService"] {
+    for service in [
+        "",
+        "users.v1.UsersService",
+        "users.v1.TenantsService",
+        "users.v1.KeysService",
+    ] {
         let status = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -174,6 +179,7 @@ async fn reflection_lists_the_services_and_resolves_error_details() {
     for expected in [
         "users.v1.UsersService",
         "users.v1.TenantsService",
+        "users.v1.KeysService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.contains(&expected), "{names:?}");
