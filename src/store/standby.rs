@@ -241,7 +241,9 @@ impl Standbys {
             return Some(standby);
         }
         let standby = usable().next()?;
-        standby.wait_for(after).await.then_some(standby)
+        // However slow the standby's pool is to lend a connection.
+        let caught_up = tokio::time::timeout(REPLAY_WAIT * 2, standby.wait_for(after)).await;
+        caught_up.unwrap_or(false).then_some(standby)
     }
 
     /// Measures every standby's lag each [`MONITOR_INTERVAL`], for ever:
