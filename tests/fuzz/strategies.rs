@@ -385,6 +385,9 @@ pub enum Call {
     GetTenant(pb::GetTenantRequest),
     UpdateTenant(pb::UpdateTenantRequest),
     ListTenants(pb::ListTenantsRequest),
+    CreateKey(pb::CreateKeyRequest),
+    ListKeys(pb::ListKeysRequest),
+    RevokeKey(pb::RevokeKeyRequest),
 }
 
 impl Call {
@@ -403,6 +406,9 @@ impl Call {
             Self::GetTenant(_) => "/users.v1.TenantsService/GetTenant",
             Self::UpdateTenant(_) => "/users.v1.TenantsService/UpdateTenant",
             Self::ListTenants(_) => "/users.v1.TenantsService/ListTenants",
+            Self::CreateKey(_) => "/users.v1.KeysService/CreateKey",
+            Self::ListKeys(_) => "/users.v1.KeysService/ListKeys",
+            Self::RevokeKey(_) => "/users.v1.KeysService/RevokeKey",
         }
     }
 
@@ -421,6 +427,9 @@ impl Call {
             Self::GetTenant(m) => m.encode_to_vec(),
             Self::UpdateTenant(m) => m.encode_to_vec(),
             Self::ListTenants(m) => m.encode_to_vec(),
+            Self::CreateKey(m) => m.encode_to_vec(),
+            Self::ListKeys(m) => m.encode_to_vec(),
+            Self::RevokeKey(m) => m.encode_to_vec(),
         }
     }
 
@@ -502,6 +511,14 @@ pub fn call() -> BoxedStrategy<Call> {
                     skip_total_count, ..Default::default() })
             }
         ),
+        1 => (text(), enum_value(), prop_oneof![2 => Just(String::new()), 1 => id()], option::of(any::<i32>()), option::of(timestamp()))
+            .prop_map(|(name, role, tenant_id, rate_limit_per_second, expire_time)| {
+                Call::CreateKey(pb::CreateKeyRequest { name, role, tenant_id, rate_limit_per_second, expire_time })
+            }),
+        1 => (prop_oneof![3 => 0i32..20, 1 => any::<i32>()], text(), any::<bool>())
+            .prop_map(|(page_size, page_token, show_revoked)| Call::ListKeys(pb::ListKeysRequest { page_size, page_token, show_revoked })),
+        // Never an id the server gave out: the run's own admin key stays.
+        1 => text().prop_map(|id| Call::RevokeKey(pb::RevokeKeyRequest { id })),
     ]
     .boxed()
 }
