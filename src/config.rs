@@ -43,6 +43,8 @@
 //! | `--jwt-algorithm` | `JWT_ALGORITHM` | `rs256` |
 //! | `--jwt-key-file` | `JWT_KEY_FILE` | none |
 //! | `--jwt-secret` | `JWT_SECRET` | none |
+//! | `--jwt-roles-claim` | `JWT_ROLES_CLAIM` | none: end users act on themselves only |
+//! | `--jwt-tenant-claim` | `JWT_TENANT_CLAIM` | none |
 //! | `--metrics-listen` | `METRICS_LISTEN` | none: no metrics endpoint |
 //! | `--log-format` | `LOG_FORMAT` | `text` |
 //!
@@ -399,6 +401,23 @@ pub struct Config {
     #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// The claim of an end-user token that grants it a role: `admin`,
+    /// `editor` or `viewer`, as a string or in an array (the highest
+    /// counts). Without it, end-user tokens read and change only their own
+    /// user.
+    #[arg(long, global = true, env = "JWT_ROLES_CLAIM")]
+    pub jwt_roles_claim: Option<String>,
+
+    /// The claim of an end-user token that names the tenant (its id) of an
+    /// `editor` or `viewer` role; a token without it keeps only its own user.
+    #[arg(
+        long,
+        global = true,
+        env = "JWT_TENANT_CLAIM",
+        requires = "jwt_roles_claim"
+    )]
+    pub jwt_tenant_claim: Option<String>,
+
     /// Address of the Prometheus `/metrics` endpoint (off when not set),
     /// for example 127.0.0.1:9090.
     #[arg(long, global = true, env = "METRICS_LISTEN")]
@@ -459,6 +478,8 @@ impl Config {
             jwt_algorithm: JwtAlgorithm::Rs256,
             jwt_key_file: None,
             jwt_secret: None,
+            jwt_roles_claim: None,
+            jwt_tenant_claim: None,
         }
     }
 
@@ -470,6 +491,8 @@ impl Config {
             audience: self.jwt_audience.clone(),
             key_file: self.jwt_key_file.clone(),
             secret: self.jwt_secret.clone(),
+            roles_claim: self.jwt_roles_claim.clone(),
+            tenant_claim: self.jwt_tenant_claim.clone(),
         })
     }
 

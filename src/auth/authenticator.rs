@@ -19,7 +19,11 @@ use std::{net::IpAddr, num::NonZeroU32, sync::Arc, time::Duration};
 use moka::future::Cache;
 use uuid::Uuid;
 
-use super::{Authenticated, Principal, Role, api_key::ApiKeyToken, jwt::JwtVerifier};
+use super::{
+    Authenticated, Holder, Principal, Role,
+    api_key::ApiKeyToken,
+    jwt::{Grant, JwtVerifier},
+};
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::quota::Quotas;
@@ -179,7 +183,8 @@ impl Authenticator {
             return self.verify_key(&key, peer).await;
         }
         let jwt = self.jwt.as_ref().ok_or(AuthFailure::Unauthenticated)?;
-        let user_id = jwt.verify(token).ok_or(AuthFailure::Unauthenticated)?;
+        let verified = jwt.verify(token).ok_or(AuthFailure::Unauthenticated)?;
+        let user_id = verified.user_id;
         // A deactivated or deleted user's tokens stop working within the cache period;
         // an id with no user may call (and finds nothing).
         let active = self
@@ -190,8 +195,21 @@ impl Authenticator {
         if active == Some(false) {
             return Err(AuthFailure::Unauthenticated);
         }
+        let holder = Holder::User(user_id);
+        let principal = match verified.grant {
+            None => Principal::User { user_id },
+            Some(Grant::Admin) => Principal::Admin { holder },
+            Some(Grant::Tenant {
+                tenant_id,
+                can_write,
+            }) => Principal::Tenant {
+                holder,
+                tenant_id,
+                can_write,
+            },
+        };
         Ok(Authenticated {
-            principal: Principal::User { user_id },
+            principal,
             rate_limit_per_second: None,
         })
     }
@@ -268,9 +286,11 @@ impl Authenticator {
         };
         conn.release();
         let principal = match (Role::parse(&row.role), row.tenant_id) {
-            (Some(Role::Admin), _) => Principal::Admin { key_id: row.id },
-            (Some(role @ (Role::Editor | Role::Viewer)), Some(tenant_id)) => Principal::TenantKey {
-                key_id: row.id,
+            (Some(Role::Admin), _) => Principal::Admin {
+                holder: Holder::Key(row.id),
+            },
+            (Some(role @ (Role::Editor | Role::Viewer)), Some(tenant_id)) => Principal::Tenant {
+                holder: Holder::Key(row.id),
                 tenant_id,
                 can_write: role == Role::Editor,
             },

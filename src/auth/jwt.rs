@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
 use uuid::Uuid;
 
+use super::Role;
+
 /// JWT algorithms the service accepts, one at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum JwtAlgorithm {
@@ -31,16 +33,35 @@ pub struct JwtSettings {
     pub audience: String,
     pub key_file: Option<PathBuf>,
     pub secret: Option<String>,
+    /// The claim that grants a role; none: no token grants one.
+    pub roles_claim: Option<String>,
+    /// The claim that names the tenant of an editor or viewer role.
+    pub tenant_claim: Option<String>,
 }
 
-#[derive(serde::Deserialize)]
-struct Claims {
-    sub: String,
+/// What a valid token says of its bearer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// `sub`: the user's id in this service.
+    pub user_id: Uuid,
+    /// The role its claims grant, if any.
+    pub grant: Option<Grant>,
 }
+
+/// A role granted by the identity provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    Admin,
+    Tenant { tenant_id: Uuid, can_write: bool },
+}
+
+type Claims = serde_json::Map<String, serde_json::Value>;
 
 pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
+    roles_claim: Option<String>,
+    tenant_claim: Option<String>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -90,13 +111,55 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = 30;
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            roles_claim: settings.roles_claim.clone(),
+            tenant_claim: settings.tenant_claim.clone(),
+        })
     }
 
-    /// The user id of a valid token, or `None`.
-    pub fn verify(&self, token: &str) -> Option<Uuid> {
-        let data = decode::<Claims>(token, &self.key, &self.validation).ok()?;
-        let id = Uuid::try_parse(&data.claims.sub).ok()?;
-        (id.hyphenated().to_string() == data.claims.sub).then_some(id)
+    /// What a valid token says, or `None`.
+    pub fn verify(&self, token: &str) -> Option<Verified> {
+        let claims = decode::<Claims>(token, &self.key, &self.validation)
+            .ok()?
+            .claims;
+        let sub = claims.get("sub")?.as_str()?;
+        let user_id = Uuid::try_parse(sub).ok()?;
+        if user_id.hyphenated().to_string() != sub {
+            return None;
+        }
+        Some(Verified {
+            user_id,
+            grant: self.grant(&claims),
+        })
+    }
+
+    /// The highest role the roles claim names (a string, or an array of
+    /// them; other values grant nothing), with the tenant claim's tenant
+    /// for an editor or viewer (without a valid one, nothing).
+    fn grant(&self, claims: &Claims) -> Option<Grant> {
+        let roles = match claims.get(self.roles_claim.as_deref()?)? {
+            serde_json::Value::String(role) => vec![role.as_str()],
+            serde_json::Value::Array(roles) => {
+                roles.iter().filter_map(serde_json::Value::as_str).collect()
+            }
+            _ => return None,
+        };
+        let rank = |role: &Role| match role {
+            Role::Admin => 2,
+            Role::Editor => 1,
+            Role::Viewer => 0,
+        };
+        let role = roles.into_iter().filter_map(Role::parse).max_by_key(rank)?;
+        if role == Role::Admin {
+            return Some(Grant::Admin);
+        }
+        let tenant = claims.get(self.tenant_claim.as_deref()?)?.as_str()?;
+        let tenant_id = Uuid::try_parse(tenant).ok()?;
+        Some(Grant::Tenant {
+            tenant_id,
+            can_write: role == Role::Editor,
+        })
     }
 }

@@ -44,11 +44,12 @@ impl Role {
 /// A verified caller, put into the request's extensions by the layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// An `admin` API key.
-    Admin { key_id: String },
-    /// An `editor` or `viewer` API key of one tenant.
-    TenantKey {
-        key_id: String,
+    /// An `admin` API key, or an end user whose token grants admin.
+    Admin { holder: Holder },
+    /// An `editor` or `viewer` of one tenant: an API key, or an end user
+    /// whose token grants the role.
+    Tenant {
+        holder: Holder,
         tenant_id: Uuid,
         can_write: bool,
     },
@@ -57,11 +58,22 @@ pub enum Principal {
     User { user_id: Uuid },
 }
 
+/// Who holds a role: an API key, or an end user through a token of the
+/// identity provider that grants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Key(String),
+    User(Uuid),
+}
+
 impl Principal {
     /// The key its calls are counted under by the rate limiter.
     pub fn rate_key(&self) -> String {
         match self {
-            Self::Admin { key_id } | Self::TenantKey { key_id, .. } => format!("key:{key_id}"),
+            Self::Admin { holder } | Self::Tenant { holder, .. } => match holder {
+                Holder::Key(key_id) => format!("key:{key_id}"),
+                Holder::User(user_id) => format!("user:{user_id}"),
+            },
             Self::User { user_id } => format!("user:{user_id}"),
         }
     }
@@ -69,7 +81,10 @@ impl Principal {
     /// For logs: the key id or the user id, never a secret.
     pub fn id(&self) -> String {
         match self {
-            Self::Admin { key_id } | Self::TenantKey { key_id, .. } => key_id.clone(),
+            Self::Admin { holder } | Self::Tenant { holder, .. } => match holder {
+                Holder::Key(key_id) => key_id.clone(),
+                Holder::User(user_id) => user_id.to_string(),
+            },
             Self::User { user_id } => user_id.to_string(),
         }
     }

@@ -11,7 +11,7 @@
 use tonic::Request;
 use uuid::Uuid;
 
-use crate::auth::Principal;
+use crate::auth::{Holder, Principal};
 use crate::error::Error;
 use crate::pb::v1 as pb;
 use crate::store::{
@@ -90,7 +90,10 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Error> {
 /// Who a change is recorded as made by.
 pub fn actor(principal: &Principal) -> Actor {
     match principal {
-        Principal::Admin { key_id } | Principal::TenantKey { key_id, .. } => Actor::key(key_id),
+        Principal::Admin { holder } | Principal::Tenant { holder, .. } => match holder {
+            Holder::Key(key_id) => Actor::key(key_id),
+            Holder::User(user_id) => Actor::user(*user_id),
+        },
         Principal::User { user_id } => Actor::user(*user_id),
     }
 }
@@ -99,7 +102,7 @@ pub fn actor(principal: &Principal) -> Actor {
 pub fn read_user(principal: &Principal) -> Scope {
     match principal {
         Principal::Admin { .. } => Scope::All,
-        Principal::TenantKey { tenant_id, .. } => Scope::Tenant(*tenant_id),
+        Principal::Tenant { tenant_id, .. } => Scope::Tenant(*tenant_id),
         Principal::User { user_id } => Scope::Own(*user_id),
     }
 }
@@ -108,7 +111,7 @@ pub fn read_user(principal: &Principal) -> Scope {
 pub fn list_users(principal: &Principal) -> Result<Scope, Error> {
     match principal {
         Principal::Admin { .. } => Ok(Scope::All),
-        Principal::TenantKey { tenant_id, .. } => Ok(Scope::Tenant(*tenant_id)),
+        Principal::Tenant { tenant_id, .. } => Ok(Scope::Tenant(*tenant_id)),
         Principal::User { .. } => Err(Error::PermissionDenied("end users cannot list users")),
     }
 }
@@ -127,12 +130,12 @@ pub fn watch_users(principal: &Principal) -> Result<Scope, Error> {
 pub fn manage_users(principal: &Principal) -> Result<Scope, Error> {
     match principal {
         Principal::Admin { .. } => Ok(Scope::All),
-        Principal::TenantKey {
+        Principal::Tenant {
             tenant_id,
             can_write: true,
             ..
         } => Ok(Scope::Tenant(*tenant_id)),
-        Principal::TenantKey { .. } => Err(Error::PermissionDenied("viewer keys are read-only")),
+        Principal::Tenant { .. } => Err(Error::PermissionDenied("viewer keys are read-only")),
         Principal::User { .. } => Err(Error::PermissionDenied(
             "end users cannot create, deactivate, reactivate or delete users",
         )),

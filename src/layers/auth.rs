@@ -164,7 +164,7 @@ fn caller_info(principal: &Principal) -> CallerInfo {
     CallerInfo {
         id: principal.id(),
         tenant: match principal {
-            Principal::TenantKey { tenant_id, .. } => Some(*tenant_id),
+            Principal::Tenant { tenant_id, .. } => Some(*tenant_id),
             Principal::Admin { .. } | Principal::User { .. } => None,
         },
     }

@@ -39,7 +39,7 @@ fn now_secs() -> i64 {
 }
 
 /// Valid claims of an end-user token for `sub`, an hour from expiry.
-fn claims(sub: &str) -> serde_json::Value {
+pub(crate) fn claims(sub: &str) -> serde_json::Value {
     json!({
         "sub": sub,
         "iss": JWT_ISSUER,
@@ -49,7 +49,7 @@ fn claims(sub: &str) -> serde_json::Value {
 }
 
 /// Signs `claims` as the identity provider does (RS256, fixture key).
-fn sign(claims: &serde_json::Value) -> String {
+pub(crate) fn sign(claims: &serde_json::Value) -> String {
     let pem = std::fs::read(fixture("jwt-rs256-private.pem")).expect("private key fixture");
     let key = EncodingKey::from_rsa_pem(&pem).expect("RSA private key");
     encode(&Header::new(Algorithm::RS256), claims, &key).expect("JWT signs")
@@ -61,7 +61,11 @@ fn user_token(user_id: &str) -> String {
 }
 
 /// `claims` with `key` set to `value` (or removed when `value` is null).
-fn with(mut claims: serde_json::Value, key: &str, value: serde_json::Value) -> serde_json::Value {
+pub(crate) fn with(
+    mut claims: serde_json::Value,
+    key: &str,
+    value: serde_json::Value,
+) -> serde_json::Value {
     let object = claims.as_object_mut().unwrap();
     if value.is_null() {
         object.remove(key);

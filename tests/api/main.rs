@@ -9,6 +9,7 @@ mod contract;
 mod counts;
 mod hardening;
 mod helpers;
+mod idp_roles;
 mod keys_api;
 mod keys_cli;
 mod lifecycle;
