@@ -81,6 +81,9 @@ pub struct Application {
     metrics_listener: Option<TcpListener>,
     /// Asks the health probe to look at the database now.
     health_wake: Arc<tokio::sync::Notify>,
+    /// The key set of end-user tokens, to follow, and the max-age of its
+    /// first read.
+    jwks: Option<(Arc<crate::auth::jwks::Jwks>, Option<Duration>)>,
     config: Config,
 }
 
@@ -97,6 +100,20 @@ impl Application {
             .map(|settings| JwtVerifier::new(&settings))
             .transpose()
             .map_err(StartError::Config)?;
+        // The identity provider's key set, read once before serving: a file
+        // that cannot be read is a mistake to say now; a URL that does not
+        // answer is tried again in the background (tokens are refused
+        // meanwhile).
+        let jwks = match jwt.as_ref().and_then(JwtVerifier::jwks) {
+            Some(jwks) => match jwks.refresh(Duration::ZERO).await {
+                Ok(max_age) => Some((Arc::clone(jwks), max_age)),
+                Err(error) if config.jwt_jwks_file.is_some() => {
+                    return Err(StartError::Config(format!("--jwt-jwks-file: {error}")));
+                }
+                Err(_) => Some((Arc::clone(jwks), None)),
+            },
+            None => None,
+        };
 
         // The embedded cluster's supervisor wakes the health probe when
         // postgres dies and when it is back; the pool wakes it when a
@@ -208,6 +225,7 @@ impl Application {
             metrics,
             metrics_listener,
             health_wake,
+            jwks,
             config: config.clone(),
         })
     }
@@ -282,6 +300,11 @@ impl Application {
                     metrics.notified(crate::auth::authenticator::KEY_CHANGES)
                 }),
         );
+
+        let jwks = self
+            .jwks
+            .clone()
+            .map(|(jwks, max_age)| tokio::spawn(jwks.follow(max_age)));
 
         // Which standbys reads may go to, measured all along.
         let metrics = Arc::clone(&self.metrics);
@@ -416,6 +439,9 @@ impl Application {
         // that nothing it started runs on after it has gone.
         drop(server);
         key_changes.abort();
+        if let Some(jwks) = jwks {
+            jwks.abort();
+        }
         if let Some(monitor) = standbys_monitor {
             monitor.abort();
         }

@@ -43,6 +43,9 @@
 //! | `--jwt-algorithm` | `JWT_ALGORITHM` | `rs256` |
 //! | `--jwt-key-file` | `JWT_KEY_FILE` | none |
 //! | `--jwt-secret` | `JWT_SECRET` | none |
+//! | `--jwt-jwks-url` | `JWT_JWKS_URL` | none |
+//! | `--jwt-jwks-file` | `JWT_JWKS_FILE` | none |
+//! | `--jwt-jwks-refresh` | `JWT_JWKS_REFRESH` | `5m` |
 //! | `--jwt-roles-claim` | `JWT_ROLES_CLAIM` | none: end users act on themselves only |
 //! | `--jwt-tenant-claim` | `JWT_TENANT_CLAIM` | none |
 //! | `--metrics-listen` | `METRICS_LISTEN` | none: no metrics endpoint |
@@ -57,6 +60,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::{
     Role,
     authenticator::FailureBudget,
+    jwks::Source,
     jwt::{JwtAlgorithm, JwtSettings},
 };
 
@@ -401,6 +405,27 @@ pub struct Config {
     #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// URL (http or https) of the identity provider's key set (JWKS): tokens
+    /// are verified with the key their `kid` names, RS256 or ES256, and the
+    /// set is followed as it rotates. Instead of --jwt-key-file.
+    #[arg(long, global = true, env = "JWT_JWKS_URL", conflicts_with_all = ["jwt_key_file", "jwt_jwks_file"])]
+    pub jwt_jwks_url: Option<String>,
+
+    /// A file holding the identity provider's key set (JWKS), read again as
+    /// the URL would be. Instead of --jwt-key-file.
+    #[arg(
+        long,
+        global = true,
+        env = "JWT_JWKS_FILE",
+        conflicts_with = "jwt_key_file"
+    )]
+    pub jwt_jwks_file: Option<PathBuf>,
+
+    /// The longest between two reads of the key set (its Cache-Control
+    /// max-age makes it sooner).
+    #[arg(long, global = true, env = "JWT_JWKS_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+
     /// The claim of an end-user token that grants it a role: `admin`,
     /// `editor` or `viewer`, as a string or in an array (the highest
     /// counts). Without it, end-user tokens read and change only their own
@@ -478,6 +503,9 @@ impl Config {
             jwt_algorithm: JwtAlgorithm::Rs256,
             jwt_key_file: None,
             jwt_secret: None,
+            jwt_jwks_url: None,
+            jwt_jwks_file: None,
+            jwt_jwks_refresh: Duration::from_secs(300),
             jwt_roles_claim: None,
             jwt_tenant_claim: None,
         }
@@ -493,6 +521,12 @@ impl Config {
             secret: self.jwt_secret.clone(),
             roles_claim: self.jwt_roles_claim.clone(),
             tenant_claim: self.jwt_tenant_claim.clone(),
+            jwks: self
+                .jwt_jwks_url
+                .clone()
+                .map(Source::Url)
+                .or_else(|| self.jwt_jwks_file.clone().map(Source::File))
+                .map(|source| (source, self.jwt_jwks_refresh)),
         })
     }
 

@@ -183,7 +183,10 @@ impl Authenticator {
             return self.verify_key(&key, peer).await;
         }
         let jwt = self.jwt.as_ref().ok_or(AuthFailure::Unauthenticated)?;
-        let verified = jwt.verify(token).ok_or(AuthFailure::Unauthenticated)?;
+        let verified = jwt
+            .verify(token)
+            .await
+            .ok_or(AuthFailure::Unauthenticated)?;
         let user_id = verified.user_id;
         // A deactivated or deleted user's tokens stop working within the cache period;
         // an id with no user may call (and finds nothing).

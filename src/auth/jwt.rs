@@ -9,10 +9,13 @@
 
 use std::path::PathBuf;
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use uuid::Uuid;
 
 use super::Role;
+use super::jwks::{Jwks, Source};
 
 /// JWT algorithms the service accepts, one at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,6 +40,17 @@ pub struct JwtSettings {
     pub roles_claim: Option<String>,
     /// The claim that names the tenant of an editor or viewer role.
     pub tenant_claim: Option<String>,
+    /// The identity provider's key set, and the longest between two
+    /// fetches of it; instead of the key file or secret.
+    pub jwks: Option<(Source, std::time::Duration)>,
+}
+
+/// What verifies signatures.
+enum Keys {
+    /// One key, of the configured algorithm.
+    One(DecodingKey),
+    /// The key named by the token's `kid`, of that key's algorithm.
+    Set(Arc<Jwks>),
 }
 
 /// What a valid token says of its bearer.
@@ -58,7 +72,7 @@ pub enum Grant {
 type Claims = serde_json::Map<String, serde_json::Value>;
 
 pub struct JwtVerifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     roles_claim: Option<String>,
     tenant_claim: Option<String>,
@@ -74,6 +88,42 @@ impl std::fmt::Debug for JwtVerifier {
 
 impl JwtVerifier {
     pub fn new(settings: &JwtSettings) -> Result<Self, String> {
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_issuer(&[&settings.issuer]);
+        validation.set_audience(&[&settings.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        let (keys, algorithm) = match &settings.jwks {
+            Some((source, every)) => (
+                Keys::Set(Arc::new(Jwks::new(source.clone(), *every)?)),
+                // Each key's own, when a token is verified.
+                Algorithm::RS256,
+            ),
+            None => {
+                let (algorithm, key) = Self::one_key(settings)?;
+                (Keys::One(key), algorithm)
+            }
+        };
+        validation.algorithms = vec![algorithm];
+        Ok(Self {
+            keys,
+            validation,
+            roles_claim: settings.roles_claim.clone(),
+            tenant_claim: settings.tenant_claim.clone(),
+        })
+    }
+
+    /// The key set, when tokens are verified with one.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Set(jwks) => Some(jwks),
+            Keys::One(_) => None,
+        }
+    }
+
+    /// The key of `--jwt-key-file` or `--jwt-secret`, and its algorithm.
+    fn one_key(settings: &JwtSettings) -> Result<(Algorithm, DecodingKey), String> {
         let read_key = || {
             let path = settings
                 .key_file
@@ -104,26 +154,23 @@ impl JwtVerifier {
                 )
             }
         };
-        let mut validation = Validation::new(algorithm);
-        validation.algorithms = vec![algorithm];
-        validation.set_issuer(&[&settings.issuer]);
-        validation.set_audience(&[&settings.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.leeway = 30;
-        Ok(Self {
-            key,
-            validation,
-            roles_claim: settings.roles_claim.clone(),
-            tenant_claim: settings.tenant_claim.clone(),
-        })
+        Ok((algorithm, key))
     }
 
     /// What a valid token says, or `None`.
-    pub fn verify(&self, token: &str) -> Option<Verified> {
-        let claims = decode::<Claims>(token, &self.key, &self.validation)
-            .ok()?
-            .claims;
+    pub async fn verify(&self, token: &str) -> Option<Verified> {
+        let claims = match &self.keys {
+            Keys::One(key) => decode::<Claims>(token, key, &self.validation),
+            Keys::Set(jwks) => {
+                let kid = decode_header(token).ok()?.kid?;
+                let (key, algorithm) = jwks.key_or_refresh(&kid).await?;
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![algorithm];
+                decode::<Claims>(token, &key, &validation)
+            }
+        }
+        .ok()?
+        .claims;
         let sub = claims.get("sub")?.as_str()?;
         let user_id = Uuid::try_parse(sub).ok()?;
         if user_id.hyphenated().to_string() != sub {

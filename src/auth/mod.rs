@@ -4,6 +4,7 @@
 
 pub mod api_key;
 pub mod authenticator;
+pub mod jwks;
 pub mod jwt;
 pub mod keys;
 

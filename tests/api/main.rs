@@ -10,6 +10,7 @@ mod counts;
 mod hardening;
 mod helpers;
 mod idp_roles;
+mod jwks;
 mod keys_api;
 mod keys_cli;
 mod lifecycle;
