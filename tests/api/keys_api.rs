@@ -73,6 +73,16 @@ async fn listed(keys: &mut Keys, page_size: i32, show_revoked: bool) -> Vec<pb::
     }
 }
 
+/// Revokes the key `id`; the key as RevokeKey answers it.
+async fn revoke(keys: &mut Keys, id: &str) -> pb::ApiKey {
+    keys.revoke_key(RevokeKeyRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
 /// `id` is listed only when revoked keys are asked for.
 async fn listed_only_with_the_revoked(keys: &mut Keys, id: &str) {
     let has = |all: Vec<pb::ApiKey>| all.iter().any(|k| k.id == id);
@@ -150,13 +160,7 @@ async fn an_admin_makes_lists_and_revokes_keys_over_the_api() {
     assert!(all.iter().any(|listed| listed.id == key.id));
 
     // Revoked: refused at once, hidden unless asked for.
-    let revoked = keys
-        .revoke_key(RevokeKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let revoked = revoke(&mut keys, &key.id).await;
     assert!(revoked.revoke_time.is_some());
     answers(&app, &created.token, Code::Unauthenticated).await;
     let stored_revoked: bool = app
@@ -171,13 +175,7 @@ async fn an_admin_makes_lists_and_revokes_keys_over_the_api() {
     assert!(stored_revoked);
     listed_only_with_the_revoked(&mut keys, &key.id).await;
     // Again: the first revocation time stays.
-    let again = keys
-        .revoke_key(RevokeKeyRequest { id: key.id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let again = revoke(&mut keys, &key.id).await;
     assert_eq!(again.revoke_time, revoked.revoke_time);
 
     let unknown = keys
