@@ -6,6 +6,7 @@ use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Dur
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 
 use crate::auth::{authenticator::Authenticator, jwt::JwtVerifier, keys};
@@ -18,7 +19,7 @@ use crate::layers::{
     in_flight::InFlightLimitLayer, read_request::ReadRequestLayer,
 };
 use crate::metrics::{self, Metrics};
-use crate::net;
+use crate::net::{self, tls::Tls};
 use crate::pb::{
     self,
     v1::{
@@ -79,6 +80,10 @@ pub struct Application {
     limits: Option<Arc<CallerQuotas>>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<TcpListener>,
+    /// The plaintext port of health alone (`--health-listen`).
+    health_listener: Option<TcpListener>,
+    /// The gRPC port's TLS, following its files.
+    tls: Option<Arc<Tls>>,
     /// Asks the health probe to look at the database now.
     health_wake: Arc<tokio::sync::Notify>,
     /// The key set of end-user tokens, to follow, and the max-age of its
@@ -95,6 +100,11 @@ impl Application {
     /// As [`Application::build`], with the time read from `clock` instead of
     /// the system's (tests use one they move by hand).
     pub async fn build_with_clock(config: &Config, clock: Clock) -> Result<Self, StartError> {
+        let tls = config
+            .tls()
+            .map(|files| Tls::load(files).map(Arc::new))
+            .transpose()
+            .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
         let jwt = config
             .jwt()
             .map(|settings| JwtVerifier::new(&settings))
@@ -207,14 +217,8 @@ impl Application {
             addr: config.listen,
             source,
         })?;
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Listen { addr, source })?,
-            ),
-            None => None,
-        };
+        let metrics_listener = bind(config.metrics_listen).await?;
+        let health_listener = bind(config.health_listen).await?;
         Ok(Self {
             listener,
             local_addr,
@@ -224,6 +228,8 @@ impl Application {
             limits,
             metrics,
             metrics_listener,
+            health_listener,
+            tls,
             health_wake,
             jwks,
             config: config.clone(),
@@ -238,6 +244,13 @@ impl Application {
     /// The address of the `/metrics` endpoint, when it is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
+    /// The address of the plaintext health port, when it is on.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
             .as_ref()
             .and_then(|listener| listener.local_addr().ok())
     }
@@ -340,12 +353,12 @@ impl Application {
             .max_decoding_message_size(max_request);
         let keys = KeysServiceServer::new(KeysApi::new(self.state.clone()))
             .max_decoding_message_size(max_request);
-        let mut routes = Routes::new(health_service)
+        let mut routes = Routes::new(health_service.clone())
             .add_service(users)
             .add_service(tenants)
             .add_service(keys);
+        let failed = |e: tonic_reflection::server::Error| StartError::Serve(e.into());
         if !self.config.disable_reflection {
-            let failed = |e: tonic_reflection::server::Error| StartError::Serve(e.into());
             routes = routes
                 .add_service(reflection().build_v1().map_err(failed)?)
                 .add_service(reflection().build_v1alpha().map_err(failed)?);
@@ -358,6 +371,10 @@ impl Application {
         let abandon = Arc::clone(&self.state.abandon);
         let abandoned = abandon.subscribe();
         let service = ServiceBuilder::new()
+            // Browsers: their preflight requests are answered here, and
+            // gRPC-Web calls become gRPC calls for every layer below.
+            .option_layer(cors(&self.config.cors_allowed_origins)?)
+            .layer(GrpcWebLayer::new())
             .layer(CallLogLayer::new(Arc::clone(&self.metrics)))
             .layer(DeadlineLayer::new(self.config.max_call_duration, abandoned))
             .layer(AuthLayer::new(
@@ -381,9 +398,41 @@ impl Application {
             service,
             self.config.connection_limits(),
             Arc::clone(&self.metrics),
-            draining_rx,
+            self.tls.clone(),
+            draining_rx.clone(),
         ));
-        tracing::info!(addr = %self.local_addr, "serving");
+        tracing::info!(addr = %self.local_addr, tls = self.tls.is_some(), "serving");
+        let tls_follower =
+            self.tls.clone().map(|tls| {
+                self.metrics.tls_loaded(tls.not_after());
+                let metrics = Arc::clone(&self.metrics);
+                let followed = Arc::clone(&tls);
+                tokio::spawn(tls.follow(move |outcome| {
+                    metrics.tls_reloaded(outcome.is_ok(), followed.not_after())
+                }))
+            });
+        // Health alone, in plaintext, for probes without a client
+        // certificate; it drains with the main port.
+        let health_server = self.health_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving health in plaintext");
+            }
+            let mut routes = Routes::new(health_service);
+            if !self.config.disable_reflection {
+                routes = routes
+                    .add_service(health_reflection().build_v1().map_err(failed)?)
+                    .add_service(health_reflection().build_v1alpha().map_err(failed)?);
+            }
+            Ok::<_, StartError>(tokio::spawn(net::serve(
+                listener,
+                routes.prepare(),
+                self.config.connection_limits(),
+                Arc::clone(&self.metrics),
+                None,
+                draining_rx,
+            )))
+        });
+        let health_server = health_server.transpose()?;
 
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_server = self.metrics_listener.map(|listener| {
@@ -399,14 +448,19 @@ impl Application {
                     waiting: status.waiting,
                 }
             };
-            tokio::spawn(metrics::serve(
-                listener,
-                Arc::clone(&self.metrics),
-                gauges,
-                async {
-                    let _ = metrics_stopped.await;
-                },
-            ))
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            let metrics = Arc::clone(&self.metrics);
+            match self.tls.clone().filter(|_| self.config.metrics_tls) {
+                Some(tls) => tokio::spawn(metrics::serve(
+                    net::tls::TlsListener { tcp: listener, tls },
+                    metrics,
+                    gauges,
+                    stopped,
+                )),
+                None => tokio::spawn(metrics::serve(listener, metrics, gauges, stopped)),
+            }
         });
 
         tokio::select! {
@@ -438,6 +492,12 @@ impl Application {
         // cancelled in Postgres, and the process waits for the cancels so
         // that nothing it started runs on after it has gone.
         drop(server);
+        if let Some(health_server) = health_server {
+            let _ = tokio::time::timeout(FLUSH_ANSWERS, health_server).await;
+        }
+        if let Some(tls_follower) = tls_follower {
+            tls_follower.abort();
+        }
         key_changes.abort();
         if let Some(jwks) = jwks {
             jwks.abort();
@@ -461,6 +521,85 @@ impl Application {
             .await
             .map_err(|e| StartError::Serve(e.into()))
     }
+}
+
+/// Binds `addr` when it is set.
+async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, StartError> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| StartError::Listen { addr, source }),
+        None => Ok(None),
+    }
+}
+
+/// Request headers a browser may send: gRPC-Web's own, the credentials,
+/// and the service's metadata.
+const CORS_REQUEST_HEADERS: [&str; 9] = [
+    "authorization",
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    crate::layers::call_log::REQUEST_ID_HEADER,
+    standby::CONSISTENCY_HEADER,
+    "traceparent",
+    "tracestate",
+];
+/// Response headers a page may read: the call's status and the metadata
+/// the service answers with.
+const CORS_RESPONSE_HEADERS: [&str; 5] = [
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    crate::layers::call_log::REQUEST_ID_HEADER,
+    standby::CONSISTENCY_HEADER,
+];
+/// How long a browser may keep a preflight's answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// CORS for the origins of `--cors-allowed-origin`: none, none allowed (the
+/// layer is left out); `*`, any.
+fn cors(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, StartError> {
+    use http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allowed = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|origin| {
+                let invalid = || {
+                    StartError::Config(format!(
+                        "--cors-allowed-origin {origin:?} is not an origin (scheme://host[:port])"
+                    ))
+                };
+                let url = url::Url::parse(origin).map_err(|_| invalid())?;
+                let serialized = url.origin().ascii_serialization();
+                // An origin has no path, query or user: what a browser sends
+                // in its Origin header, exactly.
+                if !matches!(url.scheme(), "http" | "https")
+                    || serialized != origin.trim_end_matches('/')
+                {
+                    return Err(invalid());
+                }
+                HeaderValue::from_str(&serialized).map_err(|_| invalid())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::POST])
+            .allow_headers(CORS_REQUEST_HEADERS.map(HeaderName::from_static))
+            .expose_headers(CORS_RESPONSE_HEADERS.map(HeaderName::from_static))
+            .max_age(CORS_MAX_AGE),
+    ))
 }
 
 /// The standbys of `--database-replica-url`, each with its own pool.
@@ -499,6 +638,12 @@ fn retention(config: &Config) -> Result<crate::grpc::Retention, StartError> {
         request_ids: period("--request-id-retention", config.request_id_retention)?,
         events: period("--event-retention", config.event_retention)?,
     })
+}
+
+/// Reflection over health's descriptors alone, for the health port.
+fn health_reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// Reflection over the service's descriptors and health's, in both

@@ -41,7 +41,13 @@ async fn run(database: &Database, command: KeysCommand) -> Result<(), BoxError> 
             name,
             rate_limit,
             expire_in,
+            client_name,
         } => {
+            let client_name = client_name
+                .as_deref()
+                .map(crate::domain::ShortText::parse)
+                .transpose()
+                .map_err(|e| format!("--client-cn {e}"))?;
             let expire_time = expire_in
                 .map(|after| chrono::Duration::from_std(after).map(|after| now + after))
                 .transpose()
@@ -54,6 +60,7 @@ async fn run(database: &Database, command: KeysCommand) -> Result<(), BoxError> 
                     name: &name,
                     rate_limit,
                     expire_time,
+                    client_name: client_name.as_ref().map(|name| name.as_str()),
                 },
                 now,
             )

@@ -49,6 +49,12 @@
 //! | `--jwt-roles-claim` | `JWT_ROLES_CLAIM` | none: end users act on themselves only |
 //! | `--jwt-tenant-claim` | `JWT_TENANT_CLAIM` | none |
 //! | `--metrics-listen` | `METRICS_LISTEN` | none: no metrics endpoint |
+//! | `--metrics-tls` | `METRICS_TLS` | off: `/metrics` in plaintext |
+//! | `--health-listen` | `HEALTH_LISTEN` | none: health only on `--listen` |
+//! | `--tls-cert` | `TLS_CERT` | none: plaintext |
+//! | `--tls-key` | `TLS_KEY` | none |
+//! | `--tls-client-ca` | `TLS_CLIENT_CA` | none: no client certificate asked |
+//! | `--cors-allowed-origin` | `CORS_ALLOWED_ORIGINS` | none: no browser origin |
 //! | `--log-format` | `LOG_FORMAT` | `text` |
 //!
 //! Log filtering follows `RUST_LOG` (default `info`).
@@ -170,6 +176,11 @@ pub enum KeysCommand {
         /// when not given.
         #[arg(long, value_parser = humantime::parse_duration)]
         expire_in: Option<Duration>,
+        /// The key works only from a client certificate (mutual TLS) with
+        /// this name: its subject common name, else its first URI or DNS
+        /// subject alternative name.
+        #[arg(long = "client-cn", value_name = "NAME")]
+        client_name: Option<String>,
     },
     /// List the keys (never their secrets).
     List,
@@ -448,6 +459,41 @@ pub struct Config {
     #[arg(long, global = true, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Serve `/metrics` with the TLS of --tls-cert (and, with
+    /// --tls-client-ca, only to clients with a certificate), not plaintext.
+    #[arg(long, global = true, env = "METRICS_TLS", requires = "tls_cert")]
+    pub metrics_tls: bool,
+
+    /// A plaintext port that answers only grpc.health.v1.Health, for probes
+    /// that cannot present a client certificate (e.g. 0.0.0.0:50052).
+    #[arg(long, global = true, env = "HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain: the gRPC port serves TLS. Read again when the
+    /// file changes or on SIGHUP; open connections keep theirs.
+    #[arg(long, global = true, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificates of the CA that signs client certificates: every
+    /// client must present one (mutual TLS).
+    #[arg(long, global = true, env = "TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// An origin (scheme://host[:port]) whose web pages may call the service
+    /// through gRPC-Web (repeatable; in the environment, comma-separated).
+    /// Without one, browsers' cross-origin calls are refused.
+    #[arg(
+        long = "cors-allowed-origin",
+        global = true,
+        env = "CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Log line format.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -480,6 +526,12 @@ impl Config {
             nats_duplicate_window: Duration::from_secs(120),
             log_format: LogFormat::Text,
             metrics_listen: None,
+            metrics_tls: false,
+            health_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            cors_allowed_origins: Vec::new(),
             rate_limit_per_second: DEFAULT_RATE_LIMIT,
             rate_limit_burst: None,
             redis_url: None,
@@ -530,6 +582,15 @@ impl Config {
         })
     }
 
+    /// The files of the gRPC port's TLS, when it serves TLS.
+    pub fn tls(&self) -> Option<crate::net::tls::TlsFiles> {
+        Some(crate::net::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
     /// How long to wait for the database at start.
     pub fn patience(&self) -> Patience {
         Patience {
@@ -547,6 +608,9 @@ impl Config {
             idle_timeout: self.connection_idle_timeout,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
+            // gRPC-Web's text encoding is base64: a third larger.
+            max_http1_body_bytes: self.max_request_bytes.saturating_mul(4) / 3 + 1024,
+            http1_body_timeout: self.request_read_timeout,
         }
     }
 

@@ -8,7 +8,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::net::TcpListener;
 
 use crate::code::code_name;
 use crate::methods::Method;
@@ -78,6 +77,11 @@ struct ChannelLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -115,6 +119,9 @@ pub struct Metrics {
     replica_usable: Family<StandbyLabels, Gauge>,
     reads: Family<ReadLabels, Counter>,
     notifications: Family<ChannelLabels, Counter>,
+    tls_handshake_failures: Counter,
+    tls_reloads: Family<ResultLabels, Counter>,
+    tls_not_after: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -154,6 +161,9 @@ impl Metrics {
         let replica_usable = Family::<StandbyLabels, Gauge>::default();
         let reads = Family::<ReadLabels, Counter>::default();
         let notifications = Family::<ChannelLabels, Counter>::default();
+        let tls_handshake_failures = Counter::default();
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
+        let tls_not_after = Gauge::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -256,6 +266,21 @@ impl Metrics {
             notifications.clone(),
         );
         registry.register(
+            "users_service_tls_handshake_failures",
+            "With --tls-cert: connections closed because their TLS handshake failed or took over 10 s (no or a wrong client certificate, a client that does not trust ours)",
+            tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "users_service_tls_reloads",
+            "With --tls-cert: times the TLS files changed and were put in use (ok) or could not be used (failed; the last good ones stay)",
+            tls_reloads.clone(),
+        );
+        registry.register(
+            "users_service_tls_certificate_expiry_timestamp_seconds",
+            "With --tls-cert: when the certificate in use expires, in seconds since the epoch",
+            tls_not_after.clone(),
+        );
+        registry.register(
             "users_service_build_info",
             "Always 1; the labels describe the running build",
             build,
@@ -281,7 +306,29 @@ impl Metrics {
             replica_usable,
             reads,
             notifications,
+            tls_handshake_failures,
+            tls_reloads,
+            tls_not_after,
         }
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+
+    /// A reload of the TLS files, and the expiry of the certificate in use.
+    pub fn tls_reloaded(&self, ok: bool, not_after: i64) {
+        self.tls_reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+        self.tls_not_after.set(not_after);
+    }
+
+    /// The expiry of the certificate loaded at start.
+    pub fn tls_loaded(&self, not_after: i64) {
+        self.tls_not_after.set(not_after);
     }
 
     /// A standby's replay lag, when it could be measured, and whether
@@ -433,12 +480,16 @@ pub struct CallLabels(MethodLabels);
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes; `pool`
 /// reads the database pool's gauges at each scrape.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     metrics: Arc<Metrics>,
     pool: impl Fn() -> PoolGauges + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     use axum::{Router, http::header, routing::get};
     let app = Router::new().route(
         "/metrics",

@@ -53,6 +53,8 @@ struct CachedKey {
     revoked: bool,
     /// It stops working then, cached or not.
     expire_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// It works only from a client certificate with this name.
+    client_name: Option<String>,
     authenticated: Authenticated,
 }
 
@@ -156,13 +158,15 @@ impl Authenticator {
         }
     }
 
-    /// Verifies the value of an `authorization` header of a call from `peer`.
+    /// Verifies the value of an `authorization` header of a call from
+    /// `peer`, whose client certificate (mutual TLS) carries `client`.
     pub async fn authenticate(
         &self,
         header: Option<&str>,
         peer: Option<IpAddr>,
+        client: Option<&str>,
     ) -> Result<Authenticated, AuthFailure> {
-        let outcome = self.verify(header, peer).await;
+        let outcome = self.verify(header, peer, client).await;
         if let Err(AuthFailure::Unauthenticated) = outcome {
             // Counted after the fact: the budget only decides whether a
             // never-seen key id is worth a lookup.
@@ -175,12 +179,13 @@ impl Authenticator {
         &self,
         header: Option<&str>,
         peer: Option<IpAddr>,
+        client: Option<&str>,
     ) -> Result<Authenticated, AuthFailure> {
         let token = header
             .and_then(bearer_token)
             .ok_or(AuthFailure::Unauthenticated)?;
         if let Some(key) = ApiKeyToken::parse(token) {
-            return self.verify_key(&key, peer).await;
+            return self.verify_key(&key, peer, client).await;
         }
         let jwt = self.jwt.as_ref().ok_or(AuthFailure::Unauthenticated)?;
         let verified = jwt
@@ -221,6 +226,7 @@ impl Authenticator {
         &self,
         token: &ApiKeyToken,
         peer: Option<IpAddr>,
+        client: Option<&str>,
     ) -> Result<Authenticated, AuthFailure> {
         let id = token.id();
         let key = match self.keys.get(id).await {
@@ -263,7 +269,12 @@ impl Authenticator {
         let expired = key
             .expire_time
             .is_some_and(|expire_time| (self.clock)() >= expire_time);
-        if !key.revoked && !expired && token.matches(&key.secret_sha256) {
+        // A bound key is refused, like a wrong one, from any other client.
+        let from_its_client = key
+            .client_name
+            .as_deref()
+            .is_none_or(|bound| client == Some(bound));
+        if !key.revoked && !expired && from_its_client && token.matches(&key.secret_sha256) {
             Ok(key.authenticated.clone())
         } else {
             Err(AuthFailure::Unauthenticated)
@@ -304,6 +315,7 @@ impl Authenticator {
             secret_sha256: row.secret_sha256,
             revoked: row.revoked_at.is_some() || tenant_deleted,
             expire_time: row.expire_time,
+            client_name: row.client_name,
             authenticated: Authenticated {
                 principal,
                 rate_limit_per_second: row

@@ -27,6 +27,8 @@ pub struct KeySpec<'a> {
     pub rate_limit: Option<NonZeroU32>,
     /// When it stops working.
     pub expire_time: Option<DateTime<Utc>>,
+    /// The name of the client certificate it must come with.
+    pub client_name: Option<&'a str>,
 }
 
 /// Why a key could not be created.
@@ -83,6 +85,7 @@ fn new_key(
         is_bootstrap,
         created_at: now,
         expire_time: spec.expire_time,
+        client_name: spec.client_name.map(str::to_owned),
     }
 }
 
@@ -104,6 +107,7 @@ pub async fn bootstrap(
         name: "bootstrap",
         rate_limit: None,
         expire_time: None,
+        client_name: None,
     };
     let key = new_key(&token, spec, true, now);
     match api_keys::insert(conn, &key).await {

@@ -68,8 +68,18 @@ impl KeysApi {
             None => Some(None),
             Some(time) => v.check("expire_time", expiry(time, now)).map(Some),
         };
-        let (Some(name), Some(role), Some(tenant), Some(rate_limit), Some(expire_time)) =
-            (name, role, tenant, rate_limit, expire_time)
+        let client_name = match request.client_name.as_str() {
+            "" => Some(None),
+            given => v.check("client_name", ShortText::parse(given)).map(Some),
+        };
+        let (
+            Some(name),
+            Some(role),
+            Some(tenant),
+            Some(rate_limit),
+            Some(expire_time),
+            Some(client_name),
+        ) = (name, role, tenant, rate_limit, expire_time, client_name)
         else {
             return Err(Error::InvalidArgument(v.into_vec()));
         };
@@ -79,6 +89,7 @@ impl KeysApi {
             name: name.as_str(),
             rate_limit,
             expire_time,
+            client_name: client_name.as_ref().map(ShortText::as_str),
         };
         let created = self
             .state
@@ -202,6 +213,7 @@ impl From<ApiKeyRow> for pb::ApiKey {
             last_use_time: row.last_used_at.map(convert::timestamp),
             revoke_time: row.revoked_at.map(convert::timestamp),
             expire_time: row.expire_time.map(convert::timestamp),
+            client_name: row.client_name.unwrap_or_default(),
         }
     }
 }

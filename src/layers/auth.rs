@@ -15,6 +15,8 @@ use std::{
 };
 
 use tonic::{Status, transport::server::TcpConnectInfo};
+
+use crate::net::ClientName;
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
@@ -105,7 +107,11 @@ where
                 .get::<TcpConnectInfo>()
                 .and_then(TcpConnectInfo::remote_addr)
                 .map(|addr| addr.ip());
-            let outcome = layer.authenticator.authenticate(header, peer).await;
+            let client = request
+                .extensions()
+                .get::<ClientName>()
+                .map(|ClientName(name)| name.as_ref());
+            let outcome = layer.authenticator.authenticate(header, peer, client).await;
             match outcome {
                 Ok(authenticated) => {
                     if let Some(slot) = request.extensions().get::<CallerSlot>() {

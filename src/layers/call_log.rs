@@ -28,6 +28,7 @@ use super::deadline::parse_grpc_timeout;
 use crate::code::code_name;
 use crate::methods::{self, Method};
 use crate::metrics::{CallLabels, Metrics};
+use crate::net::ClientName;
 
 /// Header that carries the request id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -103,6 +104,7 @@ where
         let method = methods::lookup(request.uri().path());
         let started = Instant::now();
         let call = Call {
+            client: request.extensions().get::<ClientName>().cloned(),
             labels: self.metrics.call_started(method),
             method,
             request_id,
@@ -163,6 +165,8 @@ struct Call {
     labels: CallLabels,
     request_id: String,
     caller: CallerSlot,
+    /// The name in the client's certificate (mutual TLS).
+    client: Option<ClientName>,
     started: Instant,
     /// When the client stops waiting, if it said, less
     /// [`deadline_slack`].
@@ -201,6 +205,7 @@ impl Call {
             .map(|t| t.to_string())
             .unwrap_or_default();
         let request_id = self.request_id.as_str();
+        let client = self.client.as_ref().map_or("", |ClientName(name)| name);
         // One event, at a level that says whether the service failed.
         macro_rules! call {
             ($level:expr) => {
@@ -211,6 +216,7 @@ impl Call {
                     duration_ms,
                     caller.id = caller_id,
                     tenant.id = tenant,
+                    client.name = client,
                     request.id = request_id,
                     "call"
                 )

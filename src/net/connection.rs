@@ -19,25 +19,31 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
     service::TowerToHyperService,
 };
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
     sync::{OwnedSemaphorePermit, watch},
 };
+use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::TcpConnectInfo;
 use tower::Service;
 
-use super::{BoxError, ConnectionLimits};
+use super::{BoxError, ClientName, ConnectionLimits, tls::HANDSHAKE_TIMEOUT};
 use crate::metrics::Metrics;
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes; with `tls`, once its
+/// handshake is done.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve<S, B>(
     stream: TcpStream,
     peer: SocketAddr,
     service: S,
     limits: Arc<ConnectionLimits>,
     metrics: Arc<Metrics>,
+    tls: Option<TlsAcceptor>,
     mut draining: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) where
@@ -52,17 +58,70 @@ pub(super) async fn serve<S, B>(
     let _open = metrics.connection_opened();
     // Small writes (a response's trailers) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let activity = Arc::new(Activity::new());
-    let tracked = Tracked {
-        inner: service,
-        activity: Arc::clone(&activity),
-        info: TcpConnectInfo {
-            local_addr: stream.local_addr().ok(),
-            remote_addr: Some(peer),
-        },
+    let info = TcpConnectInfo {
+        local_addr: stream.local_addr().ok(),
+        remote_addr: Some(peer),
     };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let Some(tls) = tls else {
+        let tracked = Tracked::new(service, info, None, &limits);
+        return serve_http(stream, peer, tracked, &limits, draining).await;
+    };
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                metrics.tls_handshake_failed();
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake took too long");
+                metrics.tls_handshake_failed();
+                return;
+            }
+        },
+        _ = super::draining_begins(&mut draining) => return,
+    };
+    let client = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .and_then(super::tls::client_name)
+        .map(|name| ClientName(name.into()));
+    let tracked = Tracked::new(service, info, client, &limits);
+    serve_http(stream, peer, tracked, &limits, draining).await;
+}
+
+/// Serves HTTP/2 (gRPC) or HTTP/1.1 (gRPC-Web), whichever the client
+/// speaks, on `io` until the connection closes.
+async fn serve_http<I, S, B>(
+    io: I,
+    peer: SocketAddr,
+    tracked: Tracked<S>,
+    limits: &ConnectionLimits,
+    mut draining: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::clone(&tracked.activity);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A browser's headers must arrive within the keepalive timeout.
+        .header_read_timeout(limits.keepalive_timeout)
+        .max_buf_size((limits.max_header_list_bytes as usize).max(MIN_HTTP1_BUFFER));
+    builder
+        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_list_bytes)
@@ -70,8 +129,7 @@ pub(super) async fn serve<S, B>(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout);
-    let connection =
-        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(tracked));
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(tracked));
     tokio::pin!(connection);
     let mut idle_check = tokio::time::interval(
         (limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
@@ -106,6 +164,9 @@ pub(super) async fn serve<S, B>(
         }
     }
 }
+
+/// The smallest read buffer hyper's HTTP/1.1 allows.
+const MIN_HTTP1_BUFFER: usize = 8192;
 
 /// Per-stream receive window: how much of a request a client may send
 /// before the server reads it.
@@ -158,17 +219,57 @@ impl Drop for CallGuard {
 }
 
 /// The service of one connection: gives every request the connection's
-/// addresses and counts the calls in progress.
+/// addresses (and client certificate's name) and counts the calls in
+/// progress.
 #[derive(Debug, Clone)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
     info: TcpConnectInfo,
+    client: Option<ClientName>,
+    max_http1_body: usize,
+    http1_body_timeout: Duration,
+}
+
+impl<S> Tracked<S> {
+    fn new(
+        inner: S,
+        info: TcpConnectInfo,
+        client: Option<ClientName>,
+        limits: &ConnectionLimits,
+    ) -> Self {
+        Self {
+            inner,
+            activity: Arc::new(Activity::new()),
+            info,
+            client,
+            max_http1_body: limits.max_http1_body_bytes,
+            http1_body_timeout: limits.http1_body_timeout,
+        }
+    }
+}
+
+/// The body of an HTTP/1.1 request, read whole; a body too large or too
+/// slow becomes one that fails, which the call answers as it would any
+/// broken request.
+async fn read_whole(body: Incoming, max: usize, timeout: Duration) -> tonic::body::Body {
+    use http_body_util::{BodyExt, Full, Limited, StreamBody};
+    let read = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await;
+    let error: BoxError = match read {
+        Ok(Ok(collected)) => return tonic::body::Body::new(Full::new(collected.to_bytes())),
+        Ok(Err(error)) => error,
+        Err(_) => "the request body did not arrive in time".into(),
+    };
+    let failed = futures_util::stream::once(async move { Err::<Frame<Bytes>, _>(error) });
+    tonic::body::Body::new(StreamBody::new(failed))
 }
 
 impl<S, B> Service<Request<Incoming>> for Tracked<S>
 where
-    S: Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
@@ -183,15 +284,27 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let guard = CallGuard::start(&self.activity);
-        let mut request = request.map(tonic::body::Body::new);
-        request.extensions_mut().insert(self.info.clone());
-        let response = self.inner.call(request);
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(self.info.clone());
+        if let Some(client) = &self.client {
+            parts.extensions.insert(client.clone());
+        }
+        if parts.version == http::Version::HTTP_2 {
+            let response = self
+                .inner
+                .call(Request::from_parts(parts, tonic::body::Body::new(body)));
+            return Box::pin(async move {
+                Ok(response.await?.map(|inner| TrackedBody::new(inner, guard)))
+            });
+        }
+        // The clone that was made ready goes with this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (max, timeout) = (self.max_http1_body, self.http1_body_timeout);
         Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|inner| TrackedBody {
-                inner,
-                _guard: guard,
-            }))
+            let body = read_whole(body, max, timeout).await;
+            let response = inner.call(Request::from_parts(parts, body)).await?;
+            Ok(response.map(|inner| TrackedBody::new(inner, guard)))
         })
     }
 }
@@ -201,6 +314,15 @@ where
 pub(super) struct TrackedBody<B> {
     inner: B,
     _guard: CallGuard,
+}
+
+impl<B> TrackedBody<B> {
+    fn new(inner: B, guard: CallGuard) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
 }
 
 impl<B> Body for TrackedBody<B>

@@ -16,8 +16,18 @@
 //!   by the kernel, so clients move to another replica) and every
 //!   connection gets GOAWAY; calls in progress finish. Dropping the future
 //!   of [`serve`] ends every connection.
+//! - HTTP/2 carries gRPC; HTTP/1.1 carries only gRPC-Web (browsers). An
+//!   HTTP/1.1 request's body is read whole (within `max_http1_body_bytes`
+//!   and `http1_body_timeout`) before its call starts: a call answered
+//!   early (UNAUTHENTICATED) would otherwise leave the body unread and the
+//!   connection closed under a client still sending it. gRPC-Web has no
+//!   client streaming, so nothing is lost by the wait.
+//! - With TLS, each connection's handshake runs in its own task, bounded by
+//!   [`tls::HANDSHAKE_TIMEOUT`]; a client certificate's name goes with
+//!   every call of the connection as a [`ClientName`].
 
 mod connection;
+pub mod tls;
 
 use std::{convert::Infallible, io, sync::Arc, time::Duration};
 
@@ -43,7 +53,16 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Largest request body of an HTTP/1.1 (gRPC-Web) call.
+    pub max_http1_body_bytes: usize,
+    /// Longest wait for the body of an HTTP/1.1 (gRPC-Web) call.
+    pub http1_body_timeout: Duration,
 }
+
+/// The name in the certificate a client presented (mutual TLS): its
+/// subject's common name, else a URI or DNS subject alternative name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientName(pub Arc<str>);
 
 /// First pause after an accept error that is not about one connection.
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -58,6 +77,7 @@ pub async fn serve<S, B>(
     service: S,
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
+    tls: Option<Arc<tls::Tls>>,
     draining: watch::Receiver<bool>,
 ) where
     S: Service<Request<tonic::body::Body>, Response = Response<B>, Error = Infallible>
@@ -95,6 +115,7 @@ pub async fn serve<S, B>(
                         service.clone(),
                         Arc::clone(&limits),
                         Arc::clone(&metrics),
+                        tls.as_ref().map(|tls| tls.acceptor()),
                         draining.clone(),
                         permit,
                     ));

@@ -23,6 +23,7 @@ pub struct ApiKeyRow {
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub expire_time: Option<DateTime<Utc>>,
+    pub client_name: Option<String>,
 }
 
 /// A key to insert.
@@ -38,6 +39,7 @@ pub struct NewApiKey {
     pub is_bootstrap: bool,
     pub created_at: DateTime<Utc>,
     pub expire_time: Option<DateTime<Utc>>,
+    pub client_name: Option<String>,
 }
 
 pub async fn insert(conn: &mut AsyncPgConnection, key: &NewApiKey) -> QueryResult<ApiKeyRow> {

@@ -53,6 +53,7 @@ diesel::table! {
         last_used_at -> Nullable<Timestamptz>,
         revoked_at -> Nullable<Timestamptz>,
         expire_time -> Nullable<Timestamptz>,
+        client_name -> Nullable<Text>,
     }
 }
 

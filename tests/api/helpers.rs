@@ -229,6 +229,7 @@ pub struct TestApp {
     /// The server's clock.
     pub clock: TestClock,
     pub metrics_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
     pub users: Users,
     pub tenants: Tenants,
     pub channel: Channel,
@@ -366,12 +367,25 @@ impl TestClock {
 
 /// Starts a server with `config`.
 pub async fn spawn_with(config: Config) -> TestApp {
+    spawn_connected(config, None).await
+}
+
+/// As [`spawn_with`], for a server with TLS: the clients connect with `tls`.
+pub async fn spawn_tls(config: Config, tls: tonic::transport::ClientTlsConfig) -> TestApp {
+    spawn_connected(config, Some(tls)).await
+}
+
+async fn spawn_connected(
+    config: Config,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> TestApp {
     let clock = TestClock::new();
     let application = Application::build_with_clock(&config, clock.reader())
         .await
         .expect("application builds");
     let addr = application.local_addr();
     let metrics_addr = application.metrics_addr();
+    let health_addr = application.health_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         application
@@ -381,11 +395,14 @@ pub async fn spawn_with(config: Config) -> TestApp {
             .await
             .expect("server runs");
     });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("client connects");
+    let endpoint = match tls {
+        None => Channel::from_shared(format!("http://{addr}")).unwrap(),
+        Some(tls) => Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap(),
+    };
+    let channel = endpoint.connect().await.expect("client connects");
     let db_config: tokio_postgres::Config = match &config.database_url {
         Some(url) => url.parse().unwrap(),
         None => {
@@ -407,6 +424,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
         addr,
         clock,
         metrics_addr,
+        health_addr,
         users: UsersServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         tenants: TenantsServiceClient::with_interceptor(channel.clone(), bearer),
         channel,
@@ -717,6 +735,7 @@ pub async fn create_key(
         name: "test",
         rate_limit: rate_limit.and_then(std::num::NonZeroU32::new),
         expire_time: None,
+        client_name: None,
     };
     let (_, token) = users_service::auth::keys::create(&mut conn, spec, chrono::Utc::now())
         .await

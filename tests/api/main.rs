@@ -28,6 +28,7 @@ mod schema;
 mod shared_limits;
 mod tenant_deletion;
 mod tenants;
+mod tls;
 mod transfer;
 mod users;
 mod validation;

@@ -511,9 +511,9 @@ pub fn call() -> BoxedStrategy<Call> {
                     skip_total_count, ..Default::default() })
             }
         ),
-        1 => (text(), enum_value(), prop_oneof![2 => Just(String::new()), 1 => id()], option::of(any::<i32>()), option::of(timestamp()))
-            .prop_map(|(name, role, tenant_id, rate_limit_per_second, expire_time)| {
-                Call::CreateKey(pb::CreateKeyRequest { name, role, tenant_id, rate_limit_per_second, expire_time })
+        1 => (text(), enum_value(), prop_oneof![2 => Just(String::new()), 1 => id()], option::of(any::<i32>()), option::of(timestamp()), text())
+            .prop_map(|(name, role, tenant_id, rate_limit_per_second, expire_time, client_name)| {
+                Call::CreateKey(pb::CreateKeyRequest { name, role, tenant_id, rate_limit_per_second, expire_time, client_name })
             }),
         1 => (prop_oneof![3 => 0i32..20, 1 => any::<i32>()], text(), any::<bool>())
             .prop_map(|(page_size, page_token, show_revoked)| Call::ListKeys(pb::ListKeysRequest { page_size, page_token, show_revoked })),

@@ -5,16 +5,11 @@
 // may retry.
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { chmodSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
-import http2 from "node:http2";
-import net from "node:net";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
+import { rmSync } from "node:fs";
 import { clone, create, equals } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code } from "@connectrpc/connect";
 import { createUsersServiceClients, type UsersServiceClients } from "../src/client.js";
 import {
   UserEventType,
@@ -24,160 +19,14 @@ import {
   type WatchUsersResponse,
 } from "../src/gen/users/v1/users_pb.js";
 import { BadRequestSchema, ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
+import { expectError, startServer, stopServer, tail, type Server } from "./server.js";
 
-const packageDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const serverBin = path.resolve(
-  packageDir,
-  process.env.USERS_SERVICE_BIN ?? "../../target/debug/users-service",
-);
 const ROQ_REFERENCE = "8d04d09a-8ff8-4393-840d-c69f3f1f7dfa";
 /** A fresh request id: one per logical write, sent again on each of its retries. */
 const requestId = (): string => randomUUID();
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-const STARTUP_TIMEOUT_MS = 30_000;
-const SHUTDOWN_TIMEOUT_MS = 30_000;
 /** Deadline of a whole WatchUsers stream (heartbeats come every 10 s). */
 const WATCH_TIMEOUT_MS = 60_000;
-
-interface Server {
-  child: ChildProcess;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  dataDir: string;
-  logFile: string;
-  baseUrl: string;
-  adminKey: string;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once("error", reject);
-    probe.listen(0, "127.0.0.1", () => {
-      const { port } = probe.address() as net.AddressInfo;
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-/**
- * grpc.health.v1.Health/Check with no service name, by hand over HTTP/2 (no
- * generated code): an empty request frame; the answer's field 1 is the status
- * (1 = SERVING). Resolves undefined while the server is not answering.
- */
-function healthStatus(port: number): Promise<number | undefined> {
-  return new Promise((resolve) => {
-    const session = http2.connect(`http://127.0.0.1:${port}`);
-    const done = (status: number | undefined) => {
-      session.close();
-      session.destroy();
-      resolve(status);
-    };
-    session.on("error", () => done(undefined));
-    session.setTimeout(1_000, () => done(undefined));
-    const req = session.request({
-      ":method": "POST",
-      ":path": "/grpc.health.v1.Health/Check",
-      "content-type": "application/grpc",
-      te: "trailers",
-    });
-    const chunks: Buffer[] = [];
-    let grpcStatus: string | undefined;
-    req.on("response", (headers) => {
-      grpcStatus ??= headers["grpc-status"] as string | undefined;
-    });
-    req.on("trailers", (trailers) => {
-      grpcStatus ??= trailers["grpc-status"] as string | undefined;
-    });
-    req.on("data", (chunk: Buffer) => chunks.push(chunk));
-    req.on("error", () => done(undefined));
-    req.on("end", () => {
-      const body = Buffer.concat(chunks);
-      if (grpcStatus !== "0" || body.length < 5) return done(undefined);
-      const message = body.subarray(5, 5 + body.readUInt32BE(1));
-      // HealthCheckResponse { ServingStatus status = 1; }: tag 0x08, then a one-byte varint.
-      done(message.length >= 2 && message[0] === 0x08 ? message[1] : 0);
-    });
-    req.end(Buffer.alloc(5)); // uncompressed, zero-length message
-  });
-}
-
-async function startServer(): Promise<Server> {
-  assert.ok(existsSync(serverBin), `no server binary at ${serverBin} (cargo build, or set USERS_SERVICE_BIN)`);
-  const dataDir = mkdtempSync("/tmp/users-ts-");
-  chmodSync(dataDir, 0o755); // the embedded Postgres runs as `postgres` when we are root
-  const logFile = path.join(dataDir, "server.log");
-  const port = await freePort();
-  const env: NodeJS.ProcessEnv = { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" };
-  delete env.DATABASE_URL; // run the server's own embedded Postgres
-  const log = openSync(logFile, "a");
-  const child = spawn(
-    serverBin,
-    [
-      "--listen", `127.0.0.1:${port}`,
-      "--data-dir", dataDir,
-      "--rate-limit-per-second", "0",
-    ],
-    { env, stdio: ["ignore", log, log] },
-  );
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    child.once("exit", (code, signal) => resolve({ code, signal })),
-  );
-  let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
-  void exited.then((e) => (exit = e));
-
-  const deadline = Date.now() + STARTUP_TIMEOUT_MS;
-  for (;;) {
-    if (exit) {
-      throw new Error(`server exited during startup (${JSON.stringify(exit)}), log ${logFile}:\n${tail(logFile)}`);
-    }
-    if ((await healthStatus(port)) === 1) break;
-    if (Date.now() > deadline) {
-      await stopServer(child, exited, SHUTDOWN_TIMEOUT_MS);
-      throw new Error(`server not SERVING after ${STARTUP_TIMEOUT_MS} ms, log ${logFile}:\n${tail(logFile)}`);
-    }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  const adminKey = readFileSync(path.join(dataDir, "admin.key"), "utf8").trim();
-  assert.ok(adminKey.length > 0, "admin.key is empty");
-  return { child, exited, dataDir, logFile, baseUrl: `http://127.0.0.1:${port}`, adminKey };
-}
-
-/** SIGTERM, then SIGKILL if the server is still running after `graceMs`. */
-async function stopServer(
-  child: ChildProcess,
-  exited: Server["exited"],
-  graceMs: number,
-): Promise<{ code: number | null; signal: NodeJS.Signals | null } | "killed"> {
-  child.kill("SIGTERM");
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), graceMs)));
-  const result = await Promise.race([exited, late]);
-  clearTimeout(timer);
-  if (result !== "late") return result;
-  child.kill("SIGKILL");
-  await exited;
-  return "killed";
-}
-
-function tail(file: string, lines = 40): string {
-  try {
-    return readFileSync(file, "utf8").split("\n").slice(-lines).join("\n");
-  } catch {
-    return "(no log)";
-  }
-}
-
-/** Runs `call`, which must fail with a ConnectError of `code`; returns the error. */
-async function expectError(code: Code, call: () => Promise<unknown>): Promise<ConnectError> {
-  try {
-    await call();
-  } catch (e) {
-    const err = ConnectError.from(e);
-    assert.equal(Code[err.code], Code[code], `expected ${Code[code]}, got ${Code[err.code]}: ${err.message}`);
-    return err;
-  }
-  assert.fail(`expected ${Code[code]}, the call succeeded`);
-}
 
 function millis(user: User, field: "createdAt" | "updatedAt"): number {
   const ts = user[field];
@@ -214,7 +63,7 @@ describe("users-service TypeScript client", () => {
 
   after(async () => {
     if (server && !stopped) {
-      const result = await stopServer(server.child, server.exited, SHUTDOWN_TIMEOUT_MS);
+      const result = await stopServer(server);
       console.error(`server stopped (${JSON.stringify(result)}), log kept in ${server.logFile}:\n${tail(server.logFile)}`);
     }
   });
@@ -477,7 +326,7 @@ describe("users-service TypeScript client", () => {
 
   it("stops on SIGTERM with exit code 0", async () => {
     assert.ok(server);
-    const result = await stopServer(server.child, server.exited, SHUTDOWN_TIMEOUT_MS);
+    const result = await stopServer(server);
     stopped = true;
     assert.deepEqual(result, { code: 0, signal: null }, `log ${server.logFile}:\n${tail(server.logFile)}`);
     rmSync(server.dataDir, { recursive: true, force: true });
