@@ -55,6 +55,7 @@
 //! | `--tls-key` | `TLS_KEY` | none |
 //! | `--tls-client-ca` | `TLS_CLIENT_CA` | none: no client certificate asked |
 //! | `--cors-allowed-origin` | `CORS_ALLOWED_ORIGINS` | none: no browser origin |
+//! | `--otlp-endpoint` | `OTEL_EXPORTER_OTLP_ENDPOINT` | none: no traces |
 //! | `--log-format` | `LOG_FORMAT` | `text` |
 //!
 //! Log filtering follows `RUST_LOG` (default `info`).
@@ -494,6 +495,12 @@ pub struct Config {
     )]
     pub cors_allowed_origins: Vec<String>,
 
+    /// OTLP/gRPC collector that receives the traces (e.g.
+    /// http://otel-collector:4317); none: no traces. The other OTEL_*
+    /// variables are honoured as the OpenTelemetry SDKs do.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log line format.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -532,6 +539,7 @@ impl Config {
             tls_key: None,
             tls_client_ca: None,
             cors_allowed_origins: Vec::new(),
+            otlp_endpoint: None,
             rate_limit_per_second: DEFAULT_RATE_LIMIT,
             rate_limit_burst: None,
             redis_url: None,

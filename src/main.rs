@@ -16,7 +16,14 @@ use users_service::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logs = telemetry::init(cli.config.log_format);
+    let telemetry =
+        match telemetry::init(cli.config.log_format, cli.config.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("users-service: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     let result = match cli.command {
         None | Some(Command::Serve) => serve(&cli.config).await,
         Some(Command::Check) => commands::check(&cli.config).await,
@@ -24,8 +31,8 @@ async fn main() -> ExitCode {
         Some(Command::Import(args)) => transfer::import(&cli.config, args).await,
         Some(Command::Export(args)) => transfer::export(&cli.config, args).await,
     };
-    // Every queued line is out before the last one below.
-    drop(logs);
+    // Every queued span and line is out before the last line below.
+    telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

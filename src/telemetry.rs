@@ -1,14 +1,48 @@
-//! Logging through `tracing`: text for people, JSON for machines.
+//! Logging through `tracing`: text for people, JSON for machines; and,
+//! with `--otlp-endpoint`, distributed traces exported over OTLP/gRPC.
 //!
 //! Lines are formatted on the thread that logs and written to stderr by a
 //! thread of their own, in batches: a call never waits for a `write(2)`,
 //! and many lines cost one. The queue between them blocks rather than drops
 //! when stderr cannot keep up, so no line is lost.
+//!
+//! Trace spans have their own target, [`TRACE_TARGET`]: only they are
+//! exported, and log lines never show them. Without an endpoint nothing
+//! listens to that target, and a span costs a callsite check.
 
 use std::io::{BufWriter, IsTerminal};
 
+use opentelemetry::{KeyValue, propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    resource::{EnvResourceDetector, SdkProvidedResourceDetector, TelemetryResourceDetector},
+    trace::{BatchSpanProcessor, SdkTracerProvider},
+};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
+
+/// The target of the spans that are exported as traces.
+pub const TRACE_TARGET: &str = "users_service::trace";
+
+/// What the process holds for its logs and traces until it ends.
+#[must_use = "dropping it stops the log writer"]
+#[derive(Debug)]
+pub struct Telemetry {
+    _logs: WorkerGuard,
+    traces: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued (at most 5 s) and stops the exporter.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.traces {
+            // It blocks until the exporter's thread answers.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+    }
+}
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -19,27 +53,135 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; `RUST_LOG` filters (default `info`).
-/// Lines still queued are written when the returned guard is dropped: hold
-/// it until the process ends.
-#[must_use = "dropping the guard stops the log writer"]
-pub fn init(format: LogFormat) -> WorkerGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber; `RUST_LOG` filters the log lines
+/// (default `info`). With `otlp_endpoint`, spans go there too, unless
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. Must run inside
+/// the Tokio runtime (the exporter's connection lives there).
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, String> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{TRACE_TARGET}=off")
+                .parse()
+                .expect("valid directive"),
+        );
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("log-writer")
         .finish(BufWriter::new(std::io::stderr()));
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(writer))
-            .init(),
-        LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_writer(writer))
-            .init(),
+    let logs = match format {
+        LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let traces = otlp_endpoint
+        .filter(|_| traces_enabled())
+        .map(provider)
+        .transpose()?;
+    let exported = traces.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("users-service"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_filter(Targets::new().with_target(TRACE_TARGET, tracing::Level::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(exported)
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(Telemetry {
+        _logs: guard,
+        traces,
+    })
+}
+
+/// Whether the standard variables leave traces on.
+fn traces_enabled() -> bool {
+    let var = |name| std::env::var(name).unwrap_or_default().to_ascii_lowercase();
+    var("OTEL_SDK_DISABLED") != "true" && var("OTEL_TRACES_EXPORTER") != "none"
+}
+
+/// The exporter to `endpoint`, batching on a thread of its own. The SDK
+/// reads the other OTEL_* variables itself: OTEL_EXPORTER_OTLP_TIMEOUT,
+/// _HEADERS and _COMPRESSION, OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*,
+/// OTEL_SPAN_*_COUNT_LIMIT, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME.
+fn provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| format!("--otlp-endpoint: {e}"))?;
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+        .with_resource(resource())
+        .build())
+}
+
+/// `service.name` users-service and the version, under what
+/// OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME say.
+fn resource() -> Resource {
+    let mut builder = Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", "users-service"),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        ])
+        .with_detectors(&[
+            Box::new(TelemetryResourceDetector),
+            Box::new(EnvResourceDetector::new()),
+        ]);
+    // Without the variable it would name the service "unknown_service".
+    if std::env::var("OTEL_SERVICE_NAME").is_ok_and(|name| !name.is_empty()) {
+        builder = builder.with_detector(Box::new(SdkProvidedResourceDetector));
     }
-    guard
+    builder.build()
+}
+
+/// Makes `span` the child of the caller's span that `headers` name
+/// (W3C `traceparent` and `tracestate`), if they name one.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if span.is_disabled() || !headers.contains_key("traceparent") {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    });
+    let _ = span.set_parent(parent);
+}
+
+/// Links `span` to the span `to` (a call a batch statement served).
+pub fn link(span: &tracing::Span, to: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if span.is_disabled() || to.is_disabled() {
+        return;
+    }
+    span.add_link(to.context().span().span_context().clone());
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
 }
 
 /// An error and the chain of its causes, on one line (for command-line

@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
 use tonic::Code;
 use tower::{Layer, Service};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::deadline::parse_grpc_timeout;
@@ -29,6 +30,7 @@ use crate::code::code_name;
 use crate::methods::{self, Method};
 use crate::metrics::{CallLabels, Metrics};
 use crate::net::ClientName;
+use crate::telemetry::{TRACE_TARGET, continue_trace};
 
 /// Header that carries the request id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -103,7 +105,21 @@ where
         request.extensions_mut().insert(caller.clone());
         let method = methods::lookup(request.uri().path());
         let started = Instant::now();
+        // The call's span in the caller's trace (no request data in it).
+        let span = tracing::info_span!(
+            target: TRACE_TARGET,
+            "call",
+            otel.name = method.path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = method.service.as_str(),
+            rpc.method = method.name.as_str(),
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        continue_trace(&span, request.headers());
         let call = Call {
+            span: span.clone(),
             client: request.extensions().get::<ClientName>().cloned(),
             labels: self.metrics.call_started(method),
             method,
@@ -117,7 +133,7 @@ where
                 .map(|timeout| started + timeout - deadline_slack(timeout)),
             metrics: Arc::clone(&self.metrics),
         };
-        let response = self.inner.call(request);
+        let response = span.in_scope(|| self.inner.call(request)).instrument(span);
         Box::pin(async move {
             // Recorded on drop if the call ends before its response.
             let mut pending = Pending(Some(call));
@@ -161,6 +177,8 @@ fn is_safe_request_id(id: &str) -> bool {
 
 #[derive(Debug)]
 struct Call {
+    /// Ends when the call does.
+    span: tracing::Span,
     method: &'static Method,
     labels: CallLabels,
     request_id: String,
@@ -192,6 +210,20 @@ impl Drop for Pending {
 
 impl Call {
     fn finish(self, code: Code) {
+        self.span.record("rpc.grpc.status_code", code as i64);
+        // The codes that say the server failed (OpenTelemetry's RPC
+        // conventions); the others leave the status unset.
+        if matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        ) {
+            self.span.record("otel.status_code", "error");
+        }
         let elapsed = self.started.elapsed();
         self.metrics.call_handled(self.labels, code, elapsed);
         // Milliseconds with microsecond resolution.

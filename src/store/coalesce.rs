@@ -69,7 +69,8 @@ pub struct Coalescer<B: Batch> {
 }
 
 struct Queue<B: Batch> {
-    waiting: Vec<(B::Item, Reply<B>)>,
+    /// Each item with its reply and the span of the call that sent it.
+    waiting: Vec<(B::Item, Reply<B>, tracing::Span)>,
     /// A task is waiting for its turn and a connection, and will take what
     /// is queued by then.
     leading: bool,
@@ -101,7 +102,7 @@ impl<B: Batch> Coalescer<B> {
         let (reply, result) = oneshot::channel();
         let lead = {
             let mut queue = self.queue.lock().expect("batch queue lock");
-            queue.waiting.push((item, reply));
+            queue.waiting.push((item, reply, tracing::Span::current()));
             !std::mem::replace(&mut queue.leading, true)
         };
         if lead {
@@ -134,20 +135,45 @@ impl<B: Batch> Coalescer<B> {
             }
             taken
         };
-        let (items, mut replies): (Vec<_>, Vec<_>) = taken
-            .into_iter()
-            .filter(|(_, reply)| !reply.is_closed())
-            .unzip();
+        let mut items = Vec::with_capacity(taken.len());
+        let mut replies = Vec::with_capacity(taken.len());
+        let mut calls = Vec::with_capacity(taken.len());
+        for (item, reply, call) in taken {
+            if !reply.is_closed() {
+                items.push(item);
+                replies.push(reply);
+                calls.push(call);
+            }
+        }
         if items.is_empty() {
             return;
         }
         self.items.observe(items.len() as f64);
-        let work = async {
-            let mut connection = connection?;
-            let outcome = self.batch.run(&mut connection, items).await;
-            connection.release();
-            outcome
-        };
+        // The statement is a child of the first call it serves, and linked
+        // to every one.
+        let span = tracing::info_span!(
+            target: crate::telemetry::TRACE_TARGET,
+            parent: &calls[0],
+            "postgresql batch",
+            otel.name = B::NAME,
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = B::NAME,
+            db.operation.batch.size = items.len() as i64,
+        );
+        for call in &calls {
+            crate::telemetry::link(&span, call);
+        }
+        drop(calls);
+        let work = tracing::Instrument::instrument(
+            async {
+                let mut connection = connection?;
+                let outcome = self.batch.run(&mut connection, items).await;
+                connection.release();
+                outcome
+            },
+            span,
+        );
         let everyone_gone = join_all(replies.iter_mut().map(oneshot::Sender::closed));
         let outcome = tokio::select! {
             outcome = work => outcome,

@@ -226,10 +226,24 @@ pub async fn run<T, E>(
     pool: &DbPool,
     work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
 ) -> Result<Result<T, E>, diesel_async::pooled_connection::deadpool::PoolError> {
-    let mut connection = checkout(pool).await?;
-    let result = work(&mut connection).await;
-    connection.release();
-    Ok(result)
+    use tracing::Instrument;
+    // A child of the call's span in its trace; what the statements hold
+    // never goes into it.
+    let span = tracing::info_span!(
+        target: crate::telemetry::TRACE_TARGET,
+        "postgresql",
+        otel.name = "postgresql",
+        otel.kind = "client",
+        db.system.name = "postgresql",
+    );
+    async {
+        let mut connection = checkout(pool).await?;
+        let result = work(&mut connection).await;
+        connection.release();
+        Ok(result)
+    }
+    .instrument(span)
+    .await
 }
 
 /// Borrows a connection that cancels its running statement if dropped

@@ -29,6 +29,7 @@ mod shared_limits;
 mod tenant_deletion;
 mod tenants;
 mod tls;
+mod traces;
 mod transfer;
 mod users;
 mod validation;
