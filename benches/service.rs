@@ -10,7 +10,7 @@
 //! connections (4), `--seconds S` per run, `--pool P` database connections of
 //! the server and of the raw side (the server's default, 2 x cores, at least 4),
 //! `--keep` to keep the database, `--standby-self` to have writes answer with
-//! their consistency token (an A/B of its cost), `--only get,create,update,safe,bulk,feed,lists,search,counts` to
+//! their consistency token (an A/B of its cost), `--only get,create,update,safe,bulk,feed,lists,search,counts,platform` to
 //! run some scenario groups (`feed` is `watch` and `outbox`: the change feed's
 //! delivery latency and the cost of its triggers); `--watchers W` and
 //! `--feed-rate R` for the delivery run (16 WatchUsers streams, 2000 changes/s). `BENCH_SERVER` is a server binary to run instead of
@@ -85,7 +85,8 @@ struct Options {
     /// transfer is ExportUsers, export and import against their targets
     /// with 100 watchers open; feed is watch and outbox, its two halves; counts
     /// is the total from the counters and what their triggers cost the
-    /// writes); all when not given.
+    /// writes; platform is GetUser with tracing exported and over TLS,
+    /// each against the plain server); all when not given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// WatchUsers streams of the change feed's delivery run.
@@ -373,13 +374,18 @@ struct Server {
 }
 
 impl Server {
+    /// The server of the run; `tag` names its data directory, `extra` are
+    /// flags of its own (another variant of the server beside it).
     fn start(
         url: &str,
         options: &Options,
         port: u16,
         metrics: std::net::SocketAddr,
+        tag: &str,
+        extra: &[String],
     ) -> Result<Self, BoxError> {
-        let data_dir = std::env::temp_dir().join(format!("users-bench-{}", std::process::id()));
+        let data_dir =
+            std::env::temp_dir().join(format!("users-bench-{}{tag}", std::process::id()));
         std::fs::create_dir_all(&data_dir)?;
         let log = std::fs::File::create(data_dir.join("server.log"))?;
         // BENCH_SERVER runs another build of the server (an A/B against an
@@ -403,6 +409,7 @@ impl Server {
                     .into_iter()
                     .flatten(),
             )
+            .args(extra)
             .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
             .stderr(log)
@@ -442,6 +449,10 @@ impl Server {
             .collect())
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// VmHWM: the most resident memory the process ever had.
     fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -473,6 +484,7 @@ async fn wait_ready(
     server: &mut Server,
     port: u16,
     options: &Options,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> Result<Service, BoxError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let key = server.data_dir.join("admin.key");
@@ -489,14 +501,15 @@ async fn wait_ready(
         }
         let ready = async {
             let token = std::fs::read_to_string(&key).ok()?;
-            let endpoint = format!("http://127.0.0.1:{port}");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let endpoint = format!("{scheme}://127.0.0.1:{port}");
             let mut clients = Vec::new();
             for _ in 0..options.connections {
-                let channel = Channel::from_shared(endpoint.clone())
-                    .ok()?
-                    .connect()
-                    .await
-                    .ok()?;
+                let mut channel = Channel::from_shared(endpoint.clone()).ok()?;
+                if let Some(tls) = tls {
+                    channel = channel.tls_config(tls.clone()).ok()?;
+                }
+                let channel = channel.connect().await.ok()?;
                 clients.push(UsersServiceClient::new(channel));
             }
             let auth = format!("Bearer {}", token.trim()).parse().ok()?;
@@ -711,8 +724,8 @@ async fn bench(options: Options) -> Result<(), BoxError> {
 
     let free = || std::net::TcpListener::bind("127.0.0.1:0")?.local_addr();
     let port = free()?.port();
-    let mut server = Server::start(url.as_str(), &options, port, free()?)?;
-    let result = match wait_ready(&mut server, port, &options).await {
+    let mut server = Server::start(url.as_str(), &options, port, free()?, "", &[])?;
+    let result = match wait_ready(&mut server, port, &options, None).await {
         Ok(service) => run(&options, &service, url.as_str(), &server).await,
         Err(e) => Err(e),
     };
@@ -850,6 +863,9 @@ async fn run(
     if options.runs("counts") {
         counts(&bench, url, &mut rows, &mut notes).await?;
     }
+    if options.runs("platform") {
+        sections.push(platform(&bench, url, server).await?);
+    }
     // Lists at 1M; the rows of the write scenarios go first, without
     // events either (a purge event per user, and their earlier events
     // erased), as in `load_tenant`.
@@ -902,6 +918,215 @@ async fn run(
         }
     }
     report(&rows, notes, server, calls, bulk_speedup, sections).await
+}
+
+/// GetUser on the server as run (A) against the same build beside it (B):
+/// once exporting a span per call and per statement over OTLP to a
+/// collector of the bench's own, once over TLS; A B A B at 1, 16 and 64
+/// calls at a time, on the same database.
+async fn platform(bench: &Bench<'_>, url: &str, main: &Server) -> Result<Section, BoxError> {
+    let options = bench.options;
+    let (collector, spans) = span_counter().await?;
+    let dir = std::env::temp_dir().join(format!("users-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let client_tls = test_certificates(&dir)?;
+    let free = || std::net::TcpListener::bind("127.0.0.1:0")?.local_addr();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let variants = [
+        (
+            "tracing on",
+            "-traced",
+            vec!["--otlp-endpoint".to_owned(), format!("http://{collector}")],
+            None,
+        ),
+        (
+            "TLS",
+            "-tls",
+            vec![
+                "--tls-cert".to_owned(),
+                file("server.crt"),
+                "--tls-key".to_owned(),
+                file("server.key"),
+            ],
+            Some(client_tls),
+        ),
+    ];
+    let mut section = Section::default();
+    section.lines.push(format!(
+        "GetUser with tracing on and over TLS: A is the server as run (plaintext, no \
+         --otlp-endpoint), B the same build beside it on the same database; {} pairs \
+         of {:.1} s runs, B/A the median of the pairs' ratios:",
+        bench.pairs,
+        bench.run.as_secs_f64()
+    ));
+    section.lines.push(String::new());
+    section.lines.push(
+        "| B | calls at a time | A calls/s | B calls/s | B/A | A p50 | B p50 | A p99 | B p99 | A server CPU µs/call | B server CPU µs/call | B/A CPU |"
+            .into(),
+    );
+    section
+        .lines
+        .push("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
+    for (label, tag, extra, tls) in variants {
+        let port = free()?.port();
+        let mut server = Server::start(url, options, port, free()?, tag, &extra)?;
+        // The database has its keys already: the variant makes none.
+        std::fs::copy(
+            main.data_dir.join("admin.key"),
+            server.data_dir.join("admin.key"),
+        )?;
+        let variant = match wait_ready(&mut server, port, options, tls.as_ref()).await {
+            Ok(variant) => variant,
+            Err(e) => {
+                server.stop();
+                return Err(e);
+            }
+        };
+        for calls in [1, 16, 64] {
+            eprintln!("GetUser, {label}, {calls} calls at a time");
+            let (mut a, mut b, mut ratios) = (Sample::default(), Sample::default(), Vec::new());
+            // The servers' own CPU time, for what each call costs them
+            // apart from the client's and the collector's share of the
+            // cores.
+            let (mut a_ticks, mut b_ticks) = (0, 0);
+            for _ in 0..bench.pairs {
+                let before = process_ticks(main.pid());
+                let sa = get_users(bench.service, bench, calls).await;
+                a_ticks += process_ticks(main.pid()) - before;
+                let before = process_ticks(server.pid());
+                let sb = get_users(&variant, bench, calls).await;
+                b_ticks += process_ticks(server.pid()) - before;
+                ratios.push(sb.rate() / sa.rate());
+                a.merge(sa);
+                b.merge(sb);
+            }
+            let per_call = |ticks: u64, sample: &Sample| {
+                ticks as f64 / TICKS_PER_SECOND * 1e6 / sample.latencies.len().max(1) as f64
+            };
+            let (a_cpu, b_cpu) = (per_call(a_ticks, &a), per_call(b_ticks, &b));
+            section.lines.push(format!(
+                "| {label} | {calls} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} | {a_cpu:.0} | {b_cpu:.0} | {:.2} |",
+                a.rate(),
+                b.rate(),
+                median(ratios),
+                ms(a.quantile(0.5)),
+                ms(b.quantile(0.5)),
+                ms(a.quantile(0.99)),
+                ms(b.quantile(0.99)),
+                b_cpu / a_cpu,
+            ));
+            for (side, sample) in [("A", &a), ("B", &b)] {
+                if !sample.errors.is_empty() {
+                    section
+                        .lines
+                        .push(format!("  ({label} {side} errors: {})", sample.errors()));
+                }
+            }
+        }
+        server.stop();
+    }
+    section.lines.push(String::new());
+    section.lines.push(format!(
+        "Spans the collector received from the traced server: {}.",
+        spans.load(Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(section)
+}
+
+/// The CPU time a process has used, in ticks of [`TICKS_PER_SECOND`].
+fn process_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the name: utime is the 12th field, stime the 13th.
+    field(11) + field(12)
+}
+
+/// GetUser calls of random users through `service` for one run.
+async fn get_users(service: &Service, bench: &Bench<'_>, calls: usize) -> Sample {
+    let (service, pick) = (service.clone(), Arc::clone(&bench.pick));
+    drive(calls, bench.run, move |w, n| {
+        let (service, id) = (service.clone(), pick(n));
+        async move {
+            let request = service.request(pb::GetUserRequest {
+                id: id.to_string(),
+                ..Default::default()
+            });
+            service
+                .client(w)
+                .get_user(request)
+                .await
+                .map(drop)
+                .map_err(code)
+        }
+    })
+    .await
+}
+
+/// An OTLP collector that counts the spans it receives; its address.
+async fn span_counter() -> Result<(std::net::SocketAddr, Arc<AtomicU64>), BoxError> {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    struct Counter(Arc<AtomicU64>);
+    #[tonic::async_trait]
+    impl TraceService for Counter {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans: usize = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(spans as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let spans = Arc::new(AtomicU64::new(0));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Counter(Arc::clone(&spans))))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    Ok((addr, spans))
+}
+
+/// A CA and a certificate for localhost in `dir` (server.crt, server.key);
+/// the client's TLS settings that trust the CA.
+fn test_certificates(dir: &std::path::Path) -> Result<tonic::transport::ClientTlsConfig, BoxError> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "bench CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &ca)?;
+    std::fs::write(dir.join("server.crt"), cert.pem())?;
+    std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem())))
 }
 
 /// GetUser of a random user against the raw lookup, A B A B: a single pair

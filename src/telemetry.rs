@@ -94,6 +94,9 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
             .with_threads(false)
             .with_target(false)
             .with_tracked_inactivity(false)
+            // Nothing reads OpenTelemetry's current context: entering a
+            // span (every poll of a call) need not set it.
+            .with_context_activation(false)
             .with_filter(Targets::new().with_target(TRACE_TARGET, tracing::Level::INFO))
     });
     tracing_subscriber::registry()

@@ -158,7 +158,9 @@ impl<B: Batch> Coalescer<B> {
             otel.name = B::NAME,
             otel.kind = "client",
             db.system.name = "postgresql",
-            db.operation.name = B::NAME,
+            // From its statements (`store::traced`).
+            db.operation.name = tracing::field::Empty,
+            db.collection.name = tracing::field::Empty,
             db.operation.batch.size = items.len() as i64,
         );
         for call in &calls {

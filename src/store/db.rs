@@ -82,6 +82,10 @@ pub fn build_pool(
             let mut connection =
                 AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
             english_messages(&mut connection).await;
+            diesel_async::AsyncConnection::set_instrumentation(
+                &mut connection,
+                super::traced::StatementSpans::default(),
+            );
             Ok(connection)
         }
         .boxed()

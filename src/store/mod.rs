@@ -14,6 +14,7 @@ pub mod requests;
 pub mod schema;
 pub mod standby;
 pub mod tenants;
+pub mod traced;
 pub mod users;
 
 pub use error::StoreError;

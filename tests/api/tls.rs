@@ -386,3 +386,29 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_dropping_ope
     assert!(reloads("failed").unwrap() >= 1.0);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn metrics_can_be_served_with_the_grpc_port_s_tls() {
+    let ca = Ca::new("server CA");
+    let files = TlsFiles::write(&ca.server(), None);
+    let mut config = test_config(Some(server().url(&fresh_database().await)));
+    config.tls_cert = Some(files.cert);
+    config.tls_key = Some(files.key);
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.metrics_tls = true;
+    let app = spawn_tls(config, client_tls(&ca, None)).await;
+    let metrics = app.metrics_addr.unwrap();
+
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .resolve("localhost", metrics)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/metrics", metrics.port());
+    let text = client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("users_service_tls_certificate_expiry_timestamp_seconds"));
+    // Not in plaintext.
+    let plaintext = reqwest::get(format!("http://{metrics}/metrics")).await;
+    assert!(plaintext.is_err(), "{plaintext:?}");
+    app.shutdown().await;
+}

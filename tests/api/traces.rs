@@ -252,6 +252,23 @@ async fn calls_are_exported_as_spans_of_their_callers_traces_without_personal_da
             .any(|l| l.span_id == get_call.span_id && l.trace_id == get_call.trace_id)
     );
 
+    // A batch says the kind of its statements: GetUser's lookup reads users.
+    assert_eq!(string(&batch.attributes, "db.operation.name"), "SELECT");
+    assert_eq!(string(&batch.attributes, "db.collection.name"), "users");
+    // Other work has a span per statement, named by its kind: ListUsers
+    // reads users.
+    let list_call = server_span(&spans, &list);
+    let list_work = spans
+        .iter()
+        .find(|s| s.parent_span_id == list_call.span_id && s.name == "postgresql")
+        .expect("ListUsers' database work");
+    let statements: Vec<_> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == list_work.span_id)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert!(statements.contains(&"SELECT users"), "{statements:?}");
+
     let resource = collector.resource_attributes();
     assert_eq!(string(&resource, "service.name"), "users-service");
     assert_eq!(
