@@ -1133,28 +1133,10 @@ fn test_certificates(dir: &std::path::Path) -> Result<tonic::transport::ClientTl
 /// varies by +-15%.
 async fn get_user(bench: &Bench<'_>, calls: usize, raw: &Arc<Raw>) -> Row {
     eprintln!("GetUser, {calls} calls at a time");
-    let (service, run) = (bench.service, bench.run);
+    let run = bench.run;
     let mut runs = Pairs::default();
     for _ in 0..bench.pairs {
-        let s = {
-            let (service, pick) = (service.clone(), Arc::clone(&bench.pick));
-            drive(calls, run, move |w, n| {
-                let (service, id) = (service.clone(), pick(n));
-                async move {
-                    let request = service.request(pb::GetUserRequest {
-                        id: id.to_string(),
-                        ..Default::default()
-                    });
-                    service
-                        .client(w)
-                        .get_user(request)
-                        .await
-                        .map(drop)
-                        .map_err(code)
-                }
-            })
-            .await
-        };
+        let s = get_users(bench.service, bench, calls).await;
         let r = {
             let (raw, pick) = (Arc::clone(raw), Arc::clone(&bench.pick));
             drive(calls, run, move |_, n| {

@@ -287,3 +287,43 @@ async fn calls_are_exported_as_spans_of_their_callers_traces_without_personal_da
         assert!(!exported.contains(secret), "{secret} is in a span");
     }
 }
+
+#[tokio::test]
+async fn a_collector_that_never_answers_slows_no_call_and_the_stop_waits_at_most_seconds() {
+    // It takes connections and then says nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let mut process = ServiceProcess::start(Start {
+        args: vec!["--otlp-endpoint".into(), format!("http://{silent_addr}")],
+        ..Default::default()
+    })
+    .await;
+    let mut users = process.users().await;
+    let started = std::time::Instant::now();
+    for _ in 0..300 {
+        let status = users
+            .get_user(GetUserRequest {
+                id: uuid::Uuid::now_v7().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "300 calls took {took:?}");
+    // The spans still queued get their 5 s at the stop, no more.
+    let (exit, stopping) = process.terminate(Duration::from_secs(20)).await;
+    assert!(exit.success());
+    assert!(
+        stopping < Duration::from_secs(8),
+        "the stop took {stopping:?}"
+    );
+    held.abort();
+}

@@ -3,7 +3,7 @@
 // admin key, and a SIGTERM shutdown. Shared by every test file.
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { chmodSync, existsSync, mkdtempSync, openSync, readFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
 import http2 from "node:http2";
 import net from "node:net";
 import path from "node:path";
@@ -157,6 +157,13 @@ export async function stopServer(
   server.child.kill("SIGKILL");
   await server.exited;
   return "killed";
+}
+
+/** Stops `server` with SIGTERM, checks that it exits with code 0, and removes its data directory. */
+export async function stopCleanly(server: Server): Promise<void> {
+  const result = await stopServer(server);
+  assert.deepEqual(result, { code: 0, signal: null }, `log ${server.logFile}:\n${tail(server.logFile)}`);
+  rmSync(server.dataDir, { recursive: true, force: true });
 }
 
 export function tail(file: string, lines = 40): string {
