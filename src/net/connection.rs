@@ -249,19 +249,55 @@ impl<S> Tracked<S> {
     }
 }
 
-/// The body of an HTTP/1.1 request, read whole; a body too large or too
-/// slow becomes one that fails, which the call answers as it would any
-/// broken request.
-async fn read_whole(body: Incoming, max: usize, timeout: Duration) -> tonic::body::Body {
-    use http_body_util::{BodyExt, Full, Limited, StreamBody};
-    let read = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await;
-    let error: BoxError = match read {
-        Ok(Ok(collected)) => return tonic::body::Body::new(Full::new(collected.to_bytes())),
-        Ok(Err(error)) => error,
-        Err(_) => "the request body did not arrive in time".into(),
-    };
-    let failed = futures_util::stream::once(async move { Err::<Frame<Bytes>, _>(error) });
-    tonic::body::Body::new(StreamBody::new(failed))
+/// The body of an HTTP/1.1 request, shared by the call and by the
+/// connection, which reads what the call left unread.
+#[derive(Debug, Clone)]
+struct SharedBody(Arc<Mutex<Incoming>>);
+
+impl Body for SharedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut body = self.0.lock().expect("request body lock");
+        Pin::new(&mut *body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.lock().expect("request body lock").is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.lock().expect("request body lock").size_hint()
+    }
+}
+
+impl SharedBody {
+    /// Reads and drops what is left of the body, at most `max` bytes within
+    /// `timeout`: a call answered from its headers alone (UNAUTHENTICATED)
+    /// would otherwise have its connection closed under a client still
+    /// sending the body. Nothing is kept; past the limits the connection
+    /// closes as it would have.
+    async fn drain(self, max: usize, timeout: Duration) {
+        use http_body_util::BodyExt;
+        if self.is_end_stream() {
+            return;
+        }
+        let mut body = self;
+        let mut read = 0;
+        let _ = tokio::time::timeout(timeout, async {
+            while read <= max {
+                match body.frame().await {
+                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                    _ => return,
+                }
+            }
+        })
+        .await;
+    }
 }
 
 impl<S, B> Service<Request<Incoming>> for Tracked<S>
@@ -297,13 +333,16 @@ where
                 Ok(response.await?.map(|inner| TrackedBody::new(inner, guard)))
             });
         }
-        // The clone that was made ready goes with this call (tower's rule).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = &mut self.inner;
         let (max, timeout) = (self.max_http1_body, self.http1_body_timeout);
+        let body = SharedBody(Arc::new(Mutex::new(body)));
+        let response = inner.call(Request::from_parts(
+            parts,
+            tonic::body::Body::new(body.clone()),
+        ));
         Box::pin(async move {
-            let body = read_whole(body, max, timeout).await;
-            let response = inner.call(Request::from_parts(parts, body)).await?;
+            let response = response.await?;
+            body.drain(max, timeout).await;
             Ok(response.map(|inner| TrackedBody::new(inner, guard)))
         })
     }

@@ -16,12 +16,12 @@
 //!   by the kernel, so clients move to another replica) and every
 //!   connection gets GOAWAY; calls in progress finish. Dropping the future
 //!   of [`serve`] ends every connection.
-//! - HTTP/2 carries gRPC; HTTP/1.1 carries only gRPC-Web (browsers). An
-//!   HTTP/1.1 request's body is read whole (within `max_http1_body_bytes`
-//!   and `http1_body_timeout`) before its call starts: a call answered
-//!   early (UNAUTHENTICATED) would otherwise leave the body unread and the
-//!   connection closed under a client still sending it. gRPC-Web has no
-//!   client streaming, so nothing is lost by the wait.
+//! - HTTP/2 carries gRPC; HTTP/1.1 carries only gRPC-Web (browsers). What
+//!   an HTTP/1.1 call leaves of its request body (a call refused from its
+//!   headers) is read and dropped once it is answered, within
+//!   `max_http1_body_bytes` and `http1_body_timeout`: the connection would
+//!   otherwise close under a client still sending it. Nothing is buffered,
+//!   and nothing is read before the caller is known.
 //! - With TLS, each connection's handshake runs in its own task, bounded by
 //!   [`tls::HANDSHAKE_TIMEOUT`]; a client certificate's name goes with
 //!   every call of the connection as a [`ClientName`].
@@ -53,9 +53,10 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
-    /// Largest request body of an HTTP/1.1 (gRPC-Web) call.
+    /// Most of an HTTP/1.1 (gRPC-Web) call's request body read and dropped
+    /// after its answer.
     pub max_http1_body_bytes: usize,
-    /// Longest wait for the body of an HTTP/1.1 (gRPC-Web) call.
+    /// Longest wait for that.
     pub http1_body_timeout: Duration,
 }
 

@@ -7,6 +7,7 @@ mod bulk;
 mod connections;
 mod contract;
 mod counts;
+mod grpc_web;
 mod hardening;
 mod helpers;
 mod idp_roles;
