@@ -84,6 +84,8 @@ pub struct Application {
     health_listener: Option<TcpListener>,
     /// The gRPC port's TLS, following its files.
     tls: Option<Arc<Tls>>,
+    /// CORS for the browser origins allowed, when there are any.
+    cors: Option<tower_http::cors::CorsLayer>,
     /// Asks the health probe to look at the database now.
     health_wake: Arc<tokio::sync::Notify>,
     /// The key set of end-user tokens, to follow, and the max-age of its
@@ -105,6 +107,7 @@ impl Application {
             .map(|files| Tls::load(files).map(Arc::new))
             .transpose()
             .map_err(|e| StartError::Config(format!("TLS: {e}")))?;
+        let cors = cors(&config.cors_allowed_origins)?;
         let jwt = config
             .jwt()
             .map(|settings| JwtVerifier::new(&settings))
@@ -230,6 +233,7 @@ impl Application {
             metrics_listener,
             health_listener,
             tls,
+            cors,
             health_wake,
             jwks,
             config: config.clone(),
@@ -373,7 +377,7 @@ impl Application {
         let service = ServiceBuilder::new()
             // Browsers: their preflight requests are answered here, and
             // gRPC-Web calls become gRPC calls for every layer below.
-            .option_layer(cors(&self.config.cors_allowed_origins)?)
+            .option_layer(self.cors)
             .layer(GrpcWebLayer::new())
             .layer(CallLogLayer::new(Arc::clone(&self.metrics)))
             .layer(DeadlineLayer::new(self.config.max_call_duration, abandoned))
@@ -561,7 +565,7 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// CORS for the origins of `--cors-allowed-origin`: none, none allowed (the
 /// layer is left out); `*`, any.
-fn cors(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, StartError> {
+pub(crate) fn cors(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, StartError> {
     use http::{HeaderName, HeaderValue, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};
     if origins.is_empty() {

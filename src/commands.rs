@@ -119,6 +119,24 @@ pub async fn check(config: &Config) -> Result<(), BoxError> {
             settings.issuer, settings.algorithm
         );
     }
+    if let Some(files) = config.tls() {
+        let tls = crate::net::tls::Tls::load(files).map_err(|e| format!("TLS: {e}"))?;
+        println!(
+            "ok: TLS, the certificate expires at {} (seconds since the epoch){}",
+            tls.not_after(),
+            if config.tls_client_ca.is_some() {
+                ", client certificates required"
+            } else {
+                ""
+            }
+        );
+    }
+    if crate::app::cors(&config.cors_allowed_origins)?.is_some() {
+        println!(
+            "ok: gRPC-Web from {}",
+            config.cors_allowed_origins.join(", ")
+        );
+    }
     let mut cluster = None;
     let pg_config: tokio_postgres::Config = match &config.database_url {
         Some(url) => url

@@ -346,9 +346,38 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_dropping_ope
         }
     });
 
+    // Some calls before the rotation, some after, whatever the machine's pace.
+    let calls_reach = |n: usize| {
+        let calls = calls.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while calls.load(Ordering::Relaxed) < n {
+                assert!(tokio::time::Instant::now() < deadline, "the calls stalled");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    calls_reach(10).await;
+
     // A file that is not a certificate is not used: the old one stays.
     replace(&files.cert, "not a certificate");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = scrape(app.metrics_addr.unwrap()).await;
+        let failed = sample(
+            &metrics,
+            "users_service_tls_reloads_total",
+            &[("result", "failed")],
+        );
+        if failed.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad file was not tried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         code_with(&app, client_tls(&old_ca, None), &token).await,
         Code::NotFound
@@ -368,10 +397,10 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_dropping_ope
     let old = code_with(&app, client_tls(&old_ca, None), &token).await;
     assert!(refused(old), "{old:?}");
 
+    calls_reach(calls.load(Ordering::Relaxed) + 10).await;
     stop.store(true, Ordering::Relaxed);
     caller.await.unwrap();
     let calls = calls.load(Ordering::Relaxed);
-    assert!(calls > 100, "only {calls} calls during the rotation");
     assert_eq!(failures.load(Ordering::Relaxed), 0, "of {calls} calls");
 
     let metrics = scrape(app.metrics_addr.unwrap()).await;
@@ -411,4 +440,30 @@ async fn metrics_can_be_served_with_the_grpc_port_s_tls() {
     let plaintext = reqwest::get(format!("http://{metrics}/metrics")).await;
     assert!(plaintext.is_err(), "{plaintext:?}");
     app.shutdown().await;
+}
+
+#[test]
+fn check_refuses_unusable_tls_files_and_an_origin_with_a_path() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_users-service"))
+            .args(args)
+            .arg("check")
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = run(&[
+        "--tls-cert",
+        "/nonexistent/tls.crt",
+        "--tls-key",
+        "/nonexistent/tls.key",
+    ]);
+    assert!(
+        missing.contains("cannot read /nonexistent/tls.crt"),
+        "{missing}"
+    );
+    let origin = run(&["--cors-allowed-origin", "https://admin.example/app"]);
+    assert!(origin.contains("is not an origin"), "{origin}");
 }

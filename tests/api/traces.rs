@@ -322,7 +322,7 @@ async fn a_collector_that_never_answers_slows_no_call_and_the_stop_waits_at_most
     let (exit, stopping) = process.terminate(Duration::from_secs(20)).await;
     assert!(exit.success());
     assert!(
-        stopping < Duration::from_secs(8),
+        stopping < Duration::from_secs(10),
         "the stop took {stopping:?}"
     );
     held.abort();
