@@ -6,25 +6,47 @@
 //! and many lines cost one. The queue between them blocks rather than drops
 //! when stderr cannot keep up, so no line is lost.
 //!
-//! Trace spans have their own target, [`TRACE_TARGET`]: only they are
+//! The span of a call, and of a batch statement serving many calls, are
+//! made with the OpenTelemetry API itself ([`tracer`]): one of them comes
+//! with every call, and through `tracing` a span costs about three times as
+//! much (the registry's slot, a builder, attribute strings copied, and work
+//! at every poll of the call). Each such span's context is attached while
+//! its work runs, so that `tracing` spans opened inside (the database work,
+//! its statements) become its children through tracing-opentelemetry.
+//! Those spans have their own target, [`TRACE_TARGET`]: only they are
 //! exported, and log lines never show them. Without an endpoint nothing
 //! listens to that target, and a span costs a callsite check.
 
-use std::io::{BufWriter, IsTerminal};
+use std::{
+    io::{BufWriter, IsTerminal},
+    sync::OnceLock,
+};
 
-use opentelemetry::{KeyValue, propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry::{
+    Context, KeyValue,
+    propagation::{Extractor, TextMapPropagator},
+    trace::TracerProvider as _,
+};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
     resource::{EnvResourceDetector, SdkProvidedResourceDetector, TelemetryResourceDetector},
-    trace::{BatchSpanProcessor, SdkTracerProvider},
+    trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider},
 };
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
 
 /// The target of the spans that are exported as traces.
 pub const TRACE_TARGET: &str = "users_service::trace";
+
+/// The tracer of the exported spans, once [`init`] has made the exporter.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// The tracer, when spans are exported.
+pub fn tracer() -> Option<&'static SdkTracer> {
+    TRACER.get()
+}
 
 /// What the process holds for its logs and traces until it ends.
 #[must_use = "dropping it stops the log writer"]
@@ -88,14 +110,16 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
         .map(provider)
         .transpose()?;
     let exported = traces.as_ref().map(|provider| {
+        let _ = TRACER.set(provider.tracer("users-service"));
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("users-service"))
             .with_location(false)
             .with_threads(false)
             .with_target(false)
             .with_tracked_inactivity(false)
-            // Nothing reads OpenTelemetry's current context: entering a
-            // span (every poll of a call) need not set it.
+            // A span with no `tracing` parent is the child of the current
+            // OpenTelemetry context (a call's, a batch's) all the same;
+            // entering a span need not make it current too.
             .with_context_activation(false)
             .with_filter(Targets::new().with_target(TRACE_TARGET, tracing::Level::INFO))
     });
@@ -126,7 +150,6 @@ fn provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
         .with_endpoint(endpoint)
         .build()
         .map_err(|e| format!("--otlp-endpoint: {e}"))?;
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(SdkTracerProvider::builder()
         .with_span_processor(BatchSpanProcessor::builder(exporter).build())
         .with_resource(resource())
@@ -152,27 +175,22 @@ fn resource() -> Resource {
     builder.build()
 }
 
-/// Makes `span` the child of the caller's span that `headers` name
-/// (W3C `traceparent` and `tracestate`), if they name one.
-pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    if span.is_disabled() || !headers.contains_key("traceparent") {
-        return;
+/// The caller's span that `headers` name (W3C `traceparent` and
+/// `tracestate`) as the parent of a call's span; an empty context (the call
+/// starts a trace) when they name none.
+pub fn caller_context(headers: &http::HeaderMap) -> Context {
+    static PROPAGATOR: std::sync::LazyLock<TraceContextPropagator> =
+        std::sync::LazyLock::new(TraceContextPropagator::new);
+    if !headers.contains_key("traceparent") {
+        return Context::new();
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(headers))
-    });
-    let _ = span.set_parent(parent);
+    PROPAGATOR.extract(&HeaderExtractor(headers))
 }
 
-/// Links `span` to the span `to` (a call a batch statement served).
-pub fn link(span: &tracing::Span, to: &tracing::Span) {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    if span.is_disabled() || to.is_disabled() {
-        return;
-    }
-    span.add_link(to.context().span().span_context().clone());
+/// The current OpenTelemetry context (a call's span, while the call runs),
+/// when spans are exported.
+pub fn current_context() -> Option<Context> {
+    tracer().map(|_| Context::current())
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);

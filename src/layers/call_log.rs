@@ -20,9 +20,13 @@ use std::{
 
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
+use opentelemetry::{
+    Context as TraceContext, KeyValue,
+    context::FutureExt as _,
+    trace::{SpanKind, Status, TraceContextExt as _, Tracer as _},
+};
 use tonic::Code;
 use tower::{Layer, Service};
-use tracing::Instrument;
 use uuid::Uuid;
 
 use super::deadline::parse_grpc_timeout;
@@ -30,7 +34,7 @@ use crate::code::code_name;
 use crate::methods::{self, Method};
 use crate::metrics::{CallLabels, Metrics};
 use crate::net::ClientName;
-use crate::telemetry::{TRACE_TARGET, continue_trace};
+use crate::telemetry;
 
 /// Header that carries the request id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -106,20 +110,24 @@ where
         let method = methods::lookup(request.uri().path());
         let started = Instant::now();
         // The call's span in the caller's trace (no request data in it).
-        let span = tracing::info_span!(
-            target: TRACE_TARGET,
-            "call",
-            otel.name = method.path.trim_start_matches('/'),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = method.service.as_str(),
-            rpc.method = method.name.as_str(),
-            rpc.grpc.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        continue_trace(&span, request.headers());
+        let trace = telemetry::tracer().map(|tracer| {
+            let parent = telemetry::caller_context(request.headers());
+            let mut span = tracer
+                .span_builder(method.path.trim_start_matches('/'))
+                .with_kind(SpanKind::Server);
+            // Room for the status code, set when the call ends.
+            let mut attributes = Vec::with_capacity(4);
+            attributes.extend([
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", method.service.as_str()),
+                KeyValue::new("rpc.method", method.name.as_str()),
+            ]);
+            span.attributes = Some(attributes);
+            let span = span.start_with_context(tracer, &parent);
+            parent.with_span(span)
+        });
         let call = Call {
-            span: span.clone(),
+            trace: trace.clone(),
             client: request.extensions().get::<ClientName>().cloned(),
             labels: self.metrics.call_started(method),
             method,
@@ -133,11 +141,18 @@ where
                 .map(|timeout| started + timeout - deadline_slack(timeout)),
             metrics: Arc::clone(&self.metrics),
         };
-        let response = span.in_scope(|| self.inner.call(request)).instrument(span);
+        // The call's span is the current context wherever its work runs.
+        let response = {
+            let _current = trace.clone().map(TraceContext::attach);
+            self.inner.call(request)
+        };
         Box::pin(async move {
             // Recorded on drop if the call ends before its response.
             let mut pending = Pending(Some(call));
-            let mut response = response.await?;
+            let mut response = match trace {
+                Some(trace) => response.with_context(trace).await?,
+                None => response.await?,
+            };
             let call = pending.0.take().expect("the call is pending");
             if let Ok(value) = HeaderValue::from_str(&call.request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -177,8 +192,8 @@ fn is_safe_request_id(id: &str) -> bool {
 
 #[derive(Debug)]
 struct Call {
-    /// Ends when the call does.
-    span: tracing::Span,
+    /// The call's span, when spans are exported; ends when the call does.
+    trace: Option<TraceContext>,
     method: &'static Method,
     labels: CallLabels,
     request_id: String,
@@ -210,19 +225,23 @@ impl Drop for Pending {
 
 impl Call {
     fn finish(self, code: Code) {
-        self.span.record("rpc.grpc.status_code", code as i64);
-        // The codes that say the server failed (OpenTelemetry's RPC
-        // conventions); the others leave the status unset.
-        if matches!(
-            code,
-            Code::Unknown
-                | Code::DeadlineExceeded
-                | Code::Unimplemented
-                | Code::Internal
-                | Code::Unavailable
-                | Code::DataLoss
-        ) {
-            self.span.record("otel.status_code", "error");
+        if let Some(trace) = &self.trace {
+            let span = trace.span();
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+            // The codes that say the server failed (OpenTelemetry's RPC
+            // conventions); the others leave the status unset.
+            if matches!(
+                code,
+                Code::Unknown
+                    | Code::DeadlineExceeded
+                    | Code::Unimplemented
+                    | Code::Internal
+                    | Code::Unavailable
+                    | Code::DataLoss
+            ) {
+                span.set_status(Status::error(code_name(code)));
+            }
+            span.end();
         }
         let elapsed = self.started.elapsed();
         self.metrics.call_handled(self.labels, code, elapsed);

@@ -24,6 +24,11 @@ use std::{
 };
 
 use diesel_async::AsyncPgConnection;
+use opentelemetry::{
+    Context as TraceContext, KeyValue,
+    context::FutureExt as _,
+    trace::{Link, SpanKind, TraceContextExt as _, Tracer as _},
+};
 use tokio::sync::{Semaphore, oneshot};
 
 use futures_util::future::join_all;
@@ -43,8 +48,11 @@ pub trait Batch: Send + Sync + 'static {
     /// which cost Postgres and the server less per item; more than one lets
     /// a slow batch (a lock wait, a slow flush) leave room for the next.
     const POOL_SHARE: usize;
-    /// The batch's label in metrics.
+    /// The batch's label in metrics, and the name of its span.
     const NAME: &'static str;
+    /// What its statements do (`SELECT`, `INSERT`), and to which table: its
+    /// span's `db.operation.name` and `db.collection.name`.
+    const STATEMENT: (&'static str, Option<&'static str>);
 
     /// Runs `items` on `conn`: one result per item, in the same order, or one
     /// error for the whole batch.
@@ -69,8 +77,9 @@ pub struct Coalescer<B: Batch> {
 }
 
 struct Queue<B: Batch> {
-    /// Each item with its reply and the span of the call that sent it.
-    waiting: Vec<(B::Item, Reply<B>, tracing::Span)>,
+    /// Each item with its reply and the trace context of the call that sent
+    /// it, when spans are exported.
+    waiting: Vec<(B::Item, Reply<B>, Option<TraceContext>)>,
     /// A task is waiting for its turn and a connection, and will take what
     /// is queued by then.
     leading: bool,
@@ -102,7 +111,9 @@ impl<B: Batch> Coalescer<B> {
         let (reply, result) = oneshot::channel();
         let lead = {
             let mut queue = self.queue.lock().expect("batch queue lock");
-            queue.waiting.push((item, reply, tracing::Span::current()));
+            queue
+                .waiting
+                .push((item, reply, crate::telemetry::current_context()));
             !std::mem::replace(&mut queue.leading, true)
         };
         if lead {
@@ -149,39 +160,33 @@ impl<B: Batch> Coalescer<B> {
             return;
         }
         self.items.observe(items.len() as f64);
-        // The statement is a child of the first call it serves, and linked
-        // to every one.
-        let span = tracing::info_span!(
-            target: crate::telemetry::TRACE_TARGET,
-            parent: &calls[0],
-            "postgresql batch",
-            otel.name = B::NAME,
-            otel.kind = "client",
-            db.system.name = "postgresql",
-            // From its statements (`store::traced`).
-            db.operation.name = tracing::field::Empty,
-            db.collection.name = tracing::field::Empty,
-            db.operation.batch.size = items.len() as i64,
-        );
-        for call in &calls {
-            crate::telemetry::link(&span, call);
-        }
+        let trace = batch_span::<B>(&calls);
         drop(calls);
-        let work = tracing::Instrument::instrument(
-            async {
-                let mut connection = connection?;
-                let outcome = self.batch.run(&mut connection, items).await;
-                connection.release();
-                outcome
-            },
-            span,
-        );
+        let work = async {
+            let mut connection = connection?;
+            let outcome = self.batch.run(&mut connection, items).await;
+            connection.release();
+            outcome
+        };
+        let work = async {
+            match &trace {
+                Some(trace) => work.with_context(trace.clone()).await,
+                None => work.await,
+            }
+        };
         let everyone_gone = join_all(replies.iter_mut().map(oneshot::Sender::closed));
         let outcome = tokio::select! {
             outcome = work => outcome,
             // Dropping `work` cancels the statement and closes its connection.
             _ = everyone_gone => return,
         };
+        if let Some(trace) = trace {
+            let span = trace.span();
+            if outcome.is_err() {
+                span.set_status(opentelemetry::trace::Status::error("the statement failed"));
+            }
+            span.end();
+        }
         match outcome {
             Ok(results) => {
                 debug_assert_eq!(results.len(), replies.len());
@@ -197,6 +202,41 @@ impl<B: Batch> Coalescer<B> {
         }
     }
 }
+
+/// The span of a batch statement, when spans are exported: the child of the
+/// first call it serves, linked to every one. Statements run in its context
+/// have no span of their own (`store::traced`): it says what they do.
+fn batch_span<B: Batch>(calls: &[Option<TraceContext>]) -> Option<TraceContext> {
+    let tracer = crate::telemetry::tracer()?;
+    let parent = calls.first().cloned().flatten().unwrap_or_default();
+    let (operation, collection) = B::STATEMENT;
+    let mut attributes = vec![
+        KeyValue::new("db.system.name", "postgresql"),
+        KeyValue::new("db.operation.name", operation),
+        KeyValue::new("db.operation.batch.size", calls.len() as i64),
+    ];
+    if let Some(collection) = collection {
+        attributes.push(KeyValue::new("db.collection.name", collection));
+    }
+    let links = calls
+        .iter()
+        .flatten()
+        .map(|call| call.span().span_context().clone())
+        .filter(|call| call.is_valid())
+        .map(Link::with_context)
+        .collect();
+    let span = tracer
+        .span_builder(B::NAME)
+        .with_kind(SpanKind::Client)
+        .with_attributes(attributes)
+        .with_links(links)
+        .start_with_context(tracer, &parent);
+    Some(parent.with_span(span).with_value(InBatch))
+}
+
+/// In a trace context, says that statements run in it belong to a batch.
+#[derive(Debug)]
+pub struct InBatch;
 
 #[cfg(test)]
 mod tests {
@@ -230,6 +270,7 @@ mod tests {
         const MAX: usize = 8;
         const POOL_SHARE: usize = 1;
         const NAME: &'static str = "test";
+        const STATEMENT: (&'static str, Option<&'static str>) = ("SELECT", None);
 
         async fn run(
             &self,

@@ -83,6 +83,7 @@ impl Batch for WalPosition {
     /// The query is tiny; one at a time and the rest queue for the next.
     const POOL_SHARE: usize = usize::MAX;
     const NAME: &'static str = "wal_position";
+    const STATEMENT: (&'static str, Option<&'static str>) = ("SELECT", None);
 
     async fn run(
         &self,

@@ -1,12 +1,13 @@
 //! A span per SQL statement in the trace of the call that runs it, named by
 //! the statement's kind (`SELECT users`), never by its text or parameters.
-//! The statements of a batch (one span for every call it serves) have no
-//! span each: the batch's span carries their kind.
+//! The statements of a batch (one span for every call it serves, see
+//! [`super::coalesce`]) have no span each: the batch's span says their kind.
 
 use std::collections::VecDeque;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
+use super::coalesce::InBatch;
 use crate::telemetry::TRACE_TARGET;
 
 /// Opens a span when a statement starts and ends it when the statement
@@ -14,30 +15,14 @@ use crate::telemetry::TRACE_TARGET;
 #[derive(Debug, Default)]
 pub struct StatementSpans {
     open: VecDeque<tracing::Span>,
-    /// The batch span whose statements' kind is recorded already.
-    named_batch: Option<tracing::Id>,
 }
-
-/// The name of a batch statement's span ([`super::coalesce`]).
-pub const BATCH_SPAN: &str = "postgresql batch";
 
 impl Instrumentation for StatementSpans {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match event {
             InstrumentationEvent::StartQuery { query, .. } => {
                 // Without an exporter nothing listens: no text is made.
-                if !tracing::enabled!(target: TRACE_TARGET, tracing::Level::INFO) {
-                    return;
-                }
-                let current = tracing::Span::current();
-                if current.metadata().is_some_and(|m| m.name() == BATCH_SPAN) {
-                    if current.id() != self.named_batch {
-                        self.named_batch = current.id();
-                        let text = head(query);
-                        let (operation, collection) = kind(&text);
-                        current.record("db.operation.name", operation);
-                        current.record("db.collection.name", collection);
-                    }
+                if !tracing::enabled!(target: TRACE_TARGET, tracing::Level::INFO) || in_batch() {
                     return;
                 }
                 let text = head(query);
@@ -57,9 +42,7 @@ impl Instrumentation for StatementSpans {
                 ));
             }
             InstrumentationEvent::FinishQuery { error, .. } => {
-                // Statements of a batch have no span of their own.
-                let current = tracing::Span::current();
-                if current.metadata().is_some_and(|m| m.name() == BATCH_SPAN) {
+                if self.open.is_empty() || in_batch() {
                     return;
                 }
                 if let Some(span) = self.open.pop_front() {
@@ -71,6 +54,11 @@ impl Instrumentation for StatementSpans {
             _ => {}
         }
     }
+}
+
+/// Whether the statement runs for a batch (in its trace context).
+fn in_batch() -> bool {
+    opentelemetry::Context::map_current(|context| context.get::<InBatch>().is_some())
 }
 
 /// The start of the statement's SQL: diesel writes the SQL, then its

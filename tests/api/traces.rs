@@ -252,9 +252,14 @@ async fn calls_are_exported_as_spans_of_their_callers_traces_without_personal_da
             .any(|l| l.span_id == get_call.span_id && l.trace_id == get_call.trace_id)
     );
 
-    // A batch says the kind of its statements: GetUser's lookup reads users.
+    // A batch says the kind of its statements, which have no span each:
+    // GetUser's lookup reads users.
     assert_eq!(string(&batch.attributes, "db.operation.name"), "SELECT");
     assert_eq!(string(&batch.attributes, "db.collection.name"), "users");
+    assert!(
+        !spans.iter().any(|s| s.parent_span_id == batch.span_id),
+        "{spans:#?}"
+    );
     // Other work has a span per statement, named by its kind: ListUsers
     // reads users.
     let list_call = server_span(&spans, &list);

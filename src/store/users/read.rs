@@ -80,6 +80,7 @@ impl Batch for FindUsers {
     /// A lookup by primary key takes well under a millisecond.
     const POOL_SHARE: usize = 4;
     const NAME: &'static str = "get_user";
+    const STATEMENT: (&'static str, Option<&'static str>) = ("SELECT", Some("users"));
 
     async fn run(
         &self,

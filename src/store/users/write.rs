@@ -933,6 +933,7 @@ impl Batch for InsertUsers {
     /// A commit waits for its WAL flush: two at once overlap them.
     const POOL_SHARE: usize = 2;
     const NAME: &'static str = "create_user";
+    const STATEMENT: (&'static str, Option<&'static str>) = ("INSERT", Some("users"));
 
     async fn run(
         &self,
