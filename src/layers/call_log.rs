@@ -23,7 +23,7 @@ use http_body::{Body, Frame};
 use opentelemetry::{
     Context as TraceContext, KeyValue,
     context::FutureExt as _,
-    trace::{SpanKind, Status, TraceContextExt as _, Tracer as _},
+    trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _},
 };
 use tonic::Code;
 use tower::{Layer, Service};
@@ -124,10 +124,13 @@ where
             ]);
             span.attributes = Some(attributes);
             let span = span.start_with_context(tracer, &parent);
-            parent.with_span(span)
+            // What the work of the call sees as its current span.
+            let context = parent.with_remote_span_context(span.span_context().clone());
+            (span, context)
         });
+        let (span, context) = trace.unzip();
         let call = Call {
-            trace: trace.clone(),
+            span,
             client: request.extensions().get::<ClientName>().cloned(),
             labels: self.metrics.call_started(method),
             method,
@@ -143,14 +146,14 @@ where
         };
         // The call's span is the current context wherever its work runs.
         let response = {
-            let _current = trace.clone().map(TraceContext::attach);
+            let _current = context.clone().map(TraceContext::attach);
             self.inner.call(request)
         };
         Box::pin(async move {
             // Recorded on drop if the call ends before its response.
             let mut pending = Pending(Some(call));
-            let mut response = match trace {
-                Some(trace) => response.with_context(trace).await?,
+            let mut response = match context {
+                Some(context) => response.with_context(context).await?,
                 None => response.await?,
             };
             let call = pending.0.take().expect("the call is pending");
@@ -193,7 +196,7 @@ fn is_safe_request_id(id: &str) -> bool {
 #[derive(Debug)]
 struct Call {
     /// The call's span, when spans are exported; ends when the call does.
-    trace: Option<TraceContext>,
+    span: Option<opentelemetry_sdk::trace::Span>,
     method: &'static Method,
     labels: CallLabels,
     request_id: String,
@@ -225,8 +228,7 @@ impl Drop for Pending {
 
 impl Call {
     fn finish(self, code: Code) {
-        if let Some(trace) = &self.trace {
-            let span = trace.span();
+        if let Some(mut span) = self.span {
             span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
             // The codes that say the server failed (OpenTelemetry's RPC
             // conventions); the others leave the status unset.

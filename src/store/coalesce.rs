@@ -27,7 +27,7 @@ use diesel_async::AsyncPgConnection;
 use opentelemetry::{
     Context as TraceContext, KeyValue,
     context::FutureExt as _,
-    trace::{Link, SpanKind, TraceContextExt as _, Tracer as _},
+    trace::{Link, Span as _, SpanKind, TraceContextExt as _, Tracer as _},
 };
 use tokio::sync::{Semaphore, oneshot};
 
@@ -160,7 +160,7 @@ impl<B: Batch> Coalescer<B> {
             return;
         }
         self.items.observe(items.len() as f64);
-        let trace = batch_span::<B>(&calls);
+        let (span, context) = batch_span::<B>(&calls).unzip();
         drop(calls);
         let work = async {
             let mut connection = connection?;
@@ -169,8 +169,8 @@ impl<B: Batch> Coalescer<B> {
             outcome
         };
         let work = async {
-            match &trace {
-                Some(trace) => work.with_context(trace.clone()).await,
+            match context {
+                Some(context) => work.with_context(context).await,
                 None => work.await,
             }
         };
@@ -180,8 +180,7 @@ impl<B: Batch> Coalescer<B> {
             // Dropping `work` cancels the statement and closes its connection.
             _ = everyone_gone => return,
         };
-        if let Some(trace) = trace {
-            let span = trace.span();
+        if let Some(mut span) = span {
             if outcome.is_err() {
                 span.set_status(opentelemetry::trace::Status::error("the statement failed"));
             }
@@ -206,7 +205,9 @@ impl<B: Batch> Coalescer<B> {
 /// The span of a batch statement, when spans are exported: the child of the
 /// first call it serves, linked to every one. Statements run in its context
 /// have no span of their own (`store::traced`): it says what they do.
-fn batch_span<B: Batch>(calls: &[Option<TraceContext>]) -> Option<TraceContext> {
+fn batch_span<B: Batch>(
+    calls: &[Option<TraceContext>],
+) -> Option<(opentelemetry_sdk::trace::Span, TraceContext)> {
     let tracer = crate::telemetry::tracer()?;
     let parent = calls.first().cloned().flatten().unwrap_or_default();
     let (operation, collection) = B::STATEMENT;
@@ -231,7 +232,10 @@ fn batch_span<B: Batch>(calls: &[Option<TraceContext>]) -> Option<TraceContext> 
         .with_attributes(attributes)
         .with_links(links)
         .start_with_context(tracer, &parent);
-    Some(parent.with_span(span).with_value(InBatch))
+    let context = parent
+        .with_remote_span_context(span.span_context().clone())
+        .with_value(InBatch);
+    Some((span, context))
 }
 
 /// In a trace context, says that statements run in it belong to a batch.
